@@ -1,0 +1,51 @@
+"""leaseflow: durable finite-state workflows on Celery, fenced by PostgreSQL leases."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from leaseflow.errors import (
+    IdempotencyConflict,
+    InvalidDefinition,
+    InvalidInput,
+    LeaseflowError,
+    LeaseLost,
+    PayloadTooLarge,
+    RunNotFound,
+)
+from leaseflow.fsm.definition import Workflow
+from leaseflow.fsm.outcomes import Complete, Failed, Next
+from leaseflow.fsm.retry import Retry
+from leaseflow.types import RunStatus
+
+if TYPE_CHECKING:
+    from leaseflow.client import Client, RunView
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Client",
+    "Complete",
+    "Failed",
+    "IdempotencyConflict",
+    "InvalidDefinition",
+    "InvalidInput",
+    "LeaseLost",
+    "LeaseflowError",
+    "Next",
+    "PayloadTooLarge",
+    "Retry",
+    "RunNotFound",
+    "RunStatus",
+    "RunView",
+    "Workflow",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # The client pulls in Celery; load it only when asked for.
+    if name in ("Client", "RunView"):
+        from leaseflow import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'leaseflow' has no attribute {name!r}")

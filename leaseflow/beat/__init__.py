@@ -1,0 +1,1 @@
+"""Periodic maintenance jobs (each idempotent: two beats at once are harmless)."""

@@ -1,0 +1,154 @@
+"""The Python client: start runs, read them, wait for them."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import pydantic
+import pydantic_core
+from celery import Celery
+
+from leaseflow import errors, logs
+from leaseflow.fsm import checkpoint, registry
+from leaseflow.fsm.definition import Workflow
+from leaseflow.runner import Dispatch
+from leaseflow.settings import Settings, get_settings
+from leaseflow.store.records import RunRecord
+from leaseflow.tasks import dispatch, runtime
+from leaseflow.types import RunStatus
+
+#: A run as the client shows it: status, state, attempt, output, error and its steps.
+RunView = RunRecord
+
+
+class Client:
+    """Starts and inspects runs. Cheap to keep for the life of the process."""
+
+    def __init__(
+        self,
+        database_url: str | None = None,
+        broker_url: str | None = None,
+        *,
+        settings: Settings | None = None,
+        app: Celery | None = None,
+    ) -> None:
+        base = settings or get_settings()
+        updates: dict[str, Any] = {}
+        if database_url is not None:
+            updates["database_url"] = database_url
+        if broker_url is not None:
+            updates["broker_url"] = broker_url
+        self.settings = Settings(**{**base.model_dump(), **updates}) if updates else base
+        self.store = runtime.make_store(self.settings, application_name="leaseflow-client")
+        self._app = app
+
+    @classmethod
+    def from_env(cls) -> Client:
+        """A client configured from the ``LEASEFLOW_*`` environment."""
+        return cls()
+
+    @property
+    def app(self) -> Celery:
+        if self._app is None:
+            from leaseflow.tasks import celery_app
+
+            same = self.settings.broker_url == get_settings().broker_url
+            self._app = celery_app.app if same else celery_app.make_app(self.settings)
+        return self._app
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- starting -------------------------------------------------------------------
+
+    def start(
+        self,
+        workflow: Workflow | str,
+        input: dict[str, Any] | None = None,
+        *,
+        idempotency_key: str | None = None,
+    ) -> str:
+        """Create a run and publish its first step; returns the run id.
+
+        The input is validated against the workflow's context model first: invalid
+        or non-JSON input raises ``InvalidInput`` and creates nothing. With an
+        ``idempotency_key`` already used for this workflow, returns that run's id.
+        """
+        wf = registry.get(workflow) if isinstance(workflow, str) else workflow
+        wf.validate()
+        payload = {} if input is None else input
+        if not isinstance(payload, dict):
+            raise errors.InvalidInput(
+                wf.name, f"input must be a JSON object, not {type(payload).__name__}"
+            )
+        try:
+            checkpoint.dumps(payload, what="input", limit=self.settings.max_checkpoint_bytes)
+        except (TypeError, ValueError) as exc:
+            raise errors.InvalidInput(wf.name, f"input is not JSON-serialisable: {exc}") from exc
+        try:
+            data = wf.context.model_validate(payload)
+        except pydantic.ValidationError as exc:
+            raise errors.InvalidInput(wf.name, str(exc)) from exc
+        try:
+            blob = checkpoint.encode(
+                data.model_dump(mode="json"),
+                limit=self.settings.max_checkpoint_bytes,
+                compress_min=self.settings.compress_min_bytes,
+            )
+        except (TypeError, ValueError, pydantic_core.PydanticSerializationError) as exc:
+            raise errors.InvalidInput(wf.name, f"context is not JSON-serialisable: {exc}") from exc
+        run_id, created = self.store.create_run(
+            run_id=str(uuid.uuid4()),
+            wf=wf,
+            checkpoint=blob,
+            input=payload,
+            idempotency_key=idempotency_key,
+        )
+        if created:
+            logs.event("run_started", 20, run_id=run_id, workflow=wf.name, version=wf.version)
+            try:
+                dispatch.publish(self.app, Dispatch(run_id, wf.name, wf.initial.name, 1))
+            except Exception as exc:  # the run is durable: the dispatcher will publish it
+                logs.event("publish_failed", 30, run_id=run_id, error=repr(exc))
+        return run_id
+
+    # -- reading --------------------------------------------------------------------
+
+    def get(self, run_id: str) -> RunView:
+        """The run with its step log; raises ``RunNotFound``."""
+        return self.store.get_run(str(run_id))
+
+    def list_runs(
+        self,
+        status: RunStatus | str | None = None,
+        workflow: str | None = None,
+        limit: int = 50,
+    ) -> list[RunView]:
+        """Newest first, without their step logs."""
+        if status is not None:
+            status = RunStatus(status).value
+        return self.store.list_runs(status=status, workflow=workflow, limit=limit)
+
+    def wait_for(self, run_id: str, timeout: float = 60.0, *, poll: float = 0.05) -> RunView:
+        """Block until the run is terminal and return it; ``TimeoutError`` otherwise."""
+        deadline = time.monotonic() + timeout
+        delay = poll
+        while True:
+            run = self.store.get_run(str(run_id), with_steps=False)
+            if run.terminal:
+                return self.store.get_run(str(run_id))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"run {run_id} is still {run.status} in state {run.state!r} after {timeout}s"
+                )
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 1.5, 0.5)

@@ -1,0 +1,169 @@
+"""The one exception tree of leaseflow, and the stable error codes runs fail with.
+
+Every exception rebuilds from its ``args`` so that it survives pickling across
+Celery processes.
+"""
+
+from __future__ import annotations
+
+LEASE_EXPIRED = "E-LEASE-EXPIRED"
+ILLEGAL_TRANSITION = "E-ILLEGAL-TRANSITION"
+UNKNOWN_STATE = "E-UNKNOWN-STATE"
+STATE_ERROR = "E-STATE-ERROR"
+BRANCH_FAILED = "E-BRANCH-FAILED"
+WAIT_TIMEOUT = "E-WAIT-TIMEOUT"
+RUN_TIMEOUT = "E-RUN-TIMEOUT"
+CONTEXT_INVALID = "E-CONTEXT-INVALID"
+CHECKPOINT_CORRUPT = "E-CHECKPOINT-CORRUPT"
+CHECKPOINT_STALE = "E-CHECKPOINT-STALE"
+PAYLOAD_TOO_LARGE = "E-PAYLOAD-TOO-LARGE"
+CANCELLED = "E-CANCELLED"
+
+ERROR_CODES = frozenset(
+    {
+        LEASE_EXPIRED,
+        ILLEGAL_TRANSITION,
+        UNKNOWN_STATE,
+        STATE_ERROR,
+        BRANCH_FAILED,
+        WAIT_TIMEOUT,
+        RUN_TIMEOUT,
+        CONTEXT_INVALID,
+        CHECKPOINT_CORRUPT,
+        CHECKPOINT_STALE,
+        PAYLOAD_TOO_LARGE,
+        CANCELLED,
+    }
+)
+
+
+class LeaseflowError(Exception):
+    """Root of every error leaseflow raises."""
+
+
+class ConfigurationError(LeaseflowError):
+    """A setting is missing or malformed."""
+
+
+class InvalidDefinition(LeaseflowError):
+    """A workflow definition is malformed; ``problems`` maps each state to what is wrong."""
+
+    def __init__(self, workflow: str, problems: dict[str, list[str]]) -> None:
+        super().__init__(workflow, problems)
+        self.workflow = workflow
+        self.problems = problems
+
+    def __str__(self) -> str:
+        lines = [f"workflow {self.workflow!r} is invalid:"]
+        for state, issues in sorted(self.problems.items()):
+            for issue in issues:
+                lines.append(f"  - {state}: {issue}")
+        return "\n".join(lines)
+
+
+class UnknownWorkflow(LeaseflowError):
+    """No workflow of that name (and version) is registered in this process."""
+
+    def __init__(self, name: str, version: int | None = None) -> None:
+        super().__init__(name, version)
+        self.name = name
+        self.version = version
+
+    def __str__(self) -> str:
+        which = self.name if self.version is None else f"{self.name} v{self.version}"
+        return (
+            f"unknown workflow {which!r}: is its module listed in LEASEFLOW_WORKFLOWS "
+            "and imported by this process?"
+        )
+
+
+class InvalidInput(LeaseflowError):
+    """The input of a new run does not validate against the workflow's context model."""
+
+    def __init__(self, workflow: str, detail: str) -> None:
+        super().__init__(workflow, detail)
+        self.workflow = workflow
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"invalid input for workflow {self.workflow!r}: {self.detail}"
+
+
+class PayloadTooLarge(LeaseflowError):
+    """A payload exceeds ``LEASEFLOW_MAX_CHECKPOINT_BYTES``."""
+
+    code = PAYLOAD_TOO_LARGE
+
+    def __init__(self, what: str, size: int, limit: int) -> None:
+        super().__init__(what, size, limit)
+        self.what = what
+        self.size = size
+        self.limit = limit
+
+    def __str__(self) -> str:
+        return f"{self.what} is {self.size} bytes, over the limit of {self.limit} bytes"
+
+
+class IdempotencyConflict(LeaseflowError):
+    """An idempotency key was reused with a different input."""
+
+    def __init__(self, workflow: str, key: str, run_id: str) -> None:
+        super().__init__(workflow, key, run_id)
+        self.workflow = workflow
+        self.key = key
+        self.run_id = run_id
+
+    def __str__(self) -> str:
+        return (
+            f"idempotency key {self.key!r} of workflow {self.workflow!r} already names run "
+            f"{self.run_id} with a different input"
+        )
+
+
+class RunNotFound(LeaseflowError):
+    def __init__(self, run_id: str) -> None:
+        super().__init__(run_id)
+        self.run_id = run_id
+
+    def __str__(self) -> str:
+        return f"no run {self.run_id}"
+
+
+class LeaseLost(LeaseflowError):
+    """This process no longer holds the lease of the run: its write was fenced off."""
+
+    def __init__(self, run_id: str, token: str) -> None:
+        super().__init__(run_id, token)
+        self.run_id = run_id
+        self.token = token
+
+    def __str__(self) -> str:
+        return f"lease {self.token} on run {self.run_id} is lost"
+
+
+class CheckpointError(LeaseflowError):
+    """A checkpoint cannot be decoded (corrupt) or is of a newer schema than this code."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(code, detail)
+        self.code = code
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.detail}"
+
+
+class StoreUnavailable(LeaseflowError):
+    """The database could not be reached or dropped the connection."""
+
+
+class InCommitError(LeaseflowError):
+    """A ``ctx.in_commit`` callback raised: the transition was rolled back with it."""
+
+    def __init__(self, run_id: str, detail: str) -> None:
+        super().__init__(run_id, detail)
+        self.run_id = run_id
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"in_commit callback of run {self.run_id} failed: {self.detail}"

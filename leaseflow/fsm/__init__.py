@@ -1,0 +1,1 @@
+"""The pure finite-state-machine core: definitions, outcomes, validation, policies."""

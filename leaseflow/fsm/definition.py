@@ -1,0 +1,171 @@
+"""Declaring a workflow: ``Workflow`` and its ``@wf.state`` decorator."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+
+from leaseflow import errors
+from leaseflow.fsm import retry as retry_mod
+from leaseflow.fsm import validation
+
+if TYPE_CHECKING:
+    from leaseflow.fsm.outcomes import Outcome
+
+StateFn = Callable[[Any], "Outcome"]
+
+#: The pseudo source state of the edge that enters a run's initial state.
+START = ""
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One declared state of a workflow."""
+
+    name: str
+    fn: StateFn
+    initial: bool = False
+    to: tuple[str, ...] = ()
+    retry: retry_mod.Retry = field(default=retry_mod.DEFAULT_RETRY)
+    on_error: str | None = None
+    queue: str | None = None
+    timeout: float | None = None
+
+    @property
+    def final(self) -> bool:
+        """A state with no outgoing edge must end the run (Complete or Failed)."""
+        return not self.to and self.on_error is None
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """Every state this one may move to, ``on_error`` included."""
+        if self.on_error is not None and self.on_error not in self.to:
+            return (*self.to, self.on_error)
+        return self.to
+
+
+class Workflow:
+    """A workflow: a named, versioned finite-state machine over a pydantic context.
+
+    >>> wf = Workflow("greet", context=MyContext)
+    >>> @wf.state(initial=True, to=["done"])
+    ... def hello(ctx): return "done"
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        context: type[BaseModel],
+        version: int = 1,
+        context_version: int = 1,
+        register: bool = True,
+    ) -> None:
+        if not name or not name.replace("_", "").replace("-", "").isalnum():
+            raise errors.InvalidDefinition(
+                name or "<unnamed>", {"<workflow>": ["name must be letters, digits, _ or -"]}
+            )
+        if not (isinstance(context, type) and issubclass(context, BaseModel)):
+            raise errors.InvalidDefinition(
+                name, {"<workflow>": ["context must be a pydantic BaseModel subclass"]}
+            )
+        if version < 1 or context_version < 1:
+            raise errors.InvalidDefinition(
+                name, {"<workflow>": ["version and context_version start at 1"]}
+            )
+        self.name = name
+        self.context = context
+        self.version = version
+        self.context_version = context_version
+        self._states: dict[str, StateSpec] = {}
+        self._duplicates: list[str] = []
+        self._validated = False
+        self._lock = threading.Lock()
+        if register:
+            from leaseflow.fsm import registry
+
+            registry.register(self)
+
+    def __repr__(self) -> str:
+        return f"<Workflow {self.name} v{self.version}: {len(self._states)} states>"
+
+    def state(
+        self,
+        *,
+        initial: bool = False,
+        to: Iterable[str] = (),
+        retry: retry_mod.Retry | None = None,
+        on_error: str | None = None,
+        queue: str | None = None,
+        timeout: float | None = None,
+        name: str | None = None,
+    ) -> Callable[[StateFn], StateFn]:
+        """Declare the decorated function as a state of this workflow."""
+        if isinstance(to, str):
+            to = (to,)
+        targets = tuple(to)
+
+        def decorate(fn: StateFn) -> StateFn:
+            spec = StateSpec(
+                name=name or fn.__name__,
+                fn=fn,
+                initial=initial,
+                to=targets,
+                retry=retry or retry_mod.DEFAULT_RETRY,
+                on_error=on_error,
+                queue=queue,
+                timeout=timeout,
+            )
+            with self._lock:
+                if spec.name in self._states:
+                    self._duplicates.append(spec.name)
+                self._states[spec.name] = spec
+                self._validated = False
+            from leaseflow.fsm import registry
+
+            registry.state_added(self, spec)
+            return fn
+
+        return decorate
+
+    # -- reading the definition ---------------------------------------------------
+
+    @property
+    def states(self) -> dict[str, StateSpec]:
+        return dict(self._states)
+
+    def spec(self, state: str) -> StateSpec:
+        try:
+            return self._states[state]
+        except KeyError:
+            raise errors.UnknownWorkflow(f"{self.name}.{state}", self.version) from None
+
+    @property
+    def initial(self) -> StateSpec:
+        self.validate()
+        return next(s for s in self._states.values() if s.initial)
+
+    def edges(self) -> list[tuple[str, str]]:
+        """Every legal (from, to) pair, the entry edge ``("", initial)`` first."""
+        pairs = [(START, self.initial.name)]
+        for spec in self._states.values():
+            pairs.extend((spec.name, target) for target in spec.targets)
+        return pairs
+
+    def validate(self) -> Workflow:
+        """Check the whole definition; raise one ``InvalidDefinition`` naming every fault."""
+        if self._validated:
+            return self
+        problems = validation.problems(self._states, self._duplicates)
+        if problems:
+            raise errors.InvalidDefinition(self.name, problems)
+        self._validated = True
+        return self
+
+    def task_name(self, state: str) -> str:
+        """The Celery task name of a state: ``leaseflow.<workflow>.<state>``."""
+        return f"leaseflow.{self.name}.{state}"

@@ -1,0 +1,73 @@
+"""Validation of a whole workflow definition: every fault, named by state."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from leaseflow.fsm.definition import StateSpec
+
+WORKFLOW = "<workflow>"
+
+
+def problems(
+    states: Mapping[str, StateSpec], duplicates: Sequence[str] = ()
+) -> dict[str, list[str]]:
+    """Return ``{state: [problem, ...]}``; empty when the definition is sound."""
+    found: dict[str, list[str]] = defaultdict(list)
+    for name in duplicates:
+        found[name].append("declared more than once")
+    if not states:
+        found[WORKFLOW].append("declares no state")
+        return dict(found)
+
+    initials = [s.name for s in states.values() if s.initial]
+    if not initials:
+        found[WORKFLOW].append("has no initial state (mark one with initial=True)")
+    elif len(initials) > 1:
+        for name in initials:
+            found[name].append(f"is one of {len(initials)} initial states: {sorted(initials)}")
+
+    for spec in states.values():
+        for target in spec.to:
+            if target not in states:
+                found[spec.name].append(f"names unknown target {target!r} in to=")
+        if spec.on_error is not None and spec.on_error not in states:
+            found[spec.name].append(f"names unknown on_error state {spec.on_error!r}")
+        if spec.timeout is not None and spec.timeout <= 0:
+            found[spec.name].append("has a timeout that is not positive")
+
+    if len(initials) == 1:
+        reachable = _closure([initials[0]], states, forward=True)
+        for name in states:
+            if name not in reachable:
+                found[name].append(f"is unreachable from the initial state {initials[0]!r}")
+
+    finals = [s.name for s in states.values() if s.final]
+    can_finish = _closure(finals, states, forward=False)
+    for name in states:
+        if name not in can_finish:
+            found[name].append("has no path to a final state (one with no to=)")
+    return dict(found)
+
+
+def _closure(start: list[str], states: Mapping[str, StateSpec], *, forward: bool) -> set[str]:
+    """States reachable from ``start`` along edges (or against them)."""
+    edges: dict[str, set[str]] = defaultdict(set)
+    for spec in states.values():
+        for target in spec.targets:
+            if target in states:
+                if forward:
+                    edges[spec.name].add(target)
+                else:
+                    edges[target].add(spec.name)
+    seen = set(start)
+    stack = list(start)
+    while stack:
+        for nxt in edges[stack.pop()]:
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return seen

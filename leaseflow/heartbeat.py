@@ -1,0 +1,124 @@
+"""One heartbeat thread per worker process: extends all its leases in one UPDATE.
+
+A lease is extended only up to its state's deadline (``timeout=``); past it the
+lease runs out and the reaper hands the run to another worker. Expiry is judged by
+database time only: this thread sends a TTL, never a timestamp.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+from leaseflow import errors, faults, logs
+from leaseflow.store.postgres import PostgresStore
+
+
+@dataclass
+class _Lease:
+    run_id: str
+    token: str
+    deadline: float | None  # time.monotonic() after which the lease is no longer extended
+    lost: bool = False
+    cancel_requested: bool = False
+
+
+class LeaseKeeper:
+    """Holds the leases of this process and keeps them alive."""
+
+    def __init__(self, store: PostgresStore, *, worker: str, ttl: float, interval: float) -> None:
+        self.store = store
+        self.worker = worker
+        self.ttl = ttl
+        self.interval = interval
+        self._leases: dict[str, _Lease] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+        self._stopped = False
+
+    def hold(self, run_id: str, token: str, *, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            self._leases[token] = _Lease(run_id, token, deadline)
+        self._ensure_thread()
+
+    def release(self, token: str) -> None:
+        with self._lock:
+            self._leases.pop(token, None)
+
+    def lost(self, token: str) -> bool:
+        with self._lock:
+            lease = self._leases.get(token)
+            return lease is not None and lease.lost
+
+    def cancel_requested(self, token: str) -> bool:
+        with self._lock:
+            lease = self._leases.get(token)
+            return lease is not None and lease.cancel_requested
+
+    def beat_now(self, token: str) -> None:
+        """Extend one lease at once (``ctx.heartbeat()``); raise ``LeaseLost`` if gone."""
+        with self._lock:
+            lease = self._leases.get(token)
+        if lease is None or lease.lost:
+            raise errors.LeaseLost(lease.run_id if lease else "?", token)
+        alive = self.store.heartbeat([(lease.run_id, token)], worker=self.worker, ttl=self.ttl)
+        if token not in alive:
+            lease.lost = True
+            raise errors.LeaseLost(lease.run_id, token)
+        lease.cancel_requested = alive[token]
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wake.set()
+
+    def _ensure_thread(self) -> None:
+        if self._pid != os.getpid():  # forked: the parent's thread does not exist here
+            self._pid = os.getpid()
+            self._thread = None
+        if self._thread is None or not self._thread.is_alive():
+            self._stopped = False
+            self._thread = threading.Thread(
+                target=self._loop, name="leaseflow-heartbeat", daemon=True
+            )
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            self._wake.wait(self.interval)
+            if self._stopped:
+                return
+            try:
+                self.beat()
+            except Exception as exc:  # keep beating; the next interval may succeed
+                logs.event("heartbeat_failed", 30, worker=self.worker, error=repr(exc))
+
+    def beat(self) -> None:
+        """Extend every lease whose state is within its deadline; mark the lost ones."""
+        now = time.monotonic()
+        with self._lock:
+            due = [
+                lease
+                for lease in self._leases.values()
+                if not lease.lost and (lease.deadline is None or lease.deadline > now)
+            ]
+        faults.point("during_heartbeat", worker=self.worker)
+        alive = self.store.heartbeat(
+            [(lease.run_id, lease.token) for lease in due], worker=self.worker, ttl=self.ttl
+        )
+        for lease in due:
+            if lease.token in alive:
+                lease.cancel_requested = alive[lease.token]
+            elif lease.token in self._leases:  # not released meanwhile
+                lease.lost = True
+                logs.event(
+                    "lease_expired_in_heartbeat",
+                    30,
+                    run_id=lease.run_id,
+                    lease_token=lease.token,
+                    worker=self.worker,
+                )

@@ -1,0 +1,20 @@
+"""Structured log lines: a stable snake_case ``action`` plus the ids, as key=value pairs.
+
+Tests and operators match on ``action``, never on wording. The fields also travel
+as ``extra`` so JSON log handlers can pick them up.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+logger = logging.getLogger("leaseflow")
+
+
+def event(action: str, level: int = logging.INFO, /, **fields: Any) -> None:
+    """Log ``action`` with ``fields`` (run_id, state, step_seq, lease_token, ...)."""
+    if not logger.isEnabledFor(level):
+        return
+    pairs = " ".join(f"{key}={value}" for key, value in fields.items() if value is not None)
+    logger.log(level, "action=%s %s", action, pairs, extra={"action": action, **fields})

@@ -1,0 +1,18 @@
+"""Prometheus metrics of the engine (per process; see the prometheus-client docs for
+multi-process collection under Celery's prefork pool)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+CLAIMS = Counter(
+    "leaseflow_claims_total", "Claim attempts by result", ["result"]
+)  # claimed, idle (duplicate/stale/terminal), deferred
+STEPS = Counter("leaseflow_steps_total", "Committed steps by outcome", ["outcome"])
+LEASES_LOST = Counter("leaseflow_leases_lost_total", "Commits refused because the lease was lost")
+REAPED = Counter("leaseflow_runs_reaped_total", "Runs whose lease expired, by result", ["result"])
+REDISPATCHED = Counter("leaseflow_runs_redispatched_total", "Pending runs re-published by beat")
+STEP_SECONDS = Histogram(
+    "leaseflow_step_duration_seconds", "Time a state function ran", ["workflow", "state"]
+)
+CLAIM_SECONDS = Histogram("leaseflow_claim_duration_seconds", "Claim statement latency")

@@ -1,0 +1,76 @@
+"""Configuration from ``LEASEFLOW_*`` environment variables (pydantic-settings)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of leaseflow; durations are seconds and accept fractions."""
+
+    model_config = SettingsConfigDict(env_prefix="LEASEFLOW_", extra="ignore")
+
+    database_url: str | None = None
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    result_backend: str | None = None
+    workflows: list[str] = Field(default_factory=list)
+    default_queue: str = "leaseflow"
+
+    lease_ttl: float = Field(60.0, gt=0)
+    heartbeat_interval: float = Field(15.0, gt=0)
+    reaper_interval: float = Field(5.0, gt=0)
+    dispatch_interval: float = Field(10.0, gt=0)
+    dispatch_timeout: float = Field(60.0, gt=0)
+    dispatch_batch: int = Field(1000, gt=0)
+    max_checkpoint_bytes: int = Field(1024 * 1024, gt=0)
+    compress_min_bytes: int = Field(256, ge=0)
+    statement_timeout_ms: int = Field(30_000, ge=0)
+    pool_max_size: int = Field(4, gt=0)
+
+    @field_validator("workflows", mode="before")
+    @classmethod
+    def _split_modules(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _explicit_driver(cls, value: str | None) -> str | None:
+        """Accept ``postgres://`` and ``postgresql://``; store the psycopg 3 form."""
+        if value is None:
+            return None
+        for prefix in ("postgres://", "postgresql://"):
+            if value.startswith(prefix):
+                return "postgresql+psycopg://" + value[len(prefix) :]
+        return value
+
+    @property
+    def libpq_url(self) -> str:
+        """The database URL as libpq (psycopg) wants it."""
+        url = self.require_database_url()
+        return url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+    def require_database_url(self) -> str:
+        from leaseflow import errors
+
+        if not self.database_url:
+            raise errors.ConfigurationError(
+                "LEASEFLOW_DATABASE_URL is not set: point it at a PostgreSQL database, "
+                "e.g. postgresql+psycopg://user@localhost:5432/leaseflow"
+            )
+        return self.database_url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()
+
+
+def reset_settings() -> None:
+    """Forget the cached settings (tests that change the environment)."""
+    get_settings.cache_clear()

@@ -1,0 +1,1 @@
+"""Persistence: the PostgreSQL run store (schema, queries, migrations)."""

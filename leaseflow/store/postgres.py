@@ -1,0 +1,432 @@
+"""The PostgreSQL run store: short statements on psycopg 3 connections.
+
+The public method owns the transaction; ``queries`` owns the SQL. No transaction
+stays open while user code runs: a claim is one statement, a commit is one
+statement (or one short explicit transaction when ``ctx.in_commit`` callbacks
+must join it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
+
+from leaseflow import errors, logs
+from leaseflow.fsm.definition import Workflow
+from leaseflow.store import queries
+from leaseflow.store.records import (
+    Claim,
+    Due,
+    InCommit,
+    Peek,
+    Reaped,
+    RunRecord,
+    StepRecord,
+    Transition,
+)
+
+T = TypeVar("T")
+HOSTNAME = socket.gethostname()
+
+
+def _libpq(url: str) -> str:
+    for prefix in ("postgresql+psycopg://", "postgres+psycopg://"):
+        if url.startswith(prefix):
+            return "postgresql://" + url[len(prefix) :]
+    return url
+
+
+class PostgresStore:
+    """Run store on PostgreSQL. Safe to share between threads; re-opens after fork."""
+
+    def __init__(
+        self,
+        database_url: str,
+        *,
+        application_name: str = "leaseflow",
+        max_size: int = 4,
+        statement_timeout_ms: int = 30_000,
+        dispatch_timeout: float = 60.0,
+    ) -> None:
+        self.conninfo = _libpq(database_url)
+        self.application_name = application_name
+        self.max_size = max_size
+        self.statement_timeout_ms = statement_timeout_ms
+        self.dispatch_timeout = dispatch_timeout
+        self._pool: ConnectionPool | None = None
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._registered: set[tuple[str, int]] = set()
+
+    # -- connections ------------------------------------------------------------
+
+    def _configure(self, conn: psycopg.Connection[Any]) -> None:
+        conn.autocommit = True
+
+    def _get_pool(self) -> ConnectionPool:
+        with self._lock:
+            if self._pool is not None and self._pid != os.getpid():
+                # Inherited across fork: never touch the parent's sockets.
+                self._pool = None
+                self._registered.clear()
+            if self._pool is None:
+                options = f"-c statement_timeout={self.statement_timeout_ms}"
+                self._pool = ConnectionPool(
+                    self.conninfo,
+                    kwargs={
+                        "application_name": self.application_name,
+                        "options": options,
+                        "autocommit": True,
+                    },
+                    configure=self._configure,
+                    min_size=1,
+                    max_size=self.max_size,
+                    open=True,
+                    name=f"leaseflow-{os.getpid()}",
+                )
+                self._pid = os.getpid()
+            return self._pool
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled autocommit connection; driver errors come out as leaseflow errors."""
+        try:
+            with self._get_pool().connection() as conn:
+                yield conn
+        except psycopg.OperationalError as exc:
+            raise errors.StoreUnavailable(str(exc)) from exc
+
+    def _with_retry(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
+        """Run an idempotent ``fn(conn)``, once more on a fresh connection if it broke."""
+        try:
+            with self.connection() as conn:
+                return fn(conn)
+        except errors.StoreUnavailable:
+            with self.connection() as conn:
+                return fn(conn)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None and self._pid == os.getpid():
+                self._pool.close()
+            self._pool = None
+
+    # -- definitions --------------------------------------------------------------
+
+    def register_workflow(self, wf: Workflow) -> None:
+        """Record the workflow's legal transitions (idempotent; cached per process)."""
+        key = (wf.name, wf.version)
+        if key in self._registered and self._pid == os.getpid():
+            return
+        wf.validate()
+        edges = sorted(set(wf.edges()))
+        definition = {
+            "name": wf.name,
+            "version": wf.version,
+            "initial": wf.initial.name,
+            "states": {
+                s.name: {"to": list(s.to), "on_error": s.on_error, "queue": s.queue}
+                for s in wf.states.values()
+            },
+        }
+        digest = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()
+
+        def write(conn: psycopg.Connection[Any]) -> None:
+            with conn.transaction():
+                conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtext(%s), %s)", (wf.name, wf.version)
+                )
+                row = conn.execute(
+                    queries.REGISTERED_DIGEST, {"name": wf.name, "version": wf.version}
+                ).fetchone()
+                if row is not None and row[0] == digest:
+                    return
+                if row is not None:
+                    logs.event(
+                        "definition_changed",
+                        30,
+                        workflow=wf.name,
+                        version=wf.version,
+                        hint="bump the workflow version when its edges change",
+                    )
+                conn.execute(
+                    queries.REGISTER_WORKFLOW,
+                    {
+                        "name": wf.name,
+                        "version": wf.version,
+                        "digest": digest,
+                        "definition": Jsonb(definition),
+                    },
+                )
+                conn.execute(
+                    "DELETE FROM lf_transitions WHERE workflow = %s AND version = %s",
+                    (wf.name, wf.version),
+                )
+                with conn.cursor() as cur:
+                    cur.executemany(
+                        "INSERT INTO lf_transitions (workflow, version, from_state, to_state) "
+                        "VALUES (%s, %s, %s, %s)",
+                        [(wf.name, wf.version, a, b) for a, b in edges],
+                    )
+
+        self._with_retry(write)
+        self._registered.add(key)
+
+    # -- runs -------------------------------------------------------------------
+
+    def create_run(
+        self,
+        *,
+        run_id: str,
+        wf: Workflow,
+        checkpoint: bytes,
+        input: dict[str, Any],
+        idempotency_key: str | None,
+    ) -> tuple[str, bool]:
+        """Insert a pending run in the initial state; ``(run_id, created)``.
+
+        With an idempotency key already used, returns the existing run (and raises
+        ``IdempotencyConflict`` when its input differs).
+        """
+        self.register_workflow(wf)
+        params = {
+            "id": run_id,
+            "workflow": wf.name,
+            "version": wf.version,
+            "state": wf.initial.name,
+            "max_attempts": wf.initial.retry.max_attempts,
+            "checkpoint": checkpoint,
+            "context_version": wf.context_version,
+            "input": Jsonb(input),
+            "idempotency_key": idempotency_key,
+            "dispatch_timeout": self.dispatch_timeout,
+        }
+
+        def insert(conn: psycopg.Connection[Any]) -> tuple[str, bool]:
+            row = conn.execute(queries.CREATE_RUN, params).fetchone()
+            if row is not None:
+                return row[0], True
+            found = conn.execute(
+                queries.FIND_IDEMPOTENT, {"workflow": wf.name, "key": idempotency_key}
+            ).fetchone()
+            if found is None:  # pragma: no cover - the conflicting row was purged meanwhile
+                raise errors.StoreUnavailable("idempotent run vanished; retry")
+            if found[1] != input:
+                raise errors.IdempotencyConflict(wf.name, str(idempotency_key), found[0])
+            return found[0], False
+
+        return self._with_retry(insert)
+
+    def claim(self, run_id: str, seq: int, *, owner: str, ttl: float) -> Claim | None:
+        """Take the lease of ``run_id`` at ``seq`` if it is pending and due; else None."""
+
+        def do(conn: psycopg.Connection[Any]) -> Claim | None:
+            row = conn.execute(
+                queries.CLAIM, {"run_id": run_id, "seq": seq, "owner": owner, "ttl": ttl}
+            ).fetchone()
+            if row is None:
+                return None
+            return Claim(
+                run_id=run_id,
+                workflow=row[0],
+                version=row[1],
+                state=row[2],
+                step_seq=row[3],
+                attempt=row[4],
+                max_attempts=row[5],
+                lease_token=row[6],
+                started_at=row[7],
+                checkpoint=bytes(row[8]),
+                context_version=row[9],
+                input=row[10],
+            )
+
+        # A claim is not idempotent (a retried statement could claim twice), but a
+        # claim whose reply was lost is harmless: the lease expires and is reaped.
+        with self.connection() as conn:
+            return do(conn)
+
+    def peek(self, run_id: str) -> Peek | None:
+        def do(conn: psycopg.Connection[Any]) -> Peek | None:
+            row = conn.execute(queries.PEEK, {"run_id": run_id}).fetchone()
+            return None if row is None else Peek(*row)
+
+        return self._with_retry(do)
+
+    def commit(
+        self,
+        tr: Transition,
+        callbacks: Sequence[InCommit] = (),
+        *,
+        dispatch_timeout: float | None = None,
+    ) -> bool:
+        """Write the transition iff this lease still holds; False when it was lost.
+
+        ``callbacks`` run inside the same transaction, after the fenced update
+        succeeded, so their writes commit exactly when the transition does.
+        """
+        sql = queries.COMMIT_STAY if tr.next_state is None else queries.COMMIT_MOVE
+        params = {
+            "run_id": tr.run_id,
+            "token": tr.lease_token,
+            "state": tr.state,
+            "next_state": tr.next_state,
+            "status": tr.status,
+            "attempt": tr.attempt,
+            "max_attempts": tr.max_attempts,
+            "delay": tr.delay,
+            "dispatch_timeout": self.dispatch_timeout
+            if dispatch_timeout is None
+            else dispatch_timeout,
+            "checkpoint": tr.checkpoint,
+            "context_version": tr.context_version,
+            "output": None if tr.output is None else Jsonb(tr.output),
+            "error_code": tr.error_code,
+            "error": tr.error,
+            "terminal": tr.terminal,
+            "step_attempt": tr.step_attempt,
+            "worker": tr.worker,
+            "started_at": tr.started_at,
+            "outcome": tr.outcome,
+            "step_error": tr.step_error,
+        }
+        try:
+            with self.connection() as conn:
+                if not callbacks:
+                    return conn.execute(sql, params).fetchone() is not None
+                with conn.transaction():
+                    if conn.execute(sql, params).fetchone() is None:
+                        raise _Rollback
+                    for callback in callbacks:
+                        try:
+                            callback(conn)
+                        except Exception as exc:
+                            raise errors.InCommitError(tr.run_id, repr(exc)) from exc
+                return True
+        except _Rollback:
+            return False
+        except errors.StoreUnavailable:
+            # The connection broke: did our COMMIT land before it did?
+            return self._committed_by(tr.run_id, tr.lease_token)
+
+    def _committed_by(self, run_id: str, token: str) -> bool:
+        def do(conn: psycopg.Connection[Any]) -> bool:
+            row = conn.execute(queries.COMMITTED_BY, {"run_id": run_id, "token": token})
+            return row.fetchone() is not None
+
+        return self._with_retry(do)
+
+    def heartbeat(
+        self, leases: Sequence[tuple[str, str]], *, worker: str, ttl: float
+    ) -> dict[str, bool]:
+        """Extend every live lease of this worker in one statement.
+
+        Returns ``{token: cancel_requested}`` for the leases still held; a token
+        missing from the answer was lost.
+        """
+        params = {
+            "worker": worker,
+            "hostname": HOSTNAME,
+            "pid": os.getpid(),
+            "ttl": ttl,
+            "run_ids": [run_id for run_id, _ in leases],
+            "tokens": [token for _, token in leases],
+        }
+
+        def do(conn: psycopg.Connection[Any]) -> dict[str, bool]:
+            rows = conn.execute(queries.HEARTBEAT, params).fetchall()
+            return {token: bool(cancel) for token, cancel in rows}
+
+        return self._with_retry(do)
+
+    def count_lease_lost(self, worker: str) -> None:
+        def do(conn: psycopg.Connection[Any]) -> None:
+            conn.execute(
+                queries.COUNT_LEASE_LOST,
+                {"worker": worker, "hostname": HOSTNAME, "pid": os.getpid()},
+            )
+
+        self._with_retry(do)
+
+    # -- maintenance (beat) -------------------------------------------------------
+
+    def reap(self, *, limit: int = 1000) -> list[Reaped]:
+        def do(conn: psycopg.Connection[Any]) -> list[Reaped]:
+            rows = conn.execute(
+                queries.REAP, {"limit": limit, "dispatch_timeout": self.dispatch_timeout}
+            ).fetchall()
+            return [Reaped(*row) for row in rows]
+
+        with self.connection() as conn:
+            return do(conn)
+
+    def due_for_dispatch(self, *, limit: int = 1000) -> list[Due]:
+        def do(conn: psycopg.Connection[Any]) -> list[Due]:
+            rows = conn.execute(
+                queries.DUE, {"limit": limit, "dispatch_timeout": self.dispatch_timeout}
+            ).fetchall()
+            return [Due(*row) for row in rows]
+
+        with self.connection() as conn:
+            return do(conn)
+
+    # -- reading ------------------------------------------------------------------
+
+    def get_run(self, run_id: str, *, with_steps: bool = True) -> RunRecord:
+        def do(conn: psycopg.Connection[Any]) -> RunRecord:
+            try:
+                row = conn.execute(queries.GET_RUN, {"run_id": run_id}).fetchone()
+            except psycopg.errors.InvalidTextRepresentation:
+                row = None
+            if row is None:
+                raise errors.RunNotFound(run_id)
+            steps: tuple[StepRecord, ...] = ()
+            if with_steps:
+                steps = tuple(
+                    StepRecord(*s) for s in conn.execute(queries.STEPS, {"run_id": run_id})
+                )
+            return _run_record(row, steps)
+
+        return self._with_retry(do)
+
+    def list_runs(
+        self, *, status: str | None = None, workflow: str | None = None, limit: int = 50
+    ) -> list[RunRecord]:
+        clauses: list[str] = []
+        params: dict[str, Any] = {"limit": limit}
+        if status is not None:
+            clauses.append("status = %(status)s")
+            params["status"] = status
+        if workflow is not None:
+            clauses.append("workflow = %(workflow)s")
+            params["workflow"] = workflow
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = (
+            f"SELECT {queries.RUN_COLUMNS} FROM lf_runs {where} "
+            "ORDER BY created_at DESC, id LIMIT %(limit)s"
+        )
+
+        def do(conn: psycopg.Connection[Any]) -> list[RunRecord]:
+            return [_run_record(row) for row in conn.execute(sql, params)]
+
+        return self._with_retry(do)
+
+
+def _run_record(row: Sequence[Any], steps: tuple[StepRecord, ...] = ()) -> RunRecord:
+    names = [f.name for f in dataclasses.fields(RunRecord) if f.name != "steps"]
+    return RunRecord(**dict(zip(names, row, strict=True)), steps=steps)
+
+
+class _Rollback(Exception):
+    """Internal: abandon the commit transaction (lease lost)."""

@@ -1,0 +1,200 @@
+"""The SQL of the hot path, one statement per operation.
+
+Each write that must be fenced carries ``lease_token = %(token)s AND
+status = 'running'`` in its own WHERE clause: the lease check and the write are
+one atomic statement, never a read followed by a write.
+"""
+
+CLAIM = """
+UPDATE lf_runs
+   SET status = 'running',
+       lease_token = gen_random_uuid(),
+       lease_owner = %(owner)s,
+       lease_expires_at = now() + %(ttl)s * interval '1 second',
+       claimed_at = now(),
+       attempt = attempt + 1,
+       updated_at = now()
+ WHERE id = %(run_id)s
+   AND step_seq = %(seq)s
+   AND status = 'pending'
+   AND not_before <= now()
+RETURNING workflow, version, state, step_seq, attempt, max_attempts, lease_token::text,
+          claimed_at, checkpoint, context_version, input
+"""
+
+PEEK = """
+SELECT status, step_seq, workflow, state,
+       greatest(0, extract(epoch FROM not_before - now()))::float8
+  FROM lf_runs WHERE id = %(run_id)s
+"""
+
+_COMMIT_SET = """
+       status = %(status)s,
+       step_seq = step_seq + 1,
+       attempt = %(attempt)s,
+       max_attempts = %(max_attempts)s,
+       lease_token = NULL,
+       lease_owner = NULL,
+       lease_expires_at = NULL,
+       claimed_at = NULL,
+       not_before = now() + %(delay)s * interval '1 second',
+       redispatch_at = now() + (%(delay)s + %(dispatch_timeout)s) * interval '1 second',
+       checkpoint = coalesce(%(checkpoint)s, checkpoint),
+       context_version = coalesce(%(context_version)s, context_version),
+       output = %(output)s,
+       error_code = %(error_code)s,
+       error = %(error)s,
+       finished_at = CASE WHEN %(terminal)s THEN now() END,
+       updated_at = now()
+"""
+
+_COMMIT_STEP = """
+INSERT INTO lf_steps (run_id, seq, state, attempt, lease_token, worker, started_at,
+                      finished_at, duration_ms, outcome, next_state, error)
+SELECT id, step_seq - 1, %(state)s, %(step_attempt)s, %(token)s, %(worker)s, %(started_at)s,
+       clock_timestamp(),
+       (extract(epoch FROM clock_timestamp() - %(started_at)s) * 1000)::int,
+       %(outcome)s, %(next_state)s, %(step_error)s
+  FROM moved
+RETURNING seq
+"""
+
+_FENCE = """
+ WHERE id = %(run_id)s AND lease_token = %(token)s AND status = 'running'
+RETURNING id, step_seq
+"""
+
+#: Move to another state: the transition guard trigger checks the (from, to) pair.
+COMMIT_MOVE = (
+    "WITH moved AS (UPDATE lf_runs SET state = %(next_state)s, prev_state = state,"
+    + _COMMIT_SET
+    + _FENCE
+    + ")"
+    + _COMMIT_STEP
+)
+
+#: Stay in the same state (retry, completion, failure): the state column is not written.
+COMMIT_STAY = "WITH moved AS (UPDATE lf_runs SET" + _COMMIT_SET + _FENCE + ")" + _COMMIT_STEP
+
+#: Did a commit by this token land? (the connection broke after COMMIT was sent)
+COMMITTED_BY = "SELECT seq FROM lf_steps WHERE run_id = %(run_id)s AND lease_token = %(token)s"
+
+HEARTBEAT = """
+WITH seen AS (
+    INSERT INTO lf_workers (id, hostname, pid) VALUES (%(worker)s, %(hostname)s, %(pid)s)
+    ON CONFLICT (id) DO UPDATE SET last_seen_at = now()
+)
+UPDATE lf_runs
+   SET lease_expires_at = now() + %(ttl)s * interval '1 second'
+ WHERE id = ANY(%(run_ids)s::uuid[])
+   AND lease_token = ANY(%(tokens)s::uuid[])
+   AND status = 'running'
+RETURNING lease_token::text, cancel_requested
+"""
+
+COUNT_LEASE_LOST = """
+INSERT INTO lf_workers (id, hostname, pid, leases_lost)
+VALUES (%(worker)s, %(hostname)s, %(pid)s, 1)
+ON CONFLICT (id) DO UPDATE SET leases_lost = lf_workers.leases_lost + 1, last_seen_at = now()
+"""
+
+#: Expired leases: back to pending while attempts remain, else failed. One statement,
+#: so two reapers running at once act once per expiry (the second finds the row
+#: no longer 'running' once the first commits).
+REAP = """
+WITH expired AS (
+    SELECT id, lease_token AS token, lease_owner AS owner, claimed_at AS claimed
+      FROM lf_runs
+     WHERE status = 'running' AND lease_expires_at < now()
+     ORDER BY lease_expires_at
+     LIMIT %(limit)s
+       FOR UPDATE SKIP LOCKED
+), reaped AS (
+    UPDATE lf_runs r
+       SET status = CASE WHEN r.attempt < r.max_attempts THEN 'pending' ELSE 'failed' END,
+           error_code = CASE WHEN r.attempt < r.max_attempts THEN NULL
+                             ELSE 'E-LEASE-EXPIRED' END,
+           error = CASE WHEN r.attempt < r.max_attempts THEN NULL
+                        ELSE format('lease expired on attempt %%s of %%s in state %%s',
+                                    r.attempt, r.max_attempts, r.state) END,
+           finished_at = CASE WHEN r.attempt < r.max_attempts THEN NULL ELSE now() END,
+           step_seq = r.step_seq + 1,
+           lease_token = NULL,
+           lease_owner = NULL,
+           lease_expires_at = NULL,
+           claimed_at = NULL,
+           not_before = now(),
+           redispatch_at = now() + %(dispatch_timeout)s * interval '1 second',
+           updated_at = now()
+      FROM expired e
+     WHERE r.id = e.id
+    RETURNING r.id, r.workflow, r.version, r.state, r.step_seq, r.status, r.attempt,
+              e.token, e.owner, e.claimed
+), logged AS (
+    INSERT INTO lf_steps (run_id, seq, state, attempt, lease_token, worker, started_at,
+                          outcome, error)
+    SELECT id, step_seq - 1, state, attempt, token, owner, claimed, 'lease_expired',
+           format('lease of %%s expired', coalesce(owner, 'unknown worker'))
+      FROM reaped
+)
+SELECT id::text, workflow, version, state, step_seq, status, attempt, owner FROM reaped
+"""
+
+#: Pending runs whose message is overdue (lost between commit and publish, or
+#: dropped by the broker). Marks them so that a second dispatcher skips them.
+DUE = """
+WITH due AS (
+    SELECT id FROM lf_runs
+     WHERE status = 'pending' AND redispatch_at <= now()
+     ORDER BY redispatch_at
+     LIMIT %(limit)s
+       FOR UPDATE SKIP LOCKED
+)
+UPDATE lf_runs r
+   SET redispatch_at = now() + %(dispatch_timeout)s * interval '1 second'
+  FROM due
+ WHERE r.id = due.id
+RETURNING r.id::text, r.workflow, r.version, r.state, r.step_seq,
+          greatest(0, extract(epoch FROM r.not_before - now()))::float8
+"""
+
+CREATE_RUN = """
+INSERT INTO lf_runs (id, workflow, version, state, status, step_seq, attempt, max_attempts,
+                     checkpoint, context_version, input, idempotency_key, redispatch_at)
+VALUES (%(id)s, %(workflow)s, %(version)s, %(state)s, 'pending', 1, 0, %(max_attempts)s,
+        %(checkpoint)s, %(context_version)s, %(input)s, %(idempotency_key)s,
+        now() + %(dispatch_timeout)s * interval '1 second')
+ON CONFLICT (workflow, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+RETURNING id::text
+"""
+
+FIND_IDEMPOTENT = """
+SELECT id::text, input FROM lf_runs WHERE workflow = %(workflow)s AND idempotency_key = %(key)s
+"""
+
+RUN_COLUMNS = """
+id::text, workflow, version, state, prev_state, status, step_seq, attempt, max_attempts,
+lease_owner, lease_expires_at, not_before, input, output, error_code, error, idempotency_key,
+created_at, updated_at, finished_at
+"""
+
+GET_RUN = f"SELECT {RUN_COLUMNS} FROM lf_runs WHERE id = %(run_id)s"
+
+STEPS = """
+SELECT seq, state, attempt, outcome, next_state, started_at, finished_at, duration_ms, worker,
+       lease_token::text, error
+  FROM lf_steps WHERE run_id = %(run_id)s ORDER BY seq
+"""
+
+REGISTER_WORKFLOW = """
+INSERT INTO lf_workflows (name, version, digest, definition)
+VALUES (%(name)s, %(version)s, %(digest)s, %(definition)s)
+ON CONFLICT (name, version) DO UPDATE
+   SET digest = excluded.digest, definition = excluded.definition, registered_at = now()
+ WHERE lf_workflows.digest <> excluded.digest
+RETURNING (xmax = 0) AS inserted
+"""
+
+REGISTERED_DIGEST = (
+    "SELECT digest FROM lf_workflows WHERE name = %(name)s AND version = %(version)s"
+)

@@ -1,0 +1,144 @@
+"""The tables, as SQLAlchemy Core metadata (Alembic migrations must match it).
+
+Heartbeat-updated columns (``lf_runs.lease_expires_at``, ``lf_workers.last_seen_at``)
+are kept out of every index so heartbeats stay HOT updates.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+STATUSES = ("pending", "running", "waiting", "completed", "failed", "cancelled", "timed_out")
+ACTIVE = ("pending", "running", "waiting")
+_ts = DateTime(timezone=True)
+
+workflows = Table(
+    "lf_workflows",
+    metadata,
+    Column("name", Text, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("digest", Text, nullable=False),
+    Column("definition", JSONB, nullable=False),
+    Column("registered_at", _ts, nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("name", "version"),
+)
+
+transitions = Table(
+    "lf_transitions",
+    metadata,
+    Column("workflow", Text, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("from_state", Text, nullable=False),  # '' is the entry into the initial state
+    Column("to_state", Text, nullable=False),
+    PrimaryKeyConstraint("workflow", "version", "from_state", "to_state"),
+)
+
+runs = Table(
+    "lf_runs",
+    metadata,
+    Column("id", UUID(as_uuid=False), nullable=False),
+    Column("workflow", Text, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("prev_state", Text),
+    Column("status", Text, nullable=False, server_default="pending"),
+    Column("step_seq", Integer, nullable=False, server_default="1"),
+    Column("attempt", Integer, nullable=False, server_default="0"),
+    Column("max_attempts", Integer, nullable=False, server_default="1"),
+    Column("lease_token", UUID(as_uuid=False)),
+    Column("lease_owner", Text),
+    Column("lease_expires_at", _ts),
+    Column("claimed_at", _ts),
+    Column("not_before", _ts, nullable=False, server_default=func.now()),
+    Column("redispatch_at", _ts, nullable=False, server_default=func.now()),
+    Column("checkpoint", LargeBinary, nullable=False),
+    Column("context_version", Integer, nullable=False, server_default="1"),
+    Column("input", JSONB, nullable=False),
+    Column("output", JSONB),
+    Column("error_code", Text),
+    Column("error", Text),
+    Column("idempotency_key", Text),
+    Column("parent_run_id", UUID(as_uuid=False)),
+    Column("group_id", BigInteger),
+    Column("wait_event", Text),
+    Column("wait_deadline", _ts),
+    Column("cancel_requested", Boolean, nullable=False, server_default=text("false")),
+    Column("tenant", Text),
+    Column("created_at", _ts, nullable=False, server_default=func.now()),
+    Column("updated_at", _ts, nullable=False, server_default=func.now()),
+    Column("finished_at", _ts),
+    PrimaryKeyConstraint("id"),
+    CheckConstraint(f"status IN {STATUSES!r}", name="status"),
+    CheckConstraint("step_seq >= 1 AND attempt >= 0 AND max_attempts >= 1", name="counters"),
+    CheckConstraint("status <> 'running' OR lease_token IS NOT NULL", name="running_has_lease"),
+    Index(
+        "ix_lf_runs_active",
+        "status",
+        postgresql_where=text("status IN ('pending', 'running', 'waiting')"),
+    ),
+    Index("ix_lf_runs_created_at", "created_at"),
+    Index("ix_lf_runs_workflow_created_at", "workflow", "created_at"),
+    Index(
+        "uq_lf_runs_idempotency",
+        "workflow",
+        "idempotency_key",
+        unique=True,
+        postgresql_where=text("idempotency_key IS NOT NULL"),
+    ),
+)
+
+steps = Table(
+    "lf_steps",
+    metadata,
+    Column("run_id", UUID(as_uuid=False), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("lease_token", UUID(as_uuid=False)),
+    Column("worker", Text),
+    Column("started_at", _ts),
+    Column("finished_at", _ts, nullable=False, server_default=func.now()),
+    Column("duration_ms", Integer),
+    Column("outcome", Text, nullable=False),
+    Column("next_state", Text),
+    Column("error", Text),
+    PrimaryKeyConstraint("run_id", "seq"),
+)
+
+workers = Table(
+    "lf_workers",
+    metadata,
+    Column("id", Text, nullable=False),
+    Column("hostname", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("started_at", _ts, nullable=False, server_default=func.now()),
+    Column("last_seen_at", _ts, nullable=False, server_default=func.now()),
+    Column("leases_lost", BigInteger, nullable=False, server_default="0"),
+    PrimaryKeyConstraint("id"),
+)

@@ -1,0 +1,136 @@
+"""The Celery app: configured from ``LEASEFLOW_*`` settings, one task per state."""
+
+from __future__ import annotations
+
+import importlib
+from datetime import timedelta
+from typing import Any
+
+from celery import Celery, Task, signals
+
+from leaseflow import errors, logs
+from leaseflow.beat import jobs
+from leaseflow.fsm import registry
+from leaseflow.fsm.definition import StateSpec, Workflow
+from leaseflow.settings import Settings, get_settings
+from leaseflow.tasks import dispatch, runtime
+
+REAP_TASK = "leaseflow.beat.reap"
+DISPATCH_TASK = "leaseflow.beat.dispatch"
+#: Extra seconds between a state's soft time limit and the hard kill of its process.
+HARD_LIMIT_GRACE = 10.0
+
+
+def import_workflows(modules: list[str]) -> None:
+    """Import the modules named in ``LEASEFLOW_WORKFLOWS`` (they declare workflows)."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise errors.ConfigurationError(
+                f"cannot import workflow module {name!r} from LEASEFLOW_WORKFLOWS: {exc}"
+            ) from exc
+
+
+def make_app(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
+    app = Celery("leaseflow", set_as_current=False)
+    app.conf.update(
+        broker_url=settings.broker_url,
+        result_backend=settings.result_backend,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        task_default_queue=settings.default_queue,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        enable_utc=True,
+        beat_schedule={
+            "leaseflow-reaper": {
+                "task": REAP_TASK,
+                "schedule": timedelta(seconds=settings.reaper_interval),
+                "options": {"expires": max(1.0, settings.reaper_interval * 2)},
+            },
+            "leaseflow-dispatcher": {
+                "task": DISPATCH_TASK,
+                "schedule": timedelta(seconds=settings.dispatch_interval),
+                "options": {"expires": max(1.0, settings.dispatch_interval * 2)},
+            },
+        },
+    )
+    _register_beat_tasks(app)
+    registry.subscribe(lambda wf, spec: _register_state_task(app, wf, spec))
+    import_workflows(settings.workflows)
+    return app
+
+
+def _register_state_task(app: Celery, wf: Workflow, spec: StateSpec) -> None:
+    name = wf.task_name(spec.name)
+    if name in app.tasks:
+        return  # another version declared the same state: one task serves them all
+    options: dict[str, Any] = {"name": name, "bind": True, "ignore_result": True, "shared": False}
+    if spec.timeout is not None:
+        options["soft_time_limit"] = spec.timeout
+        options["time_limit"] = spec.timeout + HARD_LIMIT_GRACE
+    if spec.queue is not None:
+        options["queue"] = spec.queue
+
+    def run_state(task: Task, run_id: str, step_seq: int) -> str:
+        engine = runtime.get()
+        result = engine.runner.run_step(str(run_id), int(step_seq))
+        dispatch.publish_all(task.app, result.dispatch)
+        return result.result
+
+    run_state.__name__ = run_state.__qualname__ = f"{wf.name}__{spec.name}"
+    run_state.__doc__ = f"State {spec.name!r} of workflow {wf.name!r}."
+    app.task(**options)(run_state)
+
+
+def _register_beat_tasks(app: Celery) -> None:
+    @app.task(name=REAP_TASK, ignore_result=True, shared=False)
+    def reap() -> int:
+        engine = runtime.get()
+        found = jobs.reap(engine.store, limit=engine.settings.dispatch_batch)
+        dispatch.publish_all(app, found)
+        return len(found)
+
+    @app.task(name=DISPATCH_TASK, ignore_result=True, shared=False)
+    def redispatch() -> int:
+        engine = runtime.get()
+        found = jobs.dispatch_overdue(engine.store, limit=engine.settings.dispatch_batch)
+        dispatch.publish_all(app, found)
+        return len(found)
+
+
+def prepare_worker() -> None:
+    """At worker start: every workflow is valid and its transitions are registered."""
+    workflows = registry.all_workflows()
+    for wf in workflows:
+        wf.validate()
+    store = runtime.make_store(get_settings(), application_name="leaseflow-worker-init")
+    try:
+        for wf in workflows:
+            store.register_workflow(wf)
+    finally:
+        store.close()
+    logs.event(
+        "worker_ready",
+        20,
+        workflows=",".join(f"{wf.name}@v{wf.version}" for wf in workflows) or "none",
+    )
+
+
+@signals.worker_init.connect
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    if getattr(sender, "app", None) is app:
+        prepare_worker()
+
+
+app = make_app()

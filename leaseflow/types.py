@@ -1,0 +1,34 @@
+"""Plain value types shared by every layer (no I/O)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class RunStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    WAITING = "waiting"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset(
+    {RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.TIMED_OUT}
+)
+
+
+class StepOutcome(StrEnum):
+    """What one step (one attempt of one state) ended with, as written to ``lf_steps``."""
+
+    NEXT = "next"  # moved to next_state
+    COMPLETED = "completed"  # the run completed
+    FAILED = "failed"  # the run failed (Failed outcome, or an error with no retry left)
+    RETRY = "retry"  # the state raised and will run again
+    LEASE_EXPIRED = "lease_expired"  # written by the reaper

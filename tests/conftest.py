@@ -1,0 +1,174 @@
+"""Shared fixtures: a database per test cloned from a migrated template, brokers,
+an in-thread Celery worker, and real ``celery worker`` subprocesses.
+
+A missing service skips the test on a laptop and fails it when ``CI=true``.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from leaseflow import migrations
+from leaseflow.settings import Settings
+
+CI = os.environ.get("CI", "").lower() == "true"
+ADMIN_URL = os.environ.get(
+    "LEASEFLOW_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("LEASEFLOW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+AMQP_URL = os.environ.get("LEASEFLOW_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+def missing(service: str, why: object) -> None:
+    """Skip on a laptop, fail in CI: CI must really exercise every service."""
+    message = f"{service} is not reachable: {why}"
+    if CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def _url_for(database: str) -> str:
+    base, _, _ = ADMIN_URL.rpartition("/")
+    return f"{base}/{database}"
+
+
+def _admin() -> psycopg.Connection:
+    return psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=3)
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> Iterator[str]:
+    """A database migrated to head, cloned by every test that needs Postgres."""
+    try:
+        conn = _admin()
+    except psycopg.OperationalError as exc:
+        missing("PostgreSQL", exc)
+    name = f"lf_template_{os.getpid()}"
+    with conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    migrations.upgrade(_url_for(name).replace("postgresql://", "postgresql+psycopg://", 1))
+    yield name
+    with _admin() as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def database_url(pg_template: str) -> Iterator[str]:
+    """A fresh migrated database for this test (``CREATE DATABASE ... TEMPLATE``)."""
+    name = f"lf_test_{uuid.uuid4().hex[:12]}"
+    with _admin() as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}"')
+    yield _url_for(name).replace("postgresql://", "postgresql+psycopg://", 1)
+    with _admin() as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[psycopg.Connection]:
+    """A plain autocommit connection to the test database, for assertions."""
+    with psycopg.connect(database_url.replace("+psycopg", ""), autocommit=True) as conn:
+        yield conn
+
+
+def _check_redis(url: str) -> None:
+    import redis
+
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+    except Exception as exc:
+        missing("Redis", exc)
+
+
+def _check_amqp(url: str) -> None:
+    from kombu import Connection
+
+    try:
+        with Connection(url, connect_timeout=3) as conn:
+            conn.ensure_connection(max_retries=1)
+    except Exception as exc:
+        missing("RabbitMQ", exc)
+
+
+@pytest.fixture
+def redis_url() -> str:
+    _check_redis(REDIS_URL)
+    return REDIS_URL
+
+
+@pytest.fixture
+def amqp_url() -> str:
+    _check_amqp(AMQP_URL)
+    return AMQP_URL
+
+
+@pytest.fixture
+def queue_name() -> str:
+    """A queue of this test's own, so tests never eat each other's messages."""
+    return f"lf-test-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def settings(database_url: str, redis_url: str, queue_name: str) -> Settings:
+    return Settings(
+        database_url=database_url,
+        broker_url=redis_url,
+        default_queue=queue_name,
+        workflows=["tests.workflows.basic"],
+        lease_ttl=2.0,
+        heartbeat_interval=0.5,
+        reaper_interval=0.5,
+        dispatch_interval=0.5,
+        dispatch_timeout=3.0,
+    )
+
+
+@pytest.fixture
+def app(settings: Settings):
+    """A Celery app bound to this test's database, broker and queue."""
+    import tests.workflows.basic  # noqa: F401  (declares the shared workflows)
+    from leaseflow.tasks import celery_app, runtime
+
+    application = celery_app.make_app(settings)
+    runtime.configure(settings)
+    yield application
+    runtime.configure(None)
+    _purge(application, settings.default_queue)
+
+
+def _purge(application, queue: str) -> None:
+    try:
+        with application.connection_for_write() as conn:
+            conn.default_channel.queue_purge(queue)
+            conn.default_channel.queue_delete(queue)
+    except Exception:  # the queue never existed, or the broker is gone
+        pass
+
+
+@pytest.fixture
+def client(settings: Settings, app):
+    from leaseflow.client import Client
+
+    with Client(settings=settings, app=app) as c:
+        yield c
+
+
+@pytest.fixture
+def inline_worker(app, settings: Settings):
+    """A Celery worker in a thread of this process (celery.contrib.testing)."""
+    from celery.contrib.testing.worker import start_worker
+
+    with start_worker(
+        app,
+        pool="threads",
+        concurrency=2,
+        perform_ping_check=False,
+        queues=[settings.default_queue],
+        shutdown_timeout=20,
+    ) as worker:
+        yield worker
