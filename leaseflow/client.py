@@ -54,7 +54,7 @@ class Client:
         if self._app is None:
             from leaseflow.tasks import celery_app
 
-            same = self.settings.broker_url == get_settings().broker_url
+            same = self.settings == get_settings()
             self._app = celery_app.app if same else celery_app.make_app(self.settings)
         return self._app
 

@@ -378,12 +378,9 @@ class Runner:
     def _explain_miss(self, run_id: str, step_seq: int) -> StepResult:
         """The claim found nothing: a duplicate, a stale message, or one that came early."""
         peek = self.store.peek(run_id)
-        if (
-            peek is not None
-            and peek.status == "pending"
-            and peek.step_seq == step_seq
-            and peek.wait_seconds > 0
-        ):
+        if peek is not None and peek.status == "pending" and peek.step_seq == step_seq:
+            # Our step, not yet due when the claim ran (a retry's backoff, or the
+            # message outran not_before): publish it again for when it is due.
             metrics.CLAIMS.labels("deferred").inc()
             return StepResult(
                 "deferred",

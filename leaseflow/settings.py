@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Annotated
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -16,7 +17,7 @@ class Settings(BaseSettings):
     database_url: str | None = None
     broker_url: str = "redis://127.0.0.1:6379/0"
     result_backend: str | None = None
-    workflows: list[str] = Field(default_factory=list)
+    workflows: Annotated[list[str], NoDecode] = Field(default_factory=list)
     default_queue: str = "leaseflow"
 
     lease_ttl: float = Field(60.0, gt=0)

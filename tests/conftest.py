@@ -172,3 +172,45 @@ def inline_worker(app, settings: Settings):
         shutdown_timeout=20,
     ) as worker:
         yield worker
+
+
+@pytest.fixture
+def store(settings: Settings):
+    from leaseflow.tasks import runtime
+
+    s = runtime.make_store(settings, application_name="leaseflow-test")
+    yield s
+    s.close()
+
+
+def make_runner(store, settings: Settings, worker: str):
+    """A Celery-free runner for one simulated worker process."""
+    from leaseflow.heartbeat import LeaseKeeper
+    from leaseflow.runner import Runner
+
+    keeper = LeaseKeeper(
+        store, worker=worker, ttl=settings.lease_ttl, interval=settings.heartbeat_interval
+    )
+    return Runner(
+        store,
+        keeper,
+        worker=worker,
+        ttl=settings.lease_ttl,
+        max_checkpoint_bytes=settings.max_checkpoint_bytes,
+        rand=lambda: 0.5,
+    )
+
+
+@pytest.fixture
+def runner(store, settings: Settings):
+    r = make_runner(store, settings, "test-worker:1")
+    yield r
+    r.keeper.stop()
+
+
+@pytest.fixture(autouse=True)
+def _disarm_faults():
+    from leaseflow import faults
+
+    yield
+    faults.disarm()

@@ -132,3 +132,22 @@ def ok(ctx: Any) -> Complete:
 @recovering.state()
 def fallback(ctx: Any) -> Complete:
     return Complete(output="fallback")
+
+
+class Timed(BaseModel):
+    sleep: float = 5.0
+
+
+timed = Workflow("timed", context=Timed)
+
+
+@timed.state(initial=True, to=["after"], timeout=1.0, retry=Retry(max_attempts=2, backoff=0))
+def bounded(ctx: Any) -> str:
+    if ctx.attempt == 1:
+        time.sleep(ctx.data.sleep)  # interrupted by the soft time limit
+    return "after"
+
+
+@timed.state()
+def after(ctx: Any) -> Complete:
+    return Complete(output={"attempts": ctx.attempt})

@@ -1,0 +1,433 @@
+"""The runner against real PostgreSQL: outcomes, retries, fencing, beat jobs.
+
+These tests drive ``Runner.run_step`` directly (no broker), which makes races
+deterministic: a fault-point hook runs at the exact instant under test.
+"""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from leaseflow import errors, faults
+from leaseflow.beat import jobs
+from leaseflow.runner import Dispatch
+from tests.conftest import make_runner
+from tests.workflows import basic
+
+
+def drive(runner, first: Dispatch, limit: int = 50) -> list[str]:
+    """Run dispatches until none is left (as a worker chain would); return results."""
+    pending, results = [first], []
+    while pending and len(results) < limit:
+        d = pending.pop(0)
+        step = runner.run_step(d.run_id, d.step_seq)
+        results.append(step.result)
+        pending.extend(step.dispatch)
+    return results
+
+
+def start(client, wf, data=None, **kw) -> Dispatch:
+    run_id = client.start(wf, data or {}, **kw)
+    return Dispatch(run_id, wf.name, wf.initial.name, 1)
+
+
+def expire_lease(db, run_id: str) -> None:
+    """Database time jumps past the lease (FAULTS F-11): as if the worker paused."""
+    db.execute(
+        "UPDATE lf_runs SET lease_expires_at = now() - interval '1 second' "
+        "WHERE id = %s AND status = 'running'",
+        (run_id,),
+    )
+
+
+def test_linear_run_writes_one_step_per_state(client, runner):
+    # Given a run of the 5-state workflow
+    first = start(client, basic.linear, {"n": 1})
+    # When every step runs
+    assert drive(runner, first) == ["committed"] * 5
+    # Then each state committed once, in order, with consecutive seqs
+    run = client.get(first.run_id)
+    assert run.status == "completed"
+    assert [(s.seq, s.state, s.outcome) for s in run.steps] == [
+        (1, "s1", "next"),
+        (2, "s2", "next"),
+        (3, "s3", "next"),
+        (4, "s4", "next"),
+        (5, "s5", "completed"),
+    ]
+    assert run.output == {"n": 1, "trail": ["s1", "s2", "s3", "s4", "s5"]}
+    assert all(s.started_at <= s.finished_at for s in run.steps)
+
+
+def test_duplicate_and_stale_messages_claim_nothing(client, runner, db):
+    # Given a run whose first step already ran
+    first = start(client, basic.linear)
+    assert runner.run_step(first.run_id, 1).result == "committed"
+    # When the first message is delivered again, and a message for a future step arrives
+    again = runner.run_step(first.run_id, 1)
+    future = runner.run_step(first.run_id, 9)
+    # Then neither claims anything nor writes a step
+    assert (again.result, future.result) == ("skipped", "skipped")
+    assert (
+        db.execute("SELECT count(*) FROM lf_steps WHERE run_id = %s", (first.run_id,)).fetchone()[0]
+        == 1
+    )
+
+
+def test_transient_errors_are_retried_with_backoff_then_succeed(client, runner):
+    # Given a state that fails twice, with a 3-attempt policy
+    first = start(client, basic.flaky, {"fail_times": 2})
+    # When the chain runs (retries wait out not_before)
+    results = []
+    pending = [first]
+    while pending:
+        d = pending.pop(0)
+        step = runner.run_step(d.run_id, d.step_seq)
+        if step.result == "deferred":  # came before not_before: wait it out
+            pending.insert(0, d)
+            continue
+        results.append(step.outcome)
+        pending.extend(step.dispatch)
+    # Then it completes on the third attempt and the log shows both failures
+    run = client.get(first.run_id)
+    assert run.status == "completed"
+    shaky = [s for s in run.steps if s.state == "shaky"]
+    assert [(s.attempt, s.outcome) for s in shaky] == [(1, "retry"), (2, "retry"), (3, "next")]
+    assert "ConnectionError: transient failure on attempt 1" in shaky[0].error
+
+
+def test_attempts_exhausted_by_errors_fail_with_traceback(client, runner):
+    first = start(client, basic.flaky, {"fail_times": 9})
+    pending = [first]
+    while pending:
+        d = pending.pop(0)
+        step = runner.run_step(d.run_id, d.step_seq)
+        if step.result == "deferred":
+            pending.insert(0, d)
+            continue
+        pending.extend(step.dispatch)
+    run = client.get(first.run_id)
+    assert (run.status, run.error_code) == ("failed", errors.STATE_ERROR)
+    assert "attempt 3 of 3" in run.error
+    assert "Traceback" in run.steps[-1].error
+    assert run.finished_at is not None
+
+
+def test_exhausted_state_goes_to_on_error(client, runner):
+    first = start(client, basic.recovering)
+    drive(runner, first)
+    run = client.get(first.run_id)
+    assert (run.status, run.output) == ("completed", "fallback")
+    assert [(s.state, s.outcome, s.next_state) for s in run.steps] == [
+        ("risky", "retry", None),
+        ("risky", "next", "fallback"),
+        ("fallback", "completed", None),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("mode", "code"),
+    [
+        ("illegal", errors.ILLEGAL_TRANSITION),
+        ("fail", "APP-REFUSED"),
+        ("bad_output", errors.STATE_ERROR),
+        ("huge", errors.PAYLOAD_TOO_LARGE),
+    ],
+)
+def test_bad_outcomes_fail_the_run_with_a_stable_code(client, runner, mode, code):
+    first = start(client, basic.flaky, {"mode": mode})
+    drive(runner, first)
+    run = client.get(first.run_id)
+    assert (run.status, run.error_code) == ("failed", code), run.error
+    assert run.lease_owner is None
+
+
+def test_oversized_checkpoint_fails_the_run(client, runner, settings):
+    # Given a state that grows the context past the limit
+    from pydantic import BaseModel
+
+    from leaseflow import Workflow
+
+    class Big(BaseModel):
+        blob: str = ""
+
+    wf = Workflow("grows", context=Big, register=False)
+
+    @wf.state(initial=True, to=["end"])
+    def grow(ctx):
+        ctx.data.blob = "y" * (settings.max_checkpoint_bytes + 1)
+        return "end"
+
+    @wf.state()
+    def end(ctx):
+        return "never"
+
+    from leaseflow.fsm import registry
+
+    registry.register(wf)
+    try:
+        drive(runner, start(client, wf))
+        run = client.list_runs(workflow="grows")[0]
+        assert (run.status, run.error_code) == ("failed", errors.PAYLOAD_TOO_LARGE)
+    finally:
+        registry.unregister(wf)
+
+
+def test_reaper_requeues_then_fails_when_attempts_are_exhausted(client, runner, store, db):
+    # Given a run whose state allows 2 attempts (slow3.work)
+    first = start(client, basic.slow)
+    [d] = runner.run_step(first.run_id, 1).dispatch
+    # When two attempts in a row lose their lease
+    for attempt in (1, 2):
+        claim = store.claim(d.run_id, d.step_seq, owner=f"ghost:{attempt}", ttl=60)
+        assert claim is not None and claim.attempt == attempt
+        expire_lease(db, d.run_id)
+        [reaped] = store.reap()
+        if attempt == 1:
+            assert reaped.status == "pending"
+            d = Dispatch(d.run_id, d.workflow, reaped.state, reaped.step_seq)
+    # Then the run failed E-LEASE-EXPIRED and each expiry is one step row
+    run = client.get(first.run_id)
+    assert (run.status, run.error_code) == ("failed", errors.LEASE_EXPIRED)
+    expired = [(s.attempt, s.worker) for s in run.steps if s.outcome == "lease_expired"]
+    assert expired == [(1, "ghost:1"), (2, "ghost:2")]
+
+
+def test_reap_job_returns_dispatches_for_requeued_runs(client, runner, store, db):
+    first = start(client, basic.slow)
+    [d] = runner.run_step(first.run_id, 1).dispatch
+    store.claim(d.run_id, d.step_seq, owner="ghost", ttl=60)
+    expire_lease(db, d.run_id)
+    [again] = jobs.reap(store)
+    assert (again.run_id, again.state, again.step_seq) == (d.run_id, "work", d.step_seq + 1)
+    assert jobs.reap(store) == []  # idempotent: nothing left to reap
+    assert runner.run_step(again.run_id, again.step_seq).result == "committed"
+    assert client.get(d.run_id).attempt == 0  # moved on to 'finish'
+
+
+def test_zombie_commit_is_fenced_and_new_owner_writes_once(client, settings, store, db):
+    # Given worker A running slow3.work, and worker B ready
+    a = make_runner(store, settings, "worker-a:1")
+    b = make_runner(store, settings, "worker-b:1")
+    first = start(client, basic.slow)
+    [d] = a.run_step(first.run_id, 1).dispatch
+    taken_over = {}
+
+    def b_takes_over(info):
+        # While A is "paused" before its commit: its lease expires, the reaper
+        # requeues the run and B runs the state to completion.
+        if info["state"] == "work" and not taken_over:
+            taken_over["yes"] = True
+            expire_lease(db, d.run_id)
+            [again] = jobs.reap(store)
+            drive(b, again)
+
+    faults.arm("before_commit", b_takes_over)
+    # When A resumes and commits
+    result = a.run_step(d.run_id, d.step_seq)
+    # Then A's commit was refused and counted; B's transition is the only one
+    assert result.result == "lease_lost"
+    lost = db.execute("SELECT leases_lost FROM lf_workers WHERE id = 'worker-a:1'").fetchone()
+    assert lost == (1,)
+    run = client.get(d.run_id)
+    assert run.status == "completed"
+    work = [(s.outcome, s.worker) for s in run.steps if s.state == "work"]
+    assert work == [("lease_expired", "worker-a:1"), ("next", "worker-b:1")]
+    a.keeper.stop()
+    b.keeper.stop()
+
+
+def test_in_commit_writes_commit_iff_the_transition_commits(client, settings, store, db):
+    # Given an application table and a workflow whose state writes to it in_commit
+    db.execute("CREATE TABLE app_ledger (run_id uuid, worker text)")
+    from pydantic import BaseModel
+
+    from leaseflow import Complete, Workflow
+    from leaseflow.fsm import registry
+
+    class Empty(BaseModel):
+        pass
+
+    wf = Workflow("ledgered", context=Empty, register=False)
+    worker_of = {}
+
+    @wf.state(initial=True)
+    def book(ctx):
+        me = worker_of[ctx.fencing_token]
+        ctx.in_commit(
+            lambda conn: conn.execute("INSERT INTO app_ledger VALUES (%s, %s)", (ctx.run_id, me))
+        )
+        return Complete()
+
+    registry.register(wf)
+    a = make_runner(store, settings, "zombie:1")
+    b = make_runner(store, settings, "owner:1")
+    try:
+        first = start(client, wf)
+        claims = {}
+
+        # Remember which runner holds which token (the state reads it)
+        orig_claim = store.claim
+
+        def claim(run_id, seq, *, owner, ttl):
+            c = orig_claim(run_id, seq, owner=owner, ttl=ttl)
+            if c is not None:
+                worker_of[c.lease_token] = owner
+                claims[owner] = c
+            return c
+
+        store.claim = claim
+
+        def takeover(info):
+            if "owner:1" not in claims:
+                expire_lease(db, first.run_id)
+                [again] = jobs.reap(store)
+                assert b.run_step(again.run_id, again.step_seq).result == "committed"
+
+        faults.arm("before_commit", takeover)
+        # When the zombie A commits after B did
+        assert a.run_step(first.run_id, 1).result == "lease_lost"
+    finally:
+        registry.unregister(wf)
+        a.keeper.stop()
+        b.keeper.stop()
+    # Then only the owner's in_commit write exists
+    rows = db.execute("SELECT worker FROM app_ledger").fetchall()
+    assert rows == [("owner:1",)]
+
+
+def test_failing_in_commit_rolls_back_and_counts_as_a_state_error(client, runner, db):
+    from pydantic import BaseModel
+
+    from leaseflow import Complete, Retry, Workflow
+    from leaseflow.fsm import registry
+
+    class Empty(BaseModel):
+        pass
+
+    wf = Workflow("badcommit", context=Empty, register=False)
+
+    @wf.state(initial=True, retry=Retry(max_attempts=1))
+    def book(ctx):
+        ctx.in_commit(lambda conn: conn.execute("INSERT INTO no_such_table VALUES (1)"))
+        return Complete()
+
+    registry.register(wf)
+    try:
+        first = start(client, wf)
+        drive(runner, first)
+    finally:
+        registry.unregister(wf)
+    run = client.get(first.run_id)
+    assert (run.status, run.error_code) == ("failed", errors.STATE_ERROR)
+    assert "no_such_table" in run.error
+
+
+def test_database_refuses_illegal_transition_from_raw_sql(client, runner, db):
+    first = start(client, basic.linear)
+    # s1 -> s3 is not an edge of linear5
+    with pytest.raises(psycopg.errors.CheckViolation, match="illegal transition s1 -> s3"):
+        db.execute("UPDATE lf_runs SET state = 's3' WHERE id = %s", (first.run_id,))
+    # a legal edge passes
+    db.execute("UPDATE lf_runs SET state = 's2' WHERE id = %s", (first.run_id,))
+    # a run cannot be created in a non-initial state, nor move to another workflow
+    with pytest.raises(psycopg.errors.CheckViolation):
+        db.execute(
+            "INSERT INTO lf_runs (id, workflow, version, state, checkpoint, input) "
+            "VALUES (gen_random_uuid(), 'linear5', 1, 's4', '\\x00', '{}')"
+        )
+    with pytest.raises(psycopg.errors.CheckViolation):
+        db.execute("UPDATE lf_runs SET workflow = 'slow3' WHERE id = %s", (first.run_id,))
+
+
+def test_dispatcher_republishes_overdue_pending_runs(client, store, db):
+    # Given a pending run whose message was lost (overdue)
+    first = start(client, basic.linear)
+    assert jobs.dispatch_overdue(store) == []  # not overdue yet
+    db.execute("UPDATE lf_runs SET redispatch_at = now() - interval '1 second'")
+    # When the dispatcher runs twice (two beats)
+    found = jobs.dispatch_overdue(store)
+    again = jobs.dispatch_overdue(store)
+    # Then it re-publishes the run once
+    assert [(d.run_id, d.state, d.step_seq) for d in found] == [(first.run_id, "s1", 1)]
+    assert again == []
+
+
+def test_heartbeat_extends_leases_and_reports_lost_ones(client, runner, store, db):
+    first = start(client, basic.linear)
+    claim = store.claim(first.run_id, 1, owner="hb:1", ttl=1)
+    before = db.execute("SELECT lease_expires_at FROM lf_runs").fetchone()[0]
+    alive = store.heartbeat([(first.run_id, claim.lease_token)], worker="hb:1", ttl=30)
+    after = db.execute("SELECT lease_expires_at FROM lf_runs").fetchone()[0]
+    assert alive == {claim.lease_token: False}
+    assert (after - before).total_seconds() > 20
+    assert (
+        store.heartbeat(
+            [(first.run_id, "00000000-0000-0000-0000-000000000000")], worker="hb:1", ttl=30
+        )
+        == {}
+    )
+    assert db.execute("SELECT count(*) FROM lf_workers WHERE id = 'hb:1'").fetchone() == (1,)
+
+
+def test_lease_keeper_stops_extending_past_the_state_deadline(client, settings, store, db):
+    from leaseflow.heartbeat import LeaseKeeper
+
+    first = start(client, basic.linear)
+    claim = store.claim(first.run_id, 1, owner="k:1", ttl=1)
+    keeper = LeaseKeeper(store, worker="k:1", ttl=30, interval=3600)
+    keeper.hold(first.run_id, claim.lease_token, timeout=0)  # deadline already passed
+    keeper.beat()
+    left = db.execute(
+        "SELECT extract(epoch FROM lease_expires_at - now()) FROM lf_runs"
+    ).fetchone()[0]
+    assert left < 2  # not extended to 30 s
+    keeper.release(claim.lease_token)
+    keeper.stop()
+
+
+def test_invalid_input_creates_no_run(client, db):
+    with pytest.raises(errors.InvalidInput, match="n"):
+        client.start(basic.linear, {"n": "not a number"})
+    with pytest.raises(errors.InvalidInput, match="JSON"):
+        client.start(basic.linear, {"n": 1, "when": {1, 2}})
+    with pytest.raises(errors.InvalidInput, match="JSON object"):
+        client.start(basic.linear, ["n"])  # type: ignore[arg-type]
+    with pytest.raises(errors.UnknownWorkflow):
+        client.start("no-such-workflow", {})
+    assert db.execute("SELECT count(*) FROM lf_runs").fetchone() == (0,)
+
+
+def test_oversized_input_is_refused(client, db, settings):
+    with pytest.raises(errors.PayloadTooLarge):
+        client.start(basic.linear, {"trail": ["z" * settings.max_checkpoint_bytes]})
+    assert db.execute("SELECT count(*) FROM lf_runs").fetchone() == (0,)
+
+
+def test_idempotency_key_returns_the_same_run(client, db):
+    a = client.start(basic.linear, {"n": 3}, idempotency_key="order-42")
+    b = client.start(basic.linear, {"n": 3}, idempotency_key="order-42")
+    assert a == b
+    with pytest.raises(errors.IdempotencyConflict):
+        client.start(basic.linear, {"n": 4}, idempotency_key="order-42")
+    assert db.execute("SELECT count(*) FROM lf_runs").fetchone() == (1,)
+
+
+def test_wait_for_times_out_on_unfinished_run(client):
+    run_id = client.start(basic.linear, {})
+    with pytest.raises(TimeoutError, match="pending"):
+        client.wait_for(run_id, timeout=0.2)
+
+
+def test_list_runs_filters(client, runner):
+    done = start(client, basic.linear)
+    drive(runner, done)
+    waiting = client.start(basic.slow, {})
+    assert [r.id for r in client.list_runs(status="completed")] == [done.run_id]
+    assert [r.id for r in client.list_runs(workflow="slow3")] == [waiting]
+    assert len(client.list_runs(limit=1)) == 1
+    with pytest.raises(errors.RunNotFound):
+        client.get("00000000-0000-0000-0000-000000000000")
+    with pytest.raises(errors.RunNotFound):
+        client.get("not-a-uuid")
