@@ -43,6 +43,7 @@ class Client:
         self.settings = Settings(**{**base.model_dump(), **updates}) if updates else base
         self.store = runtime.make_store(self.settings, application_name="leaseflow-client")
         self._app = app
+        self._own_app = False
 
     @classmethod
     def from_env(cls) -> Client:
@@ -54,12 +55,21 @@ class Client:
         if self._app is None:
             from leaseflow.tasks import celery_app
 
-            same = self.settings == get_settings()
-            self._app = celery_app.app if same else celery_app.make_app(self.settings)
+            if celery_app.same_broker(celery_app.app, self.settings):
+                self._app = celery_app.app
+            else:
+                self._app = celery_app.make_app(self.settings)
+                self._own_app = True
         return self._app
 
     def close(self) -> None:
         self.store.close()
+        if self._own_app and self._app is not None:
+            from leaseflow.tasks import celery_app
+
+            celery_app.dispose_app(self._app)
+            self._app = None
+            self._own_app = False
 
     def __enter__(self) -> Client:
         return self

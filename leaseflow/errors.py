@@ -77,6 +77,18 @@ class UnknownWorkflow(LeaseflowError):
         )
 
 
+class UnknownState(LeaseflowError):
+    """The workflow has no state of that name."""
+
+    def __init__(self, workflow: str, state: str) -> None:
+        super().__init__(workflow, state)
+        self.workflow = workflow
+        self.state = state
+
+    def __str__(self) -> str:
+        return f"workflow {self.workflow!r} has no state {self.state!r}"
+
+
 class InvalidInput(LeaseflowError):
     """The input of a new run does not validate against the workflow's context model."""
 

@@ -139,14 +139,21 @@ def app(settings: Settings):
     yield application
     runtime.configure(None)
     _purge(application, settings.default_queue)
+    celery_app.dispose_app(application)
 
 
 def _purge(application, queue: str) -> None:
+    """Delete this test's queue and its bindings (kombu deletes only declared ones)."""
+    import kombu
+
     try:
         with application.connection_for_write() as conn:
-            conn.default_channel.queue_purge(queue)
-            conn.default_channel.queue_delete(queue)
-    except Exception:  # the queue never existed, or the broker is gone
+            bound = kombu.Queue(queue, kombu.Exchange(queue), routing_key=queue)(
+                conn.default_channel
+            )
+            bound.declare()
+            bound.delete()
+    except Exception:  # the broker is gone: nothing left to clean
         pass
 
 

@@ -17,6 +17,8 @@ from leaseflow import errors
 
 RAW = 0
 ZSTD = 1
+#: A zstd frame that declares more than this is damaged (or hostile): refused unread.
+MAX_DECODED_BYTES = 64 * 1024 * 1024
 
 _local = threading.local()
 
@@ -62,7 +64,12 @@ def decode(blob: bytes | memoryview | None) -> dict[str, Any]:
     codec, payload = blob[0], blob[1:]
     try:
         if codec == ZSTD:
-            payload = _decompressor().decompress(payload)
+            size = zstandard.frame_content_size(payload)
+            if size > MAX_DECODED_BYTES:
+                raise errors.CheckpointError(
+                    errors.CHECKPOINT_CORRUPT, f"zstd frame declares {size} bytes"
+                )
+            payload = _decompressor().decompress(payload, max_output_size=MAX_DECODED_BYTES)
         elif codec != RAW:
             raise errors.CheckpointError(errors.CHECKPOINT_CORRUPT, f"unknown codec byte {codec}")
         value = json.loads(payload)

@@ -142,7 +142,7 @@ class Workflow:
         try:
             return self._states[state]
         except KeyError:
-            raise errors.UnknownWorkflow(f"{self.name}.{state}", self.version) from None
+            raise errors.UnknownState(self.name, state) from None
 
     @property
     def initial(self) -> StateSpec:

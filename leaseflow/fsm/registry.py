@@ -27,6 +27,10 @@ def register(wf: Workflow) -> None:
                 "give the new definition a new version"
             )
         _workflows[(wf.name, wf.version)] = wf
+        listeners = list(_listeners)
+    for spec in wf.states.values():
+        for listener in listeners:
+            listener(wf, spec)
 
 
 def unregister(wf: Workflow) -> None:
@@ -37,7 +41,10 @@ def unregister(wf: Workflow) -> None:
 
 
 def state_added(wf: Workflow, spec: StateSpec) -> None:
+    """Tell the listeners of a new state of a registered workflow."""
     with _lock:
+        if _workflows.get((wf.name, wf.version)) is not wf:
+            return
         listeners = list(_listeners)
     for listener in listeners:
         listener(wf, spec)
@@ -51,6 +58,12 @@ def subscribe(listener: StateListener) -> None:
     for wf in current:
         for spec in wf.states.values():
             listener(wf, spec)
+
+
+def unsubscribe(listener: StateListener) -> None:
+    with _lock:
+        if listener in _listeners:
+            _listeners.remove(listener)
 
 
 def get(name: str, version: int | None = None) -> Workflow:

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg.types.json import Jsonb
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from leaseflow import errors, logs
 from leaseflow.fsm.definition import Workflow
@@ -38,6 +38,8 @@ from leaseflow.store.records import (
 
 T = TypeVar("T")
 HOSTNAME = socket.gethostname()
+CONNECT_TIMEOUT = 5  # seconds to open one connection
+POOL_TIMEOUT = 10.0  # seconds to wait for a pooled connection
 
 
 def _libpq(url: str) -> str:
@@ -88,7 +90,9 @@ class PostgresStore:
                         "application_name": self.application_name,
                         "options": options,
                         "autocommit": True,
+                        "connect_timeout": CONNECT_TIMEOUT,
                     },
+                    timeout=POOL_TIMEOUT,
                     configure=self._configure,
                     min_size=1,
                     max_size=self.max_size,
@@ -108,11 +112,16 @@ class PostgresStore:
             raise errors.StoreUnavailable(str(exc)) from exc
 
     def _with_retry(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
-        """Run an idempotent ``fn(conn)``, once more on a fresh connection if it broke."""
+        """Run an idempotent ``fn(conn)``, once more on a fresh connection if it broke.
+
+        A pool timeout (no connection to be had) is not retried: it already waited.
+        """
         try:
             with self.connection() as conn:
                 return fn(conn)
-        except errors.StoreUnavailable:
+        except errors.StoreUnavailable as exc:
+            if isinstance(exc.__cause__, PoolTimeout):
+                raise
             with self.connection() as conn:
                 return fn(conn)
 

@@ -20,6 +20,8 @@ DISPATCH_TASK = "leaseflow.beat.dispatch"
 #: Extra seconds between a state's soft time limit and the hard kill of its process.
 HARD_LIMIT_GRACE = 10.0
 
+_listeners: dict[int, registry.StateListener] = {}
+
 
 def import_workflows(modules: list[str]) -> None:
     """Import the modules named in ``LEASEFLOW_WORKFLOWS`` (they declare workflows)."""
@@ -66,9 +68,30 @@ def make_app(settings: Settings | None = None) -> Celery:
         },
     )
     _register_beat_tasks(app)
-    registry.subscribe(lambda wf, spec: _register_state_task(app, wf, spec))
+
+    def listener(wf: Workflow, spec: StateSpec) -> None:
+        _register_state_task(app, wf, spec)
+
+    _listeners[id(app)] = listener
+    registry.subscribe(listener)
     import_workflows(settings.workflows)
     return app
+
+
+def dispose_app(app: Celery) -> None:
+    """Stop registering new states on ``app`` and close its broker connections."""
+    listener = _listeners.pop(id(app), None)
+    if listener is not None:
+        registry.unsubscribe(listener)
+    app.close()
+
+
+def same_broker(app: Celery, settings: Settings) -> bool:
+    """Does ``app`` publish where ``settings`` says (broker and default queue)?"""
+    return (app.conf.broker_url, app.conf.task_default_queue) == (
+        settings.broker_url,
+        settings.default_queue,
+    )
 
 
 def _register_state_task(app: Celery, wf: Workflow, spec: StateSpec) -> None:
