@@ -20,12 +20,14 @@ from leaseflow.types import RunStatus
 
 if TYPE_CHECKING:
     from leaseflow.client import Client, RunView
+    from leaseflow.runner import StateContext as Context
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Client",
     "Complete",
+    "Context",
     "Failed",
     "IdempotencyConflict",
     "InvalidDefinition",
@@ -48,4 +50,8 @@ def __getattr__(name: str) -> Any:
         from leaseflow import client
 
         return getattr(client, name)
+    if name == "Context":
+        from leaseflow import runner
+
+        return runner.StateContext
     raise AttributeError(f"module 'leaseflow' has no attribute {name!r}")

@@ -13,7 +13,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import pydantic
 import pydantic_core
@@ -48,11 +48,14 @@ class StepResult:
     outcome: str | None = None
 
 
-@dataclass
-class StateContext:
-    """What a state function receives as ``ctx``."""
+D = TypeVar("D")
 
-    data: Any
+
+@dataclass
+class StateContext(Generic[D]):
+    """What a state function receives as ``ctx`` (``Context[MyModel]`` in annotations)."""
+
+    data: D
     run_id: str
     state: str
     attempt: int
@@ -133,7 +136,7 @@ class Runner:
         except pydantic.ValidationError as exc:
             return self._fail(claim, errors.CONTEXT_INVALID, str(exc))
 
-        ctx = StateContext(
+        ctx: StateContext[Any] = StateContext(
             data=data,
             run_id=run_id,
             state=claim.state,
@@ -151,7 +154,7 @@ class Runner:
             self.keeper.release(claim.lease_token)
 
     def _execute(
-        self, wf: Workflow, spec: StateSpec, claim: Claim, ctx: StateContext
+        self, wf: Workflow, spec: StateSpec, claim: Claim, ctx: StateContext[Any]
     ) -> StepResult:
         t0 = time.perf_counter()
         try:
@@ -225,7 +228,7 @@ class Runner:
         return self._failure(claim, errors.STATE_ERROR, reason, trace)
 
     def _on_outcome(
-        self, wf: Workflow, spec: StateSpec, claim: Claim, ctx: StateContext, outcome: object
+        self, wf: Workflow, spec: StateSpec, claim: Claim, ctx: StateContext[Any], outcome: object
     ) -> tuple[Transition, bool]:
         """The transition for a returned outcome, and whether the engine accepted it
         (an accepted outcome commits the state's ``in_commit`` writes with it)."""
@@ -282,7 +285,7 @@ class Runner:
         )
 
     def _with_checkpoint(
-        self, wf: Workflow, claim: Claim, ctx: StateContext, tr: Transition
+        self, wf: Workflow, claim: Claim, ctx: StateContext[Any], tr: Transition
     ) -> tuple[Transition, bool]:
         """Attach the new checkpoint, or turn the transition into a failure."""
         try:

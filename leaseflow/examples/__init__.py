@@ -1,0 +1,1 @@
+"""Example workflows, readable code to copy (``leaseflow demo`` runs the agent one)."""

@@ -1,0 +1,43 @@
+"""``leaseflow demo`` end to end on the test database and Redis (real processes)."""
+
+from __future__ import annotations
+
+import io
+
+import psutil
+from rich.console import Console
+
+from leaseflow import demo
+
+
+def _demo_processes() -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "leaseflow-demo-" in cmdline or "-n worker1@" in cmdline or "-n worker2@" in cmdline:
+            found.append(proc)
+    return found
+
+
+def test_demo_completes_every_run_and_leaves_no_process(settings):
+    # Given the demo pointed at this test's database and broker
+    out = io.StringIO()
+    # When it runs 6 runs
+    report = demo.run_demo(settings, runs=6, console=Console(file=out, width=120))
+    # Then every run completed, each retried its delivery once, and nothing is left running
+    assert report.ok, out.getvalue()
+    assert (report.completed, report.failed, report.unfinished) == (6, 0, 0)
+    assert report.retries == 6
+    assert report.states == 6 * 12
+    assert "runs completed" in out.getvalue() and "leaseflow runs show" in out.getvalue()
+    assert _demo_processes() == []
+
+
+def test_demo_crash_recovers_every_run_through_the_reaper(settings):
+    out = io.StringIO()
+    report = demo.run_demo(settings, runs=4, crash=True, console=Console(file=out, width=120))
+    assert report.ok, out.getvalue()
+    assert report.unfinished == 0
+    assert report.recovered >= 1  # the SIGKILLed runs came back through the reaper
+    assert "SIGKILL" in out.getvalue() and "recovered by the reaper" in out.getvalue()
+    assert _demo_processes() == []
