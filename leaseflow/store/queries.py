@@ -59,8 +59,11 @@ SELECT id, step_seq - 1, %(state)s, %(step_attempt)s, %(token)s, %(worker)s, %(s
 RETURNING seq
 """
 
+#: A lease counts only while it is unexpired by database time, whether or not the
+#: reaper has reached it yet.
 _FENCE = """
  WHERE id = %(run_id)s AND lease_token = %(token)s AND status = 'running'
+   AND lease_expires_at > now()
 RETURNING id, step_seq
 """
 
@@ -89,6 +92,7 @@ UPDATE lf_runs
  WHERE id = ANY(%(run_ids)s::uuid[])
    AND lease_token = ANY(%(tokens)s::uuid[])
    AND status = 'running'
+   AND lease_expires_at > now()
 RETURNING lease_token::text, cancel_requested
 """
 
