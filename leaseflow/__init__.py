@@ -14,7 +14,7 @@ from leaseflow.errors import (
     RunNotFound,
 )
 from leaseflow.fsm.definition import Workflow
-from leaseflow.fsm.outcomes import Complete, Failed, Next
+from leaseflow.fsm.outcomes import Complete, Failed, Map, Next, Parallel
 from leaseflow.fsm.retry import Retry
 from leaseflow.types import RunStatus
 
@@ -34,7 +34,9 @@ __all__ = [
     "InvalidInput",
     "LeaseLost",
     "LeaseflowError",
+    "Map",
     "Next",
+    "Parallel",
     "PayloadTooLarge",
     "Retry",
     "RunNotFound",

@@ -2,6 +2,9 @@
 
 Commands import the engine lazily: importing ``leaseflow.tasks`` builds the Celery
 app and imports ``LEASEFLOW_WORKFLOWS``, which ``leaseflow --help`` must not need.
+Without ``LEASEFLOW_DATABASE_URL`` the commands that read or write runs use the
+embedded PostgreSQL under ``LEASEFLOW_HOME`` (``leaseflow.embedded``): started, or
+reused when a worker already runs it.
 Every ``LeaseflowError`` (and a malformed environment) becomes a message on stderr
 and exit code 1, never a traceback; a malformed argument exits 2.
 """
@@ -91,10 +94,7 @@ def _celery_app(settings: Settings) -> Iterator[Celery]:
     from leaseflow.tasks import celery_app
 
     app = celery_app.app
-    if (app.conf.broker_url, app.conf.task_default_queue) == (
-        settings.broker_url,
-        settings.default_queue,
-    ):
+    if celery_app.same_broker(app, settings):
         yield app
         return
     app = celery_app.make_app(settings)
@@ -168,7 +168,13 @@ def db_upgrade() -> None:
 
     from leaseflow import migrations
 
-    url = get_settings().require_database_url()
+    url = get_settings().database_url
+    if not url:
+        raise errors.ConfigurationError(
+            "LEASEFLOW_DATABASE_URL is not set: `db upgrade` migrates the PostgreSQL it "
+            "names; the embedded PostgreSQL under LEASEFLOW_HOME is migrated whenever "
+            "leaseflow starts it"
+        )
     shown = make_url(url).render_as_string(hide_password=True)
     try:
         before = _revision(url)
@@ -260,6 +266,7 @@ def beat(loglevel: str, schedule: Path | None) -> None:
 @click.option("--version", type=click.IntRange(min=1), help="[default: the newest]")
 def start(workflow: str, input_json: str, idempotency_key: str | None, version: int | None) -> None:
     """Start a run of WORKFLOW and print its id."""
+    from leaseflow import embedded
     from leaseflow.client import Client
 
     try:
@@ -267,7 +274,7 @@ def start(workflow: str, input_json: str, idempotency_key: str | None, version: 
     except ValueError as exc:
         raise click.BadParameter(f"not valid JSON: {exc}", param_hint="'--input'") from exc
     wf = _workflow(workflow, version)
-    settings = get_settings()
+    settings = embedded.resolve(get_settings())
     with _celery_app(settings) as app, Client(settings=settings, app=app) as client:
         run_id = client.start(wf, payload, idempotency_key=idempotency_key)
     click.echo(run_id)

@@ -10,7 +10,7 @@ import pydantic
 import pydantic_core
 from celery import Celery
 
-from leaseflow import errors, logs
+from leaseflow import embedded, errors, logs
 from leaseflow.fsm import checkpoint, registry
 from leaseflow.fsm.definition import Workflow
 from leaseflow.runner import Dispatch
@@ -40,7 +40,9 @@ class Client:
             updates["database_url"] = database_url
         if broker_url is not None:
             updates["broker_url"] = broker_url
-        self.settings = Settings(**{**base.model_dump(), **updates}) if updates else base
+        chosen = Settings(**{**base.model_dump(), **updates}) if updates else base
+        # No database URL: the embedded PostgreSQL under LEASEFLOW_HOME (started or reused).
+        self.settings = embedded.resolve(chosen)
         self.store = runtime.make_store(self.settings, application_name="leaseflow-client")
         self._app = app
         self._own_app = False

@@ -21,6 +21,11 @@ POINTS = (
     "after_commit_before_enqueue",
     "during_heartbeat",
 )
+#: Switches that change what is published, for tests of the repair paths.
+SWITCHES = (
+    "chord_callback_lost",  # publish a group's header without its chord body
+    "chord_disabled",  # publish branches as plain messages even with a result backend
+)
 
 _hooks: dict[str, Callable[[dict[str, object]], None]] = {}
 
@@ -50,6 +55,11 @@ def disarm(name: str | None = None) -> None:
         _hooks.clear()
     else:
         _hooks.pop(name, None)
+
+
+def armed(name: str) -> bool:
+    """Is the switch ``name`` on (``LEASEFLOW_FAULTPOINTS=name=on``, or a hook)?"""
+    return name in _hooks or name in _from_env
 
 
 def point(name: str, **info: object) -> None:

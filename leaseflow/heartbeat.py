@@ -21,6 +21,7 @@ class _Lease:
     run_id: str
     token: str
     deadline: float | None  # time.monotonic() after which the lease is no longer extended
+    branch: tuple[int, int] | None = None  # (group_id, idx) for a branch lease
     lost: bool = False
     cancel_requested: bool = False
 
@@ -40,10 +41,17 @@ class LeaseKeeper:
         self._pid = os.getpid()
         self._stopped = False
 
-    def hold(self, run_id: str, token: str, *, timeout: float | None = None) -> None:
+    def hold(
+        self,
+        run_id: str,
+        token: str,
+        *,
+        timeout: float | None = None,
+        branch: tuple[int, int] | None = None,
+    ) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            self._leases[token] = _Lease(run_id, token, deadline)
+            self._leases[token] = _Lease(run_id, token, deadline, branch)
         self._ensure_thread()
 
     def release(self, token: str) -> None:
@@ -66,11 +74,19 @@ class LeaseKeeper:
             lease = self._leases.get(token)
         if lease is None or lease.lost:
             raise errors.LeaseLost(lease.run_id if lease else "?", token)
-        alive = self.store.heartbeat([(lease.run_id, token)], worker=self.worker, ttl=self.ttl)
+        alive = self._extend([lease])
         if token not in alive:
             lease.lost = True
             raise errors.LeaseLost(lease.run_id, token)
         lease.cancel_requested = alive[token]
+
+    def _extend(self, leases: list[_Lease]) -> dict[str, bool]:
+        return self.store.heartbeat(
+            [(lease.run_id, lease.token) for lease in leases if lease.branch is None],
+            branches=[(*lease.branch, lease.token) for lease in leases if lease.branch is not None],
+            worker=self.worker,
+            ttl=self.ttl,
+        )
 
     def stop(self) -> None:
         self._stopped = True
@@ -107,9 +123,7 @@ class LeaseKeeper:
                 if not lease.lost and (lease.deadline is None or lease.deadline > now)
             ]
         faults.point("during_heartbeat", worker=self.worker)
-        alive = self.store.heartbeat(
-            [(lease.run_id, lease.token) for lease in due], worker=self.worker, ttl=self.ttl
-        )
+        alive = self._extend(due)
         for lease in due:
             if lease.token in alive:
                 lease.cancel_requested = alive[lease.token]

@@ -21,10 +21,18 @@ import pydantic_core
 from leaseflow import errors, faults, logs, metrics
 from leaseflow.fsm import checkpoint, registry
 from leaseflow.fsm.definition import StateSpec, Workflow
-from leaseflow.fsm.outcomes import Complete, Failed, Next
+from leaseflow.fsm.outcomes import BRANCH_ERROR_POLICIES, Complete, Failed, Map, Next, Parallel
 from leaseflow.heartbeat import LeaseKeeper
 from leaseflow.store.postgres import PostgresStore
-from leaseflow.store.records import Claim, InCommit, Transition
+from leaseflow.store.records import (
+    BranchClaim,
+    BranchCommit,
+    BranchOutcome,
+    Claim,
+    Fork,
+    InCommit,
+    Transition,
+)
 from leaseflow.types import StepOutcome
 
 
@@ -37,6 +45,29 @@ class Dispatch:
     state: str
     step_seq: int
     countdown: float = 0.0
+    branch: tuple[int, int] | None = None  # (group_id, idx): a branch message
+    is_join: bool = False  # wakes a join that a chord body may wake too
+
+    @property
+    def args(self) -> tuple[Any, ...]:
+        """The message arguments: ``(run_id, step_seq)``, or ``(group_id, idx)``."""
+        return self.branch if self.branch is not None else (self.run_id, self.step_seq)
+
+    @property
+    def task_id(self) -> str:
+        if self.branch is not None:
+            return f"{self.run_id}:g{self.branch[0]}:{self.branch[1]}"
+        return f"{self.run_id}:{self.step_seq}"
+
+
+@dataclass(frozen=True, slots=True)
+class ForkDispatch:
+    """Publish the branches of a new group; ``join`` is the chord body (its wake-up)."""
+
+    group_id: int
+    branches: tuple[Dispatch, ...]
+    join: Dispatch
+    chord: bool  # the group may run as a Celery chord (all branches released at once)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +77,7 @@ class StepResult:
     result: str  # committed | lease_lost | skipped | deferred
     dispatch: tuple[Dispatch, ...] = ()
     outcome: str | None = None
+    fork: ForkDispatch | None = None
 
 
 D = TypeVar("D")
@@ -65,6 +97,13 @@ class StateContext(Generic[D]):
     workflow: str
     _keeper: LeaseKeeper = field(repr=False)
     _in_commit: list[InCommit] = field(default_factory=list, repr=False)
+    #: In a join: each branch's result in branch (item) order; None for a failed one.
+    branch_results: list[Any] = field(default_factory=list)
+    #: In a join: ``{index: error}`` of the branches that failed (``collect`` policy).
+    branch_errors: dict[int, str] = field(default_factory=dict)
+    #: In a map branch: the item and its index; in a parallel branch: its index.
+    item: Any = None
+    index: int | None = None
 
     def heartbeat(self) -> None:
         """Extend this run's lease now; raises ``LeaseLost`` if another worker took it."""
@@ -130,11 +169,18 @@ class Runner:
                 "is not registered in this worker",
             )
         try:
-            data = self._load_context(wf, claim)
+            data = self._load_context(wf, claim.checkpoint, claim.context_version)
         except errors.CheckpointError as exc:
             return self._fail(claim, exc.code, exc.detail)
         except pydantic.ValidationError as exc:
             return self._fail(claim, errors.CONTEXT_INVALID, str(exc))
+        results: list[Any] = []
+        failures: dict[int, str] = {}
+        if claim.group_id is not None:  # this state is the join of a group
+            for branch in self.store.branch_results(claim.group_id):
+                results.append(branch.result if branch.status == "completed" else None)
+                if branch.status != "completed":
+                    failures[branch.idx] = branch.error or branch.status
 
         ctx: StateContext[Any] = StateContext(
             data=data,
@@ -146,6 +192,8 @@ class Runner:
             step_seq=claim.step_seq,
             workflow=wf.name,
             _keeper=self.keeper,
+            branch_results=results,
+            branch_errors=failures,
         )
         self.keeper.hold(run_id, claim.lease_token, timeout=spec.timeout)
         try:
@@ -163,6 +211,15 @@ class Runner:
             metrics.STEP_SECONDS.labels(wf.name, spec.name).observe(time.perf_counter() - t0)
             return self._commit(claim, self._on_error(wf, spec, claim, exc))
         metrics.STEP_SECONDS.labels(wf.name, spec.name).observe(time.perf_counter() - t0)
+        if isinstance(outcome, Parallel | Map):
+            transition, fork = self._on_fork(wf, spec, claim, ctx, outcome)
+            if fork is not None:
+                try:
+                    return self._commit_fork(claim, transition, fork, ctx._in_commit)
+                except errors.InCommitError as exc:
+                    cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
+                    return self._commit(claim, self._on_error(wf, spec, claim, cause))
+            return self._commit(claim, transition)
         transition, accepted = self._on_outcome(wf, spec, claim, ctx, outcome)
         try:
             return self._commit(claim, transition, ctx._in_commit if accepted else ())
@@ -284,6 +341,78 @@ class Runner:
             ),
         )
 
+    def _on_fork(
+        self,
+        wf: Workflow,
+        spec: StateSpec,
+        claim: Claim,
+        ctx: StateContext[Any],
+        outcome: Parallel | Map,
+    ) -> tuple[Transition, Fork | None]:
+        """The fork of a Parallel or Map (or the failure that refuses it)."""
+        illegal = errors.ILLEGAL_TRANSITION
+        if outcome.join not in spec.to:
+            reason = f"state {spec.name!r} forks to join {outcome.join!r}, not in its to="
+            return self._failure(claim, illegal, reason), None
+        if outcome.on_branch_error not in BRANCH_ERROR_POLICIES:
+            reason = f"on_branch_error must be one of {BRANCH_ERROR_POLICIES}"
+            return self._failure(claim, illegal, reason), None
+        if isinstance(outcome, Parallel):
+            names, items, kind, window = list(outcome.branches), None, "parallel", None
+            if not names:
+                return self._failure(claim, illegal, "Parallel needs at least one branch"), None
+        else:
+            items = list(outcome.items)
+            names, kind, window = [outcome.branch] * len(items), "map", outcome.max_concurrency
+            if window is not None and window < 1:
+                return self._failure(claim, illegal, "Map.max_concurrency must be >= 1"), None
+            try:
+                checkpoint.dumps(items, what="map items", limit=self.max_checkpoint_bytes)
+            except errors.PayloadTooLarge as exc:
+                return self._failure(claim, errors.PAYLOAD_TOO_LARGE, str(exc)), None
+            except (TypeError, ValueError) as exc:
+                return self._failure(claim, errors.STATE_ERROR, f"items are not JSON: {exc}"), None
+        for name in names:
+            if name not in wf.states or not wf.states[name].branch:
+                reason = f"{name!r} is not a branch state (declare it with branch=True)"
+                return self._failure(claim, illegal, reason), None
+        join = wf.states[outcome.join]
+        if not names:  # an empty Map goes straight to its join
+            move = self._base(
+                claim,
+                outcome=StepOutcome.NEXT,
+                status="pending",
+                next_state=join.name,
+                attempt=0,
+                max_attempts=join.retry.max_attempts,
+            )
+            return self._with_checkpoint(wf, claim, ctx, move)[0], None
+        fork_step = self._base(
+            claim,
+            outcome=StepOutcome.FORK,
+            status="waiting",
+            attempt=0,
+            max_attempts=join.retry.max_attempts,
+        )
+        fork_step, ok = self._with_checkpoint(wf, claim, ctx, fork_step)
+        if not ok:
+            return fork_step, None
+        snapshot = fork_step.checkpoint if fork_step.checkpoint is not None else claim.checkpoint
+        fork = Fork(
+            kind=kind,
+            join_state=join.name,
+            states=tuple(names),
+            max_attempts=tuple(wf.states[n].retry.max_attempts for n in names),
+            items=tuple(items) if items is not None else None,
+            on_branch_error=outcome.on_branch_error,
+            max_concurrency=window,
+            chord=window is None,
+            join_max_attempts=join.retry.max_attempts,
+            checkpoint=snapshot,
+            context_version=wf.context_version,
+        )
+        return replace(fork_step, next_state=None), fork
+
     def _with_checkpoint(
         self, wf: Workflow, claim: Claim, ctx: StateContext[Any], tr: Transition
     ) -> tuple[Transition, bool]:
@@ -302,44 +431,81 @@ class Runner:
             return tr, True  # unchanged: the commit keeps the stored bytes
         return replace(tr, checkpoint=blob, context_version=wf.context_version), True
 
-    def _load_context(self, wf: Workflow, claim: Claim) -> Any:
-        if claim.context_version > wf.context_version:
+    def _load_context(self, wf: Workflow, blob: bytes, version: int) -> Any:
+        if version > wf.context_version:
             raise errors.CheckpointError(
                 errors.CHECKPOINT_CORRUPT,
-                f"checkpoint has context version {claim.context_version}, newer than "
+                f"checkpoint has context version {version}, newer than "
                 f"this worker's {wf.context_version}",
             )
-        if claim.context_version < wf.context_version:
+        if version < wf.context_version:
             raise errors.CheckpointError(
                 errors.CHECKPOINT_STALE,
-                f"checkpoint has context version {claim.context_version}, older than "
+                f"checkpoint has context version {version}, older than "
                 f"{wf.context_version}, and no upcaster is registered",
             )
-        return wf.context.model_validate(checkpoint.decode(claim.checkpoint))
+        return wf.context.model_validate(checkpoint.decode(blob))
 
     # -- writing --------------------------------------------------------------------
 
     def _fail(self, claim: Claim, code: str, reason: str) -> StepResult:
         return self._commit(claim, self._failure(claim, code, reason))
 
+    def _commit_fork(
+        self, claim: Claim, tr: Transition, fork: Fork, callbacks: Sequence[InCommit]
+    ) -> StepResult:
+        faults.point("before_commit", run_id=tr.run_id, state=tr.state, step_seq=tr.step_seq)
+        forked = self.store.commit_fork(tr, fork, callbacks)
+        if forked is None:
+            return self._lease_lost(tr.run_id, tr.state, tr.step_seq, tr.lease_token)
+        group_id, join_seq = forked
+        metrics.STEPS.labels(tr.outcome).inc()
+        logs.event(
+            "run_forked",
+            20,
+            run_id=tr.run_id,
+            state=tr.state,
+            step_seq=tr.step_seq,
+            group_id=group_id,
+            width=len(fork.states),
+            join=fork.join_state,
+        )
+        faults.point(
+            "after_commit_before_enqueue", run_id=tr.run_id, state=tr.state, step_seq=tr.step_seq
+        )
+        released = len(fork.states) if fork.max_concurrency is None else fork.max_concurrency
+        branches = tuple(
+            Dispatch(tr.run_id, claim.workflow, name, join_seq, branch=(group_id, idx))
+            for idx, name in enumerate(fork.states[:released])
+        )
+        join = Dispatch(tr.run_id, claim.workflow, fork.join_state, join_seq, is_join=True)
+        return StepResult(
+            "committed",
+            outcome=tr.outcome,
+            fork=ForkDispatch(group_id, branches, join, chord=fork.chord),
+        )
+
+    def _lease_lost(self, run_id: str, state: str, step_seq: int | None, token: str) -> StepResult:
+        metrics.LEASES_LOST.inc()
+        logs.event(
+            "lease_lost",
+            30,
+            run_id=run_id,
+            state=state,
+            step_seq=step_seq,
+            lease_token=token,
+            worker=self.worker,
+        )
+        with contextlib.suppress(errors.StoreUnavailable):
+            self.store.count_lease_lost(self.worker)
+        return StepResult("lease_lost")
+
     def _commit(
         self, claim: Claim, tr: Transition, callbacks: Sequence[InCommit] = ()
     ) -> StepResult:
         faults.point("before_commit", run_id=tr.run_id, state=tr.state, step_seq=tr.step_seq)
         if not self.store.commit(tr, callbacks):
-            metrics.LEASES_LOST.inc()
-            logs.event(
-                "lease_lost",
-                30,
-                run_id=tr.run_id,
-                state=tr.state,
-                step_seq=tr.step_seq,
-                lease_token=tr.lease_token,
-                worker=self.worker,
-            )
-            with contextlib.suppress(errors.StoreUnavailable):
-                self.store.count_lease_lost(self.worker)
-            return StepResult("lease_lost")
+            return self._lease_lost(tr.run_id, tr.state, tr.step_seq, tr.lease_token)
         metrics.STEPS.labels(tr.outcome).inc()
         logs.event(
             "step_committed",
@@ -378,6 +544,132 @@ class Runner:
             outcome=tr.outcome,
         )
 
+    # -- branches -------------------------------------------------------------------
+
+    def run_branch(self, group_id: int, idx: int) -> StepResult:
+        """Claim and run branch ``idx`` of group ``group_id``; commit its result."""
+        claim = self.store.claim_branch(group_id, idx, owner=self.worker, ttl=self.ttl)
+        if claim is None:
+            return self._explain_branch_miss(group_id, idx)
+        metrics.CLAIMS.labels("claimed").inc()
+        faults.point("after_claim", run_id=claim.run_id, state=claim.state, branch=idx)
+        try:
+            wf = registry.get(claim.workflow, claim.version)
+            spec = wf.states[claim.state]
+            data = self._load_context(wf, claim.checkpoint, claim.context_version)
+        except (errors.UnknownWorkflow, KeyError):
+            reason = f"branch state {claim.state!r} is not registered in this worker"
+            return self._finish_branch(claim, "failed", error=f"{errors.UNKNOWN_STATE}: {reason}")
+        except errors.CheckpointError as exc:
+            return self._finish_branch(claim, "failed", error=str(exc))
+        except pydantic.ValidationError as exc:
+            return self._finish_branch(claim, "failed", error=f"{errors.CONTEXT_INVALID}: {exc}")
+        ctx: StateContext[Any] = StateContext(
+            data=data,
+            run_id=claim.run_id,
+            state=claim.state,
+            attempt=claim.attempt,
+            input=claim.input,
+            fencing_token=claim.lease_token,
+            step_seq=0,
+            workflow=wf.name,
+            _keeper=self.keeper,
+            item=claim.item,
+            index=idx,
+        )
+        self.keeper.hold(
+            claim.run_id, claim.lease_token, timeout=spec.timeout, branch=(group_id, idx)
+        )
+        try:
+            return self._execute_branch(wf, spec, claim, ctx)
+        finally:
+            self.keeper.release(claim.lease_token)
+
+    def _execute_branch(
+        self, wf: Workflow, spec: StateSpec, claim: BranchClaim, ctx: StateContext[Any]
+    ) -> StepResult:
+        t0 = time.perf_counter()
+        try:
+            result = spec.fn(ctx)
+        except Exception as exc:
+            metrics.STEP_SECONDS.labels(wf.name, spec.name).observe(time.perf_counter() - t0)
+            decision = spec.retry.decide(claim.attempt, exc, self.rand())
+            error = f"{type(exc).__name__}: {exc} (attempt {claim.attempt} of {claim.max_attempts})"
+            if decision.retry:
+                return self._finish_branch(claim, "retry", error=error, delay=decision.delay)
+            return self._finish_branch(claim, "failed", error=error)
+        metrics.STEP_SECONDS.labels(wf.name, spec.name).observe(time.perf_counter() - t0)
+        try:
+            checkpoint.dumps(result, what="branch result", limit=self.max_checkpoint_bytes)
+        except errors.PayloadTooLarge as exc:
+            return self._finish_branch(claim, "failed", error=f"{errors.PAYLOAD_TOO_LARGE}: {exc}")
+        except (TypeError, ValueError) as exc:
+            return self._finish_branch(claim, "failed", error=f"result is not JSON: {exc}")
+        return self._finish_branch(claim, "completed", result=result)
+
+    def _finish_branch(
+        self,
+        claim: BranchClaim,
+        status: str,
+        *,
+        result: Any = None,
+        error: str | None = None,
+        delay: float = 0.0,
+    ) -> StepResult:
+        faults.point("before_commit", run_id=claim.run_id, state=claim.state, branch=claim.idx)
+        outcome = BranchOutcome(
+            group_id=claim.group_id,
+            idx=claim.idx,
+            lease_token=claim.lease_token,
+            status=status,
+            result=result,
+            error=error,
+            delay=delay,
+        )
+        done = self.store.commit_branch(outcome)
+        if done is None:
+            return self._lease_lost(claim.run_id, claim.state, None, claim.lease_token)
+        metrics.STEPS.labels(f"branch_{status}").inc()
+        logs.event(
+            "branch_committed",
+            10,
+            run_id=claim.run_id,
+            state=claim.state,
+            group_id=claim.group_id,
+            branch=claim.idx,
+            outcome=status,
+        )
+        faults.point(
+            "after_commit_before_enqueue",
+            run_id=claim.run_id,
+            state=claim.state,
+            branch=claim.idx,
+        )
+        return StepResult(
+            "committed",
+            dispatch=branch_dispatches(claim.workflow, done, claim.group_id, claim.idx, delay),
+            outcome=status,
+        )
+
+    def _explain_branch_miss(self, group_id: int, idx: int) -> StepResult:
+        peek = self.store.peek_branch(group_id, idx)
+        if peek is not None and peek[0] == "pending":
+            _, state, workflow, wait = peek
+            metrics.CLAIMS.labels("deferred").inc()
+            return StepResult(
+                "deferred",
+                dispatch=(Dispatch("", workflow, state, 0, wait, branch=(group_id, idx)),),
+            )
+        metrics.CLAIMS.labels("idle").inc()
+        logs.event(
+            "claim_skipped",
+            10,
+            group_id=group_id,
+            branch=idx,
+            status=peek[0] if peek else "missing",
+        )
+        return StepResult("skipped")
+
     def _explain_miss(self, run_id: str, step_seq: int) -> StepResult:
         """The claim found nothing: a duplicate, a stale message, or one that came early."""
         peek = self.store.peek(run_id)
@@ -401,3 +693,19 @@ class Runner:
             current_seq=peek.step_seq if peek else None,
         )
         return StepResult("skipped")
+
+
+def branch_dispatches(
+    workflow: str, done: BranchCommit, group_id: int, idx: int, delay: float = 0.0
+) -> tuple[Dispatch, ...]:
+    """The messages a branch commit calls for: its retry, released branches, the join."""
+    out: list[Dispatch] = []
+    if done.retry_state is not None:
+        branch = (group_id, idx)
+        out.append(Dispatch(done.run_id, workflow, done.retry_state, 0, delay, branch=branch))
+    for released, state in done.released:
+        out.append(Dispatch(done.run_id, workflow, state, 0, branch=(group_id, released)))
+    if done.join is not None:
+        wf_name, join_state, join_seq = done.join
+        out.append(Dispatch(done.run_id, wf_name, join_state, join_seq, is_join=True))
+    return tuple(out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, field_validator
@@ -14,8 +15,12 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LEASEFLOW_", extra="ignore")
 
+    #: ``None``: the embedded PostgreSQL under ``home`` (see ``leaseflow.embedded``).
     database_url: str | None = None
-    broker_url: str = "redis://127.0.0.1:6379/0"
+    #: ``None``: the filesystem broker under ``home`` (needs no server).
+    broker_url: str | None = None
+    #: Where the zero-config database and broker live (relative to the working directory).
+    home: Path = Path(".leaseflow")
     result_backend: str | None = None
     workflows: Annotated[list[str], NoDecode] = Field(default_factory=list)
     default_queue: str = "leaseflow"
@@ -61,7 +66,8 @@ class Settings(BaseSettings):
         if not self.database_url:
             raise errors.ConfigurationError(
                 "LEASEFLOW_DATABASE_URL is not set: point it at a PostgreSQL database, "
-                "e.g. postgresql+psycopg://user@localhost:5432/leaseflow"
+                "e.g. postgresql+psycopg://user@localhost:5432/leaseflow (without it, "
+                "workers, clients and the CLI use an embedded PostgreSQL under LEASEFLOW_HOME)"
             )
         return self.database_url
 

@@ -31,4 +31,5 @@ class StepOutcome(StrEnum):
     COMPLETED = "completed"  # the run completed
     FAILED = "failed"  # the run failed (Failed outcome, or an error with no retry left)
     RETRY = "retry"  # the state raised and will run again
+    FORK = "fork"  # started a Parallel or Map group; the run waits for its join
     LEASE_EXPIRED = "lease_expired"  # written by the reaper

@@ -7,9 +7,10 @@ job twice) still act once per expired lease or overdue run.
 
 from __future__ import annotations
 
-from leaseflow import logs, metrics
-from leaseflow.runner import Dispatch
+from leaseflow import errors, logs, metrics
+from leaseflow.runner import Dispatch, branch_dispatches
 from leaseflow.store.postgres import PostgresStore
+from leaseflow.store.records import BranchOutcome
 
 
 def reap(store: PostgresStore, *, limit: int = 1000) -> list[Dispatch]:
@@ -29,6 +30,50 @@ def reap(store: PostgresStore, *, limit: int = 1000) -> list[Dispatch]:
         )
         if row.status == "pending":
             out.append(Dispatch(row.run_id, row.workflow, row.state, row.step_seq))
+    out.extend(reap_branches(store, limit=limit))
+    return out
+
+
+def reap_branches(store: PostgresStore, *, limit: int = 1000) -> list[Dispatch]:
+    """Expired branch leases: retried while attempts remain, else the branch fails
+    (and its group's policy decides: fail the run, or count it toward the join).
+
+    Each branch is finished by a commit fenced with its expired token, so two
+    reapers finish it once.
+    """
+    out: list[Dispatch] = []
+    for (
+        group_id,
+        idx,
+        token,
+        owner,
+        attempt,
+        max_attempts,
+        state,
+        workflow,
+    ) in store.expired_branches(limit=limit):
+        retry = attempt < max_attempts
+        reason = (
+            f"{errors.LEASE_EXPIRED}: lease of {owner or 'unknown worker'} expired "
+            f"on attempt {attempt} of {max_attempts}"
+        )
+        outcome = BranchOutcome(group_id, idx, token, "retry" if retry else "failed", error=reason)
+        done = store.commit_branch(outcome, expired=True)
+        if done is None:
+            continue  # another reaper got it, or its owner committed just in time
+        metrics.REAPED.labels("pending" if retry else "failed").inc()
+        logs.event(
+            "branch_reaped",
+            30,
+            run_id=done.run_id,
+            state=state,
+            group_id=group_id,
+            branch=idx,
+            attempt=attempt,
+            lease_owner=owner,
+            result="requeued" if retry else "failed",
+        )
+        out.extend(branch_dispatches(workflow, done, group_id, idx))
     return out
 
 
@@ -41,4 +86,10 @@ def dispatch_overdue(store: PostgresStore, *, limit: int = 1000) -> list[Dispatc
             "run_redispatched", 20, run_id=row.run_id, state=row.state, step_seq=row.step_seq
         )
         out.append(Dispatch(row.run_id, row.workflow, row.state, row.step_seq, row.countdown))
+    for run_id, group_id, idx, workflow, state, wait in store.due_branches(limit=limit):
+        metrics.REDISPATCHED.inc()
+        logs.event(
+            "branch_redispatched", 20, run_id=run_id, group_id=group_id, branch=idx, state=state
+        )
+        out.append(Dispatch(run_id, workflow, state, 0, wait, branch=(group_id, idx)))
     return out

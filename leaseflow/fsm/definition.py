@@ -34,11 +34,12 @@ class StateSpec:
     on_error: str | None = None
     queue: str | None = None
     timeout: float | None = None
+    branch: bool = False
 
     @property
     def final(self) -> bool:
         """A state with no outgoing edge must end the run (Complete or Failed)."""
-        return not self.to and self.on_error is None
+        return not self.branch and not self.to and self.on_error is None
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -102,9 +103,14 @@ class Workflow:
         on_error: str | None = None,
         queue: str | None = None,
         timeout: float | None = None,
+        branch: bool = False,
         name: str | None = None,
     ) -> Callable[[StateFn], StateFn]:
-        """Declare the decorated function as a state of this workflow."""
+        """Declare the decorated function as a state of this workflow.
+
+        ``branch=True`` declares a branch of a ``Parallel`` or ``Map``: it returns a
+        JSON value (its result) instead of a next state, and is never a target.
+        """
         if isinstance(to, str):
             to = (to,)
         targets = tuple(to)
@@ -119,6 +125,7 @@ class Workflow:
                 on_error=on_error,
                 queue=queue,
                 timeout=timeout,
+                branch=branch,
             )
             with self._lock:
                 if spec.name in self._states:

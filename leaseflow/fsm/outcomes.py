@@ -28,4 +28,35 @@ class Failed:
     code: str | None = None
 
 
-Outcome = Next | Complete | Failed | str
+BRANCH_ERROR_POLICIES = ("fail_fast", "collect")
+
+
+@dataclass(frozen=True, slots=True)
+class Parallel:
+    """Run the ``branches`` states side by side, then move to ``join`` exactly once.
+
+    Each branch reads a snapshot of the context and returns a JSON value; the join
+    state sees them in order as ``ctx.branch_results``. ``on_branch_error``:
+    ``"fail_fast"`` fails the run with ``E-BRANCH-FAILED`` at the first branch that
+    fails for good (cancelling the rest); ``"collect"`` runs the join anyway, with
+    ``ctx.branch_errors``.
+    """
+
+    branches: list[str] | tuple[str, ...]
+    join: str
+    on_branch_error: str = "fail_fast"
+
+
+@dataclass(frozen=True, slots=True)
+class Map:
+    """Run the ``branch`` state once per item (``ctx.item``, ``ctx.index``), at most
+    ``max_concurrency`` at a time, then move to ``join`` with the results in item order."""
+
+    items: list[object] | tuple[object, ...]
+    branch: str
+    join: str
+    max_concurrency: int | None = None
+    on_branch_error: str = "fail_fast"
+
+
+Outcome = Next | Complete | Failed | Parallel | Map | str

@@ -30,24 +30,37 @@ def problems(
         for name in initials:
             found[name].append(f"is one of {len(initials)} initial states: {sorted(initials)}")
 
+    branches = {s.name for s in states.values() if s.branch}
     for spec in states.values():
         for target in spec.to:
             if target not in states:
                 found[spec.name].append(f"names unknown target {target!r} in to=")
+            elif target in branches:
+                found[spec.name].append(
+                    f"names branch state {target!r} in to= (a branch is never a target; "
+                    "return Parallel or Map to run it)"
+                )
         if spec.on_error is not None and spec.on_error not in states:
             found[spec.name].append(f"names unknown on_error state {spec.on_error!r}")
+        elif spec.on_error in branches:
+            found[spec.name].append(f"names branch state {spec.on_error!r} as on_error")
         if spec.timeout is not None and spec.timeout <= 0:
             found[spec.name].append("has a timeout that is not positive")
+        if spec.branch and (spec.to or spec.on_error is not None or spec.initial):
+            found[spec.name].append(
+                "is a branch state: it returns a result, so it takes no to=, on_error= or initial="
+            )
 
-    if len(initials) == 1:
-        reachable = _closure([initials[0]], states, forward=True)
-        for name in states:
+    flow = {name: spec for name, spec in states.items() if not spec.branch}
+    if len(initials) == 1 and initials[0] in flow:
+        reachable = _closure([initials[0]], flow, forward=True)
+        for name in flow:
             if name not in reachable:
                 found[name].append(f"is unreachable from the initial state {initials[0]!r}")
 
-    finals = [s.name for s in states.values() if s.final]
-    can_finish = _closure(finals, states, forward=False)
-    for name in states:
+    finals = [s.name for s in flow.values() if s.final]
+    can_finish = _closure(finals, flow, forward=False)
+    for name in flow:
         if name not in can_finish:
             found[name].append("has no path to a final state (one with no to=)")
     return dict(found)

@@ -26,8 +26,13 @@ from leaseflow import errors, logs
 from leaseflow.fsm.definition import Workflow
 from leaseflow.store import queries
 from leaseflow.store.records import (
+    BranchClaim,
+    BranchCommit,
+    BranchOutcome,
+    BranchResult,
     Claim,
     Due,
+    Fork,
     InCommit,
     Peek,
     Reaped,
@@ -259,6 +264,7 @@ class PostgresStore:
                 checkpoint=bytes(row[8]),
                 context_version=row[9],
                 input=row[10],
+                group_id=row[11],
             )
 
         # A claim is not idempotent (a retried statement could claim twice), but a
@@ -286,7 +292,30 @@ class PostgresStore:
         succeeded, so their writes commit exactly when the transition does.
         """
         sql = queries.COMMIT_STAY if tr.next_state is None else queries.COMMIT_MOVE
-        params = {
+        params = self._commit_params(tr, dispatch_timeout)
+        try:
+            with self.connection() as conn:
+                if not callbacks:
+                    return conn.execute(sql, params).fetchone() is not None
+                with conn.transaction():
+                    if conn.execute(sql, params).fetchone() is None:
+                        raise _Rollback
+                    for callback in callbacks:
+                        try:
+                            callback(conn)
+                        except Exception as exc:
+                            raise errors.InCommitError(tr.run_id, repr(exc)) from exc
+                return True
+        except _Rollback:
+            return False
+        except errors.StoreUnavailable:
+            # The connection broke: did our COMMIT land before it did?
+            return self._committed_by(tr.run_id, tr.lease_token)
+
+    def _commit_params(
+        self, tr: Transition, dispatch_timeout: float | None = None
+    ) -> dict[str, Any]:
+        return {
             "run_id": tr.run_id,
             "token": tr.lease_token,
             "state": tr.state,
@@ -310,24 +339,6 @@ class PostgresStore:
             "outcome": tr.outcome,
             "step_error": tr.step_error,
         }
-        try:
-            with self.connection() as conn:
-                if not callbacks:
-                    return conn.execute(sql, params).fetchone() is not None
-                with conn.transaction():
-                    if conn.execute(sql, params).fetchone() is None:
-                        raise _Rollback
-                    for callback in callbacks:
-                        try:
-                            callback(conn)
-                        except Exception as exc:
-                            raise errors.InCommitError(tr.run_id, repr(exc)) from exc
-                return True
-        except _Rollback:
-            return False
-        except errors.StoreUnavailable:
-            # The connection broke: did our COMMIT land before it did?
-            return self._committed_by(tr.run_id, tr.lease_token)
 
     def _committed_by(self, run_id: str, token: str) -> bool:
         def do(conn: psycopg.Connection[Any]) -> bool:
@@ -337,10 +348,16 @@ class PostgresStore:
         return self._with_retry(do)
 
     def heartbeat(
-        self, leases: Sequence[tuple[str, str]], *, worker: str, ttl: float
+        self,
+        leases: Sequence[tuple[str, str]],
+        *,
+        worker: str,
+        ttl: float,
+        branches: Sequence[tuple[int, int, str]] = (),
     ) -> dict[str, bool]:
-        """Extend every live lease of this worker in one statement.
+        """Extend every live lease of this worker, runs and branches, in one statement.
 
+        ``leases`` are ``(run_id, token)``, ``branches`` ``(group_id, idx, token)``.
         Returns ``{token: cancel_requested}`` for the leases still held; a token
         missing from the answer was lost.
         """
@@ -351,6 +368,8 @@ class PostgresStore:
             "ttl": ttl,
             "run_ids": [run_id for run_id, _ in leases],
             "tokens": [token for _, token in leases],
+            "group_ids": [group_id for group_id, _, _ in branches],
+            "branch_tokens": [token for _, _, token in branches],
         }
 
         def do(conn: psycopg.Connection[Any]) -> dict[str, bool]:
@@ -358,6 +377,227 @@ class PostgresStore:
             return {token: bool(cancel) for token, cancel in rows}
 
         return self._with_retry(do)
+
+    # -- Parallel / Map ---------------------------------------------------------------
+
+    def commit_fork(
+        self, tr: Transition, fork: Fork, callbacks: Sequence[InCommit] = ()
+    ) -> tuple[int, int] | None:
+        """The forking step and its group, in one fenced transaction.
+
+        Returns ``(group_id, join_seq)``, or None when the lease was lost.
+        """
+        width = len(fork.states)
+        items = fork.items if fork.items is not None else (None,) * width
+        try:
+            with self.connection() as conn, conn.transaction():
+                group_id = conn.execute(
+                    queries.CREATE_GROUP,
+                    {
+                        "run_id": tr.run_id,
+                        "step_seq": tr.step_seq,
+                        "state": tr.state,
+                        "join_state": fork.join_state,
+                        "join_max_attempts": fork.join_max_attempts,
+                        "kind": fork.kind,
+                        "width": width,
+                        "on_branch_error": fork.on_branch_error,
+                        "max_concurrency": fork.max_concurrency,
+                        "chord": fork.chord,
+                        "checkpoint": fork.checkpoint,
+                        "context_version": fork.context_version,
+                    },
+                ).fetchone()[0]  # type: ignore[index]
+                params = self._commit_params(tr)
+                params["group_id"] = group_id
+                if conn.execute(queries.COMMIT_FORK, params).fetchone() is None:
+                    raise _Rollback
+                conn.execute(
+                    queries.CREATE_BRANCHES,
+                    {
+                        "group_id": group_id,
+                        "run_id": tr.run_id,
+                        "window": fork.max_concurrency,
+                        "dispatch_timeout": self.dispatch_timeout,
+                        "idxs": list(range(width)),
+                        "states": list(fork.states),
+                        "max_attempts": list(fork.max_attempts),
+                        "items": [None if item is None else Jsonb(item) for item in items],
+                    },
+                )
+                for callback in callbacks:
+                    try:
+                        callback(conn)
+                    except Exception as exc:
+                        raise errors.InCommitError(tr.run_id, repr(exc)) from exc
+            return int(group_id), tr.step_seq + 1
+        except _Rollback:
+            return None
+
+    def claim_branch(
+        self, group_id: int, idx: int, *, owner: str, ttl: float
+    ) -> BranchClaim | None:
+        with self.connection() as conn:
+            row = conn.execute(
+                queries.CLAIM_BRANCH,
+                {"group_id": group_id, "idx": idx, "owner": owner, "ttl": ttl},
+            ).fetchone()
+        if row is None:
+            return None
+        return BranchClaim(
+            group_id=group_id,
+            idx=idx,
+            run_id=row[0],
+            workflow=row[1],
+            version=row[2],
+            state=row[3],
+            attempt=row[4],
+            max_attempts=row[5],
+            lease_token=row[6],
+            started_at=row[7],
+            item=row[8],
+            checkpoint=bytes(row[9]),
+            context_version=row[10],
+            input=row[11],
+            kind=row[12],
+        )
+
+    def peek_branch(self, group_id: int, idx: int) -> tuple[str, str, str, float] | None:
+        """``(status, state, workflow, wait_seconds)`` of a branch, or None."""
+
+        def do(conn: psycopg.Connection[Any]) -> tuple[str, str, str, float] | None:
+            row = conn.execute(queries.PEEK_BRANCH, {"group_id": group_id, "idx": idx}).fetchone()
+            return None if row is None else (row[0], row[1], row[2], row[3])
+
+        return self._with_retry(do)
+
+    def commit_branch(self, out: BranchOutcome, *, expired: bool = False) -> BranchCommit | None:
+        """Record a branch's attempt, fenced by its lease; None when the lease was lost.
+
+        A final result (completed or failed) counts on the group row with a
+        serialising ``UPDATE ... RETURNING``: the one transaction that completes the
+        group moves the parent to its join (or, under ``fail_fast``, fails it).
+        ``expired=True`` is the reaper finishing a branch whose lease ran out.
+        """
+        key = {"group_id": out.group_id, "idx": out.idx, "token": out.lease_token}
+        try:
+            with self.connection() as conn, conn.transaction():
+                if out.status == "retry":
+                    sql = queries.REQUEUE_EXPIRED_BRANCH if expired else queries.RETRY_BRANCH
+                    row = conn.execute(
+                        sql,
+                        {
+                            **key,
+                            "error": out.error,
+                            "delay": out.delay,
+                            "dispatch_timeout": self.dispatch_timeout,
+                        },
+                    ).fetchone()
+                    if row is None:
+                        raise _Rollback
+                    return BranchCommit(run_id=row[0], retry_state=row[1])
+                sql = queries.FINISH_EXPIRED_BRANCH if expired else queries.FINISH_BRANCH
+                row = conn.execute(
+                    sql,
+                    {
+                        **key,
+                        "status": out.status,
+                        "result": None if out.result is None else Jsonb(out.result),
+                        "error": out.error,
+                    },
+                ).fetchone()
+                if row is None:
+                    raise _Rollback
+                return self._count_branch_txn(conn, row[0], out)
+        except _Rollback:
+            return None
+
+    def _count_branch_txn(
+        self, conn: psycopg.Connection[Any], run_id: str, out: BranchOutcome
+    ) -> BranchCommit:
+        failed = out.status == "failed"
+        group = conn.execute(
+            queries.COUNT_BRANCH,
+            {"group_id": out.group_id, "done": int(not failed), "failed": int(failed)},
+        ).fetchone()
+        if group is None:  # the group was closed meanwhile (failed fast)
+            return BranchCommit(run_id=run_id)
+        done, n_failed, width, policy, join_state, window, join_attempts = group
+        if failed and policy == "fail_fast":
+            conn.execute(queries.CLOSE_GROUP, {"group_id": out.group_id, "status": "failed"})
+            conn.execute(queries.CANCEL_BRANCHES, {"group_id": out.group_id})
+            reason = f"branch {out.idx} failed: {out.error}"
+            conn.execute(
+                queries.FAIL_PARENT,
+                {"run_id": run_id, "group_id": out.group_id, "error": reason},
+            )
+            return BranchCommit(run_id=run_id, parent_failed=True)
+        if done + n_failed == width:
+            conn.execute(queries.CLOSE_GROUP, {"group_id": out.group_id, "status": "joined"})
+            moved = conn.execute(
+                queries.JOIN_PARENT,
+                {
+                    "run_id": run_id,
+                    "group_id": out.group_id,
+                    "join_state": join_state,
+                    "max_attempts": join_attempts,
+                    "dispatch_timeout": self.dispatch_timeout,
+                },
+            ).fetchone()
+            if moved is None:  # the parent is no longer waiting (cancelled)
+                return BranchCommit(run_id=run_id)
+            return BranchCommit(run_id=run_id, join=(moved[0], join_state, moved[1]))
+        released: tuple[tuple[int, str], ...] = ()
+        if window is not None:
+            rows = conn.execute(
+                queries.RELEASE_HELD,
+                {"group_id": out.group_id, "dispatch_timeout": self.dispatch_timeout},
+            ).fetchall()
+            released = tuple((r[0], r[1]) for r in rows)
+        return BranchCommit(run_id=run_id, released=released)
+
+    def branch_results(self, group_id: int) -> list[BranchResult]:
+        def do(conn: psycopg.Connection[Any]) -> list[BranchResult]:
+            rows = conn.execute(queries.BRANCH_RESULTS, {"group_id": group_id}).fetchall()
+            return [BranchResult(*row) for row in rows]
+
+        return self._with_retry(do)
+
+    def expired_branches(self, *, limit: int = 1000) -> list[tuple[Any, ...]]:
+        """``(group_id, idx, token, owner, attempt, max_attempts, state, workflow)``."""
+        with self.connection() as conn:
+            return conn.execute(queries.EXPIRED_BRANCHES, {"limit": limit}).fetchall()
+
+    def due_branches(self, *, limit: int = 1000) -> list[tuple[Any, ...]]:
+        """Overdue pending branches: ``(run_id, group_id, idx, workflow, state, wait)``."""
+        with self.connection() as conn:
+            return conn.execute(
+                queries.DUE_BRANCHES, {"limit": limit, "dispatch_timeout": self.dispatch_timeout}
+            ).fetchall()
+
+    def _groups_txn(self, conn: psycopg.Connection[Any], run_id: str) -> list[dict[str, Any]]:
+        """The groups of a run with their branches, for ``runs show``."""
+        out = []
+        for row in conn.execute(queries.GROUPS_OF_RUN, {"run_id": run_id}).fetchall():
+            names = (
+                "id",
+                "kind",
+                "join_state",
+                "width",
+                "done",
+                "failed",
+                "status",
+                "on_branch_error",
+                "max_concurrency",
+                "parent_seq",
+            )
+            group = dict(zip(names, row, strict=True))
+            group["branches"] = [
+                {"idx": b[0], "state": b[1], "status": b[2], "result": b[3], "error": b[4]}
+                for b in conn.execute(queries.BRANCH_RESULTS, {"group_id": row[0]})
+            ]
+            out.append(group)
+        return out
 
     def count_lease_lost(self, worker: str) -> None:
         def do(conn: psycopg.Connection[Any]) -> None:
@@ -401,11 +641,13 @@ class PostgresStore:
             if row is None:
                 raise errors.RunNotFound(run_id)
             steps: tuple[StepRecord, ...] = ()
+            groups: tuple[dict[str, Any], ...] = ()
             if with_steps:
                 steps = tuple(
                     StepRecord(*s) for s in conn.execute(queries.STEPS, {"run_id": run_id})
                 )
-            return _run_record(row, steps)
+                groups = tuple(self._groups_txn(conn, run_id))
+            return _run_record(row, steps, groups)
 
         return self._with_retry(do)
 
@@ -432,9 +674,13 @@ class PostgresStore:
         return self._with_retry(do)
 
 
-def _run_record(row: Sequence[Any], steps: tuple[StepRecord, ...] = ()) -> RunRecord:
-    names = [f.name for f in dataclasses.fields(RunRecord) if f.name != "steps"]
-    return RunRecord(**dict(zip(names, row, strict=True)), steps=steps)
+def _run_record(
+    row: Sequence[Any],
+    steps: tuple[StepRecord, ...] = (),
+    groups: tuple[dict[str, Any], ...] = (),
+) -> RunRecord:
+    names = [f.name for f in dataclasses.fields(RunRecord) if f.name not in ("steps", "groups")]
+    return RunRecord(**dict(zip(names, row, strict=True)), steps=steps, groups=groups)
 
 
 class _Rollback(Exception):

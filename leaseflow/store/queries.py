@@ -19,7 +19,7 @@ UPDATE lf_runs
    AND status = 'pending'
    AND not_before <= now()
 RETURNING workflow, version, state, step_seq, attempt, max_attempts, lease_token::text,
-          claimed_at, checkpoint, context_version, input
+          claimed_at, checkpoint, context_version, input, group_id
 """
 
 PEEK = """
@@ -70,14 +70,13 @@ RETURNING id, step_seq
 #: Move to another state: the transition guard trigger checks the (from, to) pair.
 COMMIT_MOVE = (
     "WITH moved AS (UPDATE lf_runs SET state = %(next_state)s, prev_state = state,"
-    + _COMMIT_SET
-    + _FENCE
-    + ")"
-    + _COMMIT_STEP
+    " group_id = NULL," + _COMMIT_SET + _FENCE + ")" + _COMMIT_STEP
 )
 
 #: Stay in the same state (retry, completion, failure): the state column is not written.
-COMMIT_STAY = "WITH moved AS (UPDATE lf_runs SET" + _COMMIT_SET + _FENCE + ")" + _COMMIT_STEP
+COMMIT_STAY = (
+    "WITH moved AS (UPDATE lf_runs SET group_id = NULL," + _COMMIT_SET + _FENCE + ")" + _COMMIT_STEP
+)
 
 #: Did a commit by this token land? (the connection broke after COMMIT was sent)
 COMMITTED_BY = "SELECT seq FROM lf_steps WHERE run_id = %(run_id)s AND lease_token = %(token)s"
@@ -86,14 +85,26 @@ HEARTBEAT = """
 WITH seen AS (
     INSERT INTO lf_workers (id, hostname, pid) VALUES (%(worker)s, %(hostname)s, %(pid)s)
     ON CONFLICT (id) DO UPDATE SET last_seen_at = now()
+), runs AS (
+    UPDATE lf_runs
+       SET lease_expires_at = now() + %(ttl)s * interval '1 second'
+     WHERE id = ANY(%(run_ids)s::uuid[])
+       AND lease_token = ANY(%(tokens)s::uuid[])
+       AND status = 'running'
+       AND lease_expires_at > now()
+    RETURNING lease_token::text AS token, cancel_requested
+), branches AS (
+    UPDATE lf_branches
+       SET lease_expires_at = now() + %(ttl)s * interval '1 second'
+     WHERE group_id = ANY(%(group_ids)s::bigint[])
+       AND lease_token = ANY(%(branch_tokens)s::uuid[])
+       AND status = 'running'
+       AND lease_expires_at > now()
+    RETURNING lease_token::text AS token, false AS cancel_requested
 )
-UPDATE lf_runs
-   SET lease_expires_at = now() + %(ttl)s * interval '1 second'
- WHERE id = ANY(%(run_ids)s::uuid[])
-   AND lease_token = ANY(%(tokens)s::uuid[])
-   AND status = 'running'
-   AND lease_expires_at > now()
-RETURNING lease_token::text, cancel_requested
+SELECT token, cancel_requested FROM runs
+UNION ALL
+SELECT token, cancel_requested FROM branches
 """
 
 COUNT_LEASE_LOST = """
@@ -202,3 +213,181 @@ RETURNING (xmax = 0) AS inserted
 REGISTERED_DIGEST = (
     "SELECT digest FROM lf_workflows WHERE name = %(name)s AND version = %(version)s"
 )
+
+# -- Parallel / Map groups -----------------------------------------------------------
+
+CREATE_GROUP = """
+INSERT INTO lf_groups (run_id, parent_seq, parent_state, join_state, join_max_attempts, kind,
+                       width, on_branch_error, max_concurrency, chord, checkpoint,
+                       context_version)
+VALUES (%(run_id)s, %(step_seq)s, %(state)s, %(join_state)s, %(join_max_attempts)s, %(kind)s,
+        %(width)s, %(on_branch_error)s, %(max_concurrency)s, %(chord)s, %(checkpoint)s,
+        %(context_version)s)
+RETURNING id
+"""
+
+#: The fork of a run: fenced like any commit; the run waits on its group.
+COMMIT_FORK = (
+    "WITH moved AS (UPDATE lf_runs SET group_id = %(group_id)s,"
+    + _COMMIT_SET
+    + _FENCE
+    + ")"
+    + _COMMIT_STEP
+)
+
+CREATE_BRANCHES = """
+INSERT INTO lf_branches (group_id, idx, run_id, state, status, max_attempts, item,
+                         redispatch_at)
+SELECT %(group_id)s, b.idx, %(run_id)s, b.state,
+       CASE WHEN %(window)s::int IS NULL OR b.idx < %(window)s THEN 'pending' ELSE 'held' END,
+       b.max_attempts, b.item, now() + %(dispatch_timeout)s * interval '1 second'
+  FROM unnest(%(idxs)s::int[], %(states)s::text[], %(max_attempts)s::int[], %(items)s::jsonb[])
+       AS b(idx, state, max_attempts, item)
+"""
+
+CLAIM_BRANCH = """
+UPDATE lf_branches b
+   SET status = 'running',
+       lease_token = gen_random_uuid(),
+       lease_owner = %(owner)s,
+       lease_expires_at = now() + %(ttl)s * interval '1 second',
+       claimed_at = now(),
+       attempt = b.attempt + 1
+  FROM lf_groups g, lf_runs r
+ WHERE b.group_id = %(group_id)s AND b.idx = %(idx)s
+   AND b.status = 'pending' AND b.not_before <= now()
+   AND g.id = b.group_id AND g.status = 'running' AND r.id = g.run_id
+RETURNING b.run_id::text, r.workflow, r.version, b.state, b.attempt, b.max_attempts,
+          b.lease_token::text, b.claimed_at, b.item, g.checkpoint, g.context_version,
+          r.input, g.kind
+"""
+
+PEEK_BRANCH = """
+SELECT b.status, b.state, r.workflow,
+       greatest(0, extract(epoch FROM b.not_before - now()))::float8
+  FROM lf_branches b JOIN lf_runs r ON r.id = b.run_id
+ WHERE b.group_id = %(group_id)s AND b.idx = %(idx)s
+"""
+
+_BRANCH_FENCE = """
+ WHERE group_id = %(group_id)s AND idx = %(idx)s AND lease_token = %(token)s
+   AND status = 'running' AND lease_expires_at > now()
+"""
+
+#: The reaper finishes a branch whose lease ran out: fenced by the expired token.
+_BRANCH_FENCE_EXPIRED = """
+ WHERE group_id = %(group_id)s AND idx = %(idx)s AND lease_token = %(token)s
+   AND status = 'running' AND lease_expires_at <= now()
+"""
+
+_BRANCH_RETRY_SET = """
+UPDATE lf_branches
+   SET status = 'pending', lease_token = NULL, lease_owner = NULL, lease_expires_at = NULL,
+       claimed_at = NULL, error = %(error)s,
+       not_before = now() + %(delay)s * interval '1 second',
+       redispatch_at = now() + (%(delay)s + %(dispatch_timeout)s) * interval '1 second'
+"""
+RETRY_BRANCH = _BRANCH_RETRY_SET + _BRANCH_FENCE + " RETURNING run_id::text, state"
+REQUEUE_EXPIRED_BRANCH = (
+    _BRANCH_RETRY_SET + _BRANCH_FENCE_EXPIRED + " RETURNING run_id::text, state"
+)
+
+_BRANCH_FINISH_SET = """
+UPDATE lf_branches
+   SET status = %(status)s, result = %(result)s, error = %(error)s, lease_token = NULL,
+       lease_owner = NULL, lease_expires_at = NULL, claimed_at = NULL, finished_at = now()
+"""
+FINISH_BRANCH = _BRANCH_FINISH_SET + _BRANCH_FENCE + " RETURNING run_id::text"
+FINISH_EXPIRED_BRANCH = _BRANCH_FINISH_SET + _BRANCH_FENCE_EXPIRED + " RETURNING run_id::text"
+
+#: Serialises the branches of a group on its row: exactly one transaction sees the
+#: count that completes it (READ COMMITTED re-reads the row after the lock wait).
+COUNT_BRANCH = """
+UPDATE lf_groups
+   SET done = done + %(done)s, failed = failed + %(failed)s
+ WHERE id = %(group_id)s AND status = 'running'
+RETURNING done, failed, width, on_branch_error, join_state, max_concurrency, join_max_attempts
+"""
+
+CLOSE_GROUP = """
+UPDATE lf_groups SET status = %(status)s, closed_at = now()
+ WHERE id = %(group_id)s AND status = 'running'
+RETURNING id
+"""
+
+CANCEL_BRANCHES = """
+UPDATE lf_branches
+   SET status = 'cancelled', lease_token = NULL, lease_owner = NULL, lease_expires_at = NULL,
+       finished_at = now()
+ WHERE group_id = %(group_id)s AND status IN ('held', 'pending', 'running')
+"""
+
+RELEASE_HELD = """
+UPDATE lf_branches
+   SET status = 'pending', not_before = now(),
+       redispatch_at = now() + %(dispatch_timeout)s * interval '1 second'
+ WHERE group_id = %(group_id)s
+   AND idx = (SELECT min(idx) FROM lf_branches WHERE group_id = %(group_id)s AND status = 'held')
+RETURNING idx, state
+"""
+
+#: Only the transaction that closed the group moves the parent on to its join.
+JOIN_PARENT = """
+UPDATE lf_runs
+   SET state = %(join_state)s, prev_state = state, status = 'pending', attempt = 0,
+       max_attempts = %(max_attempts)s, not_before = now(),
+       redispatch_at = now() + %(dispatch_timeout)s * interval '1 second', updated_at = now()
+ WHERE id = %(run_id)s AND status = 'waiting' AND group_id = %(group_id)s
+RETURNING workflow, step_seq
+"""
+
+FAIL_PARENT = """
+WITH failed AS (
+    UPDATE lf_runs
+       SET status = 'failed', error_code = 'E-BRANCH-FAILED', error = %(error)s,
+           step_seq = step_seq + 1, finished_at = now(), updated_at = now()
+     WHERE id = %(run_id)s AND status = 'waiting' AND group_id = %(group_id)s
+    RETURNING id, step_seq, state
+)
+INSERT INTO lf_steps (run_id, seq, state, attempt, started_at, outcome, error)
+SELECT id, step_seq - 1, state, 1, now(), 'failed', %(error)s FROM failed
+RETURNING seq
+"""
+
+BRANCH_RESULTS = """
+SELECT idx, state, status, result, error FROM lf_branches
+ WHERE group_id = %(group_id)s ORDER BY idx
+"""
+
+GROUP_OF_RUN = "SELECT group_id FROM lf_runs WHERE id = %(run_id)s"
+
+EXPIRED_BRANCHES = """
+SELECT b.group_id, b.idx, b.lease_token::text, b.lease_owner, b.attempt, b.max_attempts,
+       b.state, r.workflow
+  FROM lf_branches b JOIN lf_runs r ON r.id = b.run_id
+ WHERE b.status = 'running' AND b.lease_expires_at < now()
+ ORDER BY b.lease_expires_at
+ LIMIT %(limit)s
+"""
+
+DUE_BRANCHES = """
+WITH due AS (
+    SELECT group_id, idx FROM lf_branches
+     WHERE status = 'pending' AND redispatch_at <= now()
+     ORDER BY redispatch_at
+     LIMIT %(limit)s
+       FOR UPDATE SKIP LOCKED
+)
+UPDATE lf_branches b
+   SET redispatch_at = now() + %(dispatch_timeout)s * interval '1 second'
+  FROM due, lf_runs r
+ WHERE b.group_id = due.group_id AND b.idx = due.idx AND r.id = b.run_id
+RETURNING b.run_id::text, b.group_id, b.idx, r.workflow, b.state,
+          greatest(0, extract(epoch FROM b.not_before - now()))::float8
+"""
+
+GROUPS_OF_RUN = """
+SELECT g.id, g.kind, g.join_state, g.width, g.done, g.failed, g.status, g.on_branch_error,
+       g.max_concurrency, g.parent_seq
+  FROM lf_groups g WHERE g.run_id = %(run_id)s ORDER BY g.id
+"""

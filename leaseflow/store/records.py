@@ -26,6 +26,78 @@ class Claim:
     checkpoint: bytes
     context_version: int
     input: dict[str, Any]
+    group_id: int | None = None  # set when this state is the join of a group
+
+
+@dataclass(frozen=True, slots=True)
+class BranchClaim:
+    """A claimed branch of a Parallel or Map group."""
+
+    group_id: int
+    idx: int
+    run_id: str
+    workflow: str
+    version: int
+    state: str
+    attempt: int
+    max_attempts: int
+    lease_token: str
+    started_at: datetime
+    item: Any
+    checkpoint: bytes
+    context_version: int
+    input: dict[str, Any]
+    kind: str
+
+
+@dataclass(frozen=True, slots=True)
+class Fork:
+    """The group a forking step creates, written in the same transaction as its step."""
+
+    kind: str  # parallel | map
+    join_state: str
+    states: tuple[str, ...]  # one per branch, in order
+    max_attempts: tuple[int, ...]
+    items: tuple[Any, ...] | None  # map items, in order
+    on_branch_error: str
+    max_concurrency: int | None
+    chord: bool
+    checkpoint: bytes
+    context_version: int
+    join_max_attempts: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class BranchOutcome:
+    """How one attempt of a branch ended."""
+
+    group_id: int
+    idx: int
+    lease_token: str
+    status: str  # completed | failed | retry
+    result: Any = None
+    error: str | None = None
+    delay: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class BranchCommit:
+    """What a branch commit decided: the join to wake, branches released, run failed."""
+
+    run_id: str
+    join: tuple[str, str, int] | None = None  # (workflow, join_state, step_seq)
+    released: tuple[tuple[int, str], ...] = ()  # (idx, state)
+    parent_failed: bool = False
+    retry_state: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BranchResult:
+    idx: int
+    state: str
+    status: str
+    result: Any
+    error: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,14 +205,17 @@ class RunRecord:
     updated_at: datetime
     finished_at: datetime | None
     steps: tuple[StepRecord, ...] = field(default=())
+    #: Parallel/Map groups of the run, each with its branches (status, result, error).
+    groups: tuple[dict[str, Any], ...] = field(default=())
 
     @property
     def terminal(self) -> bool:
         return self.status in ("completed", "failed", "cancelled", "timed_out")
 
     def to_dict(self) -> dict[str, Any]:
-        data = _jsonable({k: v for k, v in asdict(self).items() if k != "steps"})
+        data = _jsonable({k: v for k, v in asdict(self).items() if k not in ("steps", "groups")})
         data["steps"] = [step.to_dict() for step in self.steps]
+        data["groups"] = [dict(group) for group in self.groups]
         return data
 
 

@@ -12,6 +12,7 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     DateTime,
+    Identity,
     Index,
     Integer,
     LargeBinary,
@@ -19,6 +20,7 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     Table,
     Text,
+    UniqueConstraint,
     func,
     text,
 )
@@ -129,6 +131,66 @@ steps = Table(
     Column("next_state", Text),
     Column("error", Text),
     PrimaryKeyConstraint("run_id", "seq"),
+)
+
+groups = Table(
+    "lf_groups",
+    metadata,
+    Column("id", BigInteger, Identity(), nullable=False),
+    Column("run_id", UUID(as_uuid=False), nullable=False),
+    Column("parent_seq", Integer, nullable=False),
+    Column("parent_state", Text, nullable=False),
+    Column("join_state", Text, nullable=False),
+    Column("join_max_attempts", Integer, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("width", Integer, nullable=False),
+    Column("done", Integer, nullable=False, server_default="0"),
+    Column("failed", Integer, nullable=False, server_default="0"),
+    Column("on_branch_error", Text, nullable=False),
+    Column("max_concurrency", Integer),
+    Column("chord", Boolean, nullable=False, server_default=text("false")),
+    Column("checkpoint", LargeBinary, nullable=False),
+    Column("context_version", Integer, nullable=False),
+    Column("status", Text, nullable=False, server_default="running"),
+    Column("created_at", _ts, nullable=False, server_default=func.now()),
+    Column("closed_at", _ts),
+    PrimaryKeyConstraint("id"),
+    UniqueConstraint("run_id", "parent_seq"),
+    CheckConstraint("status IN ('running', 'joined', 'failed')", name="status"),
+    CheckConstraint("kind IN ('parallel', 'map')", name="kind"),
+    CheckConstraint("done >= 0 AND failed >= 0 AND done + failed <= width", name="counters"),
+)
+
+BRANCH_STATUSES = ("held", "pending", "running", "completed", "failed", "cancelled")
+
+branches = Table(
+    "lf_branches",
+    metadata,
+    Column("group_id", BigInteger, nullable=False),
+    Column("idx", Integer, nullable=False),
+    Column("run_id", UUID(as_uuid=False), nullable=False),
+    Column("state", Text, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("attempt", Integer, nullable=False, server_default="0"),
+    Column("max_attempts", Integer, nullable=False),
+    Column("lease_token", UUID(as_uuid=False)),
+    Column("lease_owner", Text),
+    Column("lease_expires_at", _ts),
+    Column("claimed_at", _ts),
+    Column("not_before", _ts, nullable=False, server_default=func.now()),
+    Column("redispatch_at", _ts, nullable=False, server_default=func.now()),
+    Column("item", JSONB),
+    Column("result", JSONB),
+    Column("error", Text),
+    Column("finished_at", _ts),
+    PrimaryKeyConstraint("group_id", "idx"),
+    CheckConstraint(f"status IN {BRANCH_STATUSES!r}", name="status"),
+    CheckConstraint("status <> 'running' OR lease_token IS NOT NULL", name="running_has_lease"),
+    Index(
+        "ix_lf_branches_active",
+        "status",
+        postgresql_where=text("status IN ('pending', 'running')"),
+    ),
 )
 
 workers = Table(

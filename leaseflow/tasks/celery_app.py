@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 from celery import Celery, Task, signals
 
-from leaseflow import errors, logs
+from leaseflow import embedded, errors, faults, logs
 from leaseflow.beat import jobs
 from leaseflow.fsm import registry
 from leaseflow.fsm.definition import StateSpec, Workflow
@@ -35,10 +36,18 @@ def import_workflows(modules: list[str]) -> None:
 
 
 def make_app(settings: Settings | None = None) -> Celery:
+    """The Celery app of ``settings``; no I/O, so it is cheap to build at import.
+
+    Without ``LEASEFLOW_BROKER_URL`` it uses the filesystem broker under
+    ``LEASEFLOW_HOME``; the embedded database is started only when a worker starts
+    (``worker_init``), a task first needs the store, or a client is made.
+    """
     settings = settings or get_settings()
+    broker_url = embedded.broker_url(settings)
     app = Celery("leaseflow", set_as_current=False)
     app.conf.update(
-        broker_url=settings.broker_url,
+        broker_url=broker_url,
+        **embedded.broker_options(broker_url),
         result_backend=settings.result_backend,
         task_serializer="json",
         result_serializer="json",
@@ -89,7 +98,7 @@ def dispose_app(app: Celery) -> None:
 def same_broker(app: Celery, settings: Settings) -> bool:
     """Does ``app`` publish where ``settings`` says (broker and default queue)?"""
     return (app.conf.broker_url, app.conf.task_default_queue) == (
-        settings.broker_url,
+        embedded.broker_url(settings),
         settings.default_queue,
     )
 
@@ -108,12 +117,25 @@ def _register_state_task(app: Celery, wf: Workflow, spec: StateSpec) -> None:
     def run_state(task: Task, run_id: str, step_seq: int) -> str:
         engine = runtime.get()
         result = engine.runner.run_step(str(run_id), int(step_seq))
+        if result.fork is not None:
+            dispatch.publish_fork(task.app, result.fork)
         dispatch.publish_all(task.app, result.dispatch)
         return result.result
 
-    run_state.__name__ = run_state.__qualname__ = f"{wf.name}__{spec.name}"
-    run_state.__doc__ = f"State {spec.name!r} of workflow {wf.name!r}."
-    app.task(**options)(run_state)
+    def run_branch(task: Task, group_id: int, idx: int) -> str:
+        engine = runtime.get()
+        result = engine.runner.run_branch(int(group_id), int(idx))
+        # In a chord, the chord body wakes the join; "chord_callback_lost" simulates a
+        # body that never comes (a failed result backend), leaving it to beat's repair.
+        in_chord = bool(task.request.chord) or faults.armed("chord_callback_lost")
+        dispatch.publish_all(task.app, result.dispatch, in_chord=in_chord)
+        return result.result
+
+    body: Callable[..., str] = run_branch if spec.branch else run_state
+
+    body.__name__ = body.__qualname__ = f"{wf.name}__{spec.name}"
+    body.__doc__ = f"{'Branch' if spec.branch else 'State'} {spec.name!r} of {wf.name!r}."
+    app.task(**options)(body)
 
 
 def _register_beat_tasks(app: Celery) -> None:
@@ -137,7 +159,9 @@ def prepare_worker() -> None:
     workflows = registry.all_workflows()
     for wf in workflows:
         wf.validate()
-    store = runtime.make_store(get_settings(), application_name="leaseflow-worker-init")
+    # Before the pool forks: the children inherit the resolved URLs, never start a server.
+    settings = embedded.resolve(get_settings())
+    store = runtime.make_store(settings, application_name="leaseflow-worker-init")
     try:
         for wf in workflows:
             store.register_workflow(wf)
@@ -154,6 +178,12 @@ def prepare_worker() -> None:
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
     if getattr(sender, "app", None) is app:
         prepare_worker()
+
+
+@signals.beat_init.connect
+def _on_beat_init(sender: Any = None, **_: Any) -> None:
+    if getattr(sender, "app", None) is app:
+        embedded.resolve(get_settings(), database=False)  # says which broker beat uses
 
 
 app = make_app()

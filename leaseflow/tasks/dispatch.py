@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from celery import Celery
+from celery import Celery, chord, group
 
-from leaseflow import errors, logs
+from leaseflow import errors, faults, logs
 from leaseflow.fsm import registry
-from leaseflow.runner import Dispatch
+from leaseflow.runner import Dispatch, ForkDispatch
 
 
 def task_name(workflow: str, state: str) -> str:
@@ -23,15 +23,17 @@ def queue_for(workflow: str, state: str, default: str) -> str:
 
 
 def publish(app: Celery, d: Dispatch) -> None:
-    """Publish the wake-up message ``(run_id, step_seq)`` for ``d.state``.
+    """Publish the wake-up message for ``d``: ``(run_id, step_seq)`` for a state,
+    ``(group_id, idx)`` for a branch.
 
-    The task id is ``<run_id>:<step_seq>``, so Flower shows one task per step and
-    a re-published message is recognisably the same step.
+    The task id is ``<run_id>:<step_seq>`` (``<run_id>:g<group>:<idx>`` for a branch),
+    so Flower shows one task per step and a re-published message is recognisably
+    the same step.
     """
     app.send_task(
         task_name(d.workflow, d.state),
-        args=(d.run_id, d.step_seq),
-        task_id=f"{d.run_id}:{d.step_seq}",
+        args=d.args,
+        task_id=d.task_id,
         queue=queue_for(d.workflow, d.state, app.conf.task_default_queue),
         countdown=d.countdown if d.countdown > 0 else None,
         ignore_result=True,
@@ -39,6 +41,61 @@ def publish(app: Celery, d: Dispatch) -> None:
     logs.event("step_published", 10, run_id=d.run_id, state=d.state, step_seq=d.step_seq)
 
 
-def publish_all(app: Celery, dispatches: tuple[Dispatch, ...] | list[Dispatch]) -> None:
+def publish_all(
+    app: Celery, dispatches: tuple[Dispatch, ...] | list[Dispatch], *, in_chord: bool = False
+) -> None:
+    """Publish ``dispatches``; inside a chord header task, leave the join to the chord body."""
     for d in dispatches:
+        if d.is_join and in_chord:
+            continue
         publish(app, d)
+
+
+def uses_chords(app: Celery) -> bool:
+    """Chords need a result backend; without one the last branch wakes the join itself."""
+    return bool(app.conf.result_backend)
+
+
+def publish_fork(app: Celery, fork: ForkDispatch) -> None:
+    """Start a group's branches: a Celery chord (header = the branches, body = the join)
+    when a result backend is configured, else plain messages.
+
+    The join is exactly-once whatever happens here: the database moves the run to the
+    join in the transaction of its last branch, and a join message finds nothing to
+    claim unless the run is waiting at that join. The chord body is only the fast
+    wake-up; beat re-publishes a join whose wake-up was lost.
+    """
+    if not (fork.chord and uses_chords(app)) or faults.armed("chord_disabled"):
+        publish_all(app, fork.branches)
+        return
+    default = app.conf.task_default_queue
+    header = [
+        app.signature(
+            task_name(d.workflow, d.state),
+            args=d.args,
+            task_id=d.task_id,
+            queue=queue_for(d.workflow, d.state, default),
+            ignore_result=False,  # the chord counts the header's results
+        )
+        for d in fork.branches
+    ]
+    join = fork.join
+    body = app.signature(
+        task_name(join.workflow, join.state),
+        args=join.args,
+        task_id=join.task_id,
+        queue=queue_for(join.workflow, join.state, default),
+        immutable=True,
+    )
+    if faults.armed("chord_callback_lost"):
+        group(header).apply_async()  # a lost callback: only beat's repair wakes the join
+    else:
+        chord(header, body).apply_async()
+    logs.event(
+        "group_published",
+        10,
+        run_id=join.run_id,
+        group_id=fork.group_id,
+        width=len(header),
+        chord=True,
+    )

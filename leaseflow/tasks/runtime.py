@@ -11,6 +11,7 @@ import socket
 import threading
 from dataclasses import dataclass
 
+from leaseflow import embedded
 from leaseflow.heartbeat import LeaseKeeper
 from leaseflow.runner import Runner
 from leaseflow.settings import Settings, get_settings
@@ -61,7 +62,8 @@ def get() -> Runtime:
     global _runtime, _pid
     with _lock:
         if _runtime is None or _pid != os.getpid():
-            settings = _settings or get_settings()
+            # A pool child reuses the server its parent resolved at worker_init.
+            settings = embedded.resolve(_settings or get_settings())
             wid = worker_id()
             store = make_store(settings, application_name=f"leaseflow-worker {wid}"[:63])
             keeper = LeaseKeeper(

@@ -1,0 +1,402 @@
+"""Shared plumbing for the benchmark workloads: scratch Postgres databases and Redis
+dbs, ``celery worker`` subprocesses, a machine fingerprint, percentiles, deadlines.
+
+Everything here cleans up after itself: a :class:`Scratch` stack stops every worker
+it started (its whole process family, found by an environment marker), drops every
+database it created and deletes every Redis key that appeared in its scratch db,
+also on Ctrl-C, SIGTERM or an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN_URL = os.environ.get("LFBENCH_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_BASE = os.environ.get("LFBENCH_REDIS_URL", "redis://127.0.0.1:6379")
+#: The environment variable that marks a benchmark-started process and its descendants.
+MARKER = "LFBENCH_MARKER"
+#: The key that claims a Redis db for one benchmark run.
+CLAIM_KEY = "lfbench:claim"
+
+
+def log(message: str) -> None:
+    """Progress goes to stderr: stdout carries only the fingerprint, table and JSON."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# -- statistics ------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The ``q``-th percentile (0-100), linear between closest ranks (numpy's default)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def spread(values: Sequence[float], digits: int = 2) -> dict[str, float | int | None]:
+    """``{n, p50, p95, max}`` of ``values``, rounded."""
+
+    def r(v: float | None) -> float | None:
+        return None if v is None else round(v, digits)
+
+    return {
+        "n": len(values),
+        "p50": r(percentile(values, 50)),
+        "p95": r(percentile(values, 95)),
+        "max": r(max(values) if values else None),
+    }
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b <= 0:
+        return None
+    return round(a / b, 2)
+
+
+class Deadline:
+    """A time budget: ``check()`` raises once it is spent."""
+
+    def __init__(self, seconds: float, what: str) -> None:
+        self.at = time.monotonic() + seconds
+        self.what = what
+
+    def left(self) -> float:
+        return self.at - time.monotonic()
+
+    def check(self) -> None:
+        if self.left() <= 0:
+            raise TimeoutError(f"{self.what}: time budget spent")
+
+
+# -- fingerprint -----------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def fingerprint() -> dict[str, Any]:
+    """nproc, CPU model, Python, Celery/kombu, PostgreSQL and Redis server versions."""
+    import celery
+    import kombu
+    import psycopg
+    import redis
+
+    info: dict[str, Any] = {
+        "nproc": os.cpu_count(),
+        "cpu": _cpu_model(),
+        "python": platform.python_version(),
+        "celery": celery.__version__,
+        "kombu": kombu.__version__,
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+    }
+    try:
+        with psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=3) as conn:
+            row = conn.execute("SHOW server_version").fetchone()
+            info["postgres"] = row[0].split()[0] if row else "unknown"
+    except psycopg.Error as exc:
+        info["postgres"] = f"unreachable ({exc.__class__.__name__})"
+    try:
+        client = redis.Redis.from_url(f"{REDIS_BASE}/0", socket_connect_timeout=2)
+        info["redis"] = client.info("server").get("redis_version", "unknown")
+        client.close()
+    except redis.RedisError as exc:
+        info["redis"] = f"unreachable ({exc.__class__.__name__})"
+    return info
+
+
+def fingerprint_line(fp: dict[str, Any]) -> str:
+    return (
+        f"fingerprint: nproc={fp['nproc']} cpu={fp['cpu']!r} python={fp['python']} "
+        f"celery={fp['celery']} kombu={fp['kombu']} postgres={fp['postgres']} "
+        f"redis={fp['redis']} loadavg_1m={fp['loadavg_1m']}"
+    )
+
+
+# -- scratch resources -----------------------------------------------------------------
+
+
+class ScratchRedis:
+    """A Redis db of this run's own (never db 0), emptied of what the run created.
+
+    Without an explicit ``db``, claims the first empty db from 15 down to 1 with a
+    ``SET NX`` claim key. At the end it deletes the keys that were not there at the
+    start (never ``FLUSHDB``), then the claim key.
+    """
+
+    def __init__(self, base: str = REDIS_BASE, db: int | None = None) -> None:
+        import redis
+
+        self.base = base.rstrip("/")
+        self.token = uuid.uuid4().hex[:10]
+        candidates = [db] if db is not None else list(range(15, 0, -1))
+        for n in candidates:
+            if n == 0:
+                raise ValueError("db 0 is the shared db: pick another --redis-db")
+            client = redis.Redis.from_url(f"{self.base}/{n}", socket_connect_timeout=3)
+            if db is None and client.dbsize() != 0:
+                client.close()
+                continue
+            if not client.set(CLAIM_KEY, self.token, nx=True, ex=6 * 3600):
+                client.close()
+                continue
+            self.db = n
+            self.client = client
+            self.before = {k for k in client.scan_iter(count=1000)}
+            self.url = f"{self.base}/{n}"
+            return
+        raise RuntimeError(f"no free Redis db among {candidates} at {self.base}")
+
+    def cleanup(self) -> int:
+        """Delete every key created since the start; returns how many."""
+        created = [k for k in self.client.scan_iter(count=1000) if k not in self.before]
+        for i in range(0, len(created), 500):
+            self.client.delete(*created[i : i + 500])
+        if self.client.get(CLAIM_KEY) == self.token.encode():
+            self.client.delete(CLAIM_KEY)
+        self.client.close()
+        return len(created)
+
+
+class ScratchDatabase:
+    """A database ``lf_bench_<random>`` created from scratch and dropped at the end."""
+
+    def __init__(self, suffix: str = "", admin_url: str = ADMIN_URL) -> None:
+        import psycopg
+
+        self.admin_url = admin_url
+        self.name = f"lf_bench_{uuid.uuid4().hex[:10]}{suffix}"
+        with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f'CREATE DATABASE "{self.name}"')
+        base, _, _ = admin_url.rpartition("/")
+        self.url = f"{base}/{self.name}"  # libpq form
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return self.url.replace("postgresql://", "postgresql+psycopg://", 1)
+
+    def migrate(self) -> None:
+        """Alembic to head, then ``VACUUM ANALYZE`` and a ``CHECKPOINT`` (BENCHMARKS.md)."""
+        import psycopg
+
+        from leaseflow import migrations
+
+        migrations.upgrade(self.sqlalchemy_url)
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute("VACUUM ANALYZE")
+            with contextlib.suppress(psycopg.Error):  # needs superuser or pg_checkpoint
+                conn.execute("CHECKPOINT")
+
+    def drop(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self.admin_url, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+
+
+# -- worker subprocesses ---------------------------------------------------------------
+
+
+def _processes_with(marker: str) -> list[int]:
+    """Live (non-zombie) processes whose environment holds ``marker``."""
+    needle = marker.encode() + b"\0"
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle not in (entry / "environ").read_bytes() + b"\0":
+                continue
+            stat = (entry / "stat").read_text()
+            if stat[stat.rindex(")") + 2] in "ZX":
+                continue
+        except (OSError, ValueError):
+            continue
+        found.append(int(entry.name))
+    return found
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The parent environment without ``LEASEFLOW_*``/``LFBENCH_*``, the repo on PYTHONPATH."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("LEASEFLOW_", "LFBENCH_", "CELERY_"))
+    }
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+class CeleryWorker:
+    """A real ``celery -A <app> worker`` subprocess leading its own process group.
+
+    Its environment carries a marker of its own, inherited by the pool children,
+    so :meth:`stop` finds and kills the whole family even if a child escaped.
+    """
+
+    def __init__(
+        self,
+        app: str,
+        *,
+        name: str,
+        queue: str,
+        env: dict[str, str],
+        log_dir: Path,
+        pool: str = "prefork",
+        concurrency: int = 2,
+        loglevel: str = "WARNING",
+    ) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self.marker = uuid.uuid4().hex
+        cmd = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            app,
+            "worker",
+            "-P",
+            pool,
+            "-c",
+            str(concurrency),
+            "-n",
+            f"{name}-{self.marker[:6]}@%h",
+            "-Q",
+            queue,
+            "-l",
+            loglevel,
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ]
+        self._log = open(self.log_path, "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            cmd,
+            env={**env, MARKER: self.marker},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+            start_new_session=True,  # pgid == pid; Ctrl-C in the terminal does not reach it
+        )
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def check(self) -> None:
+        """Raise with the log tail if the worker died."""
+        if not self.alive():
+            raise RuntimeError(
+                f"worker {self.name} exited with {self.proc.returncode}:\n{self.tail()}"
+            )
+
+    def tail(self, chars: int = 3000) -> str:
+        with contextlib.suppress(OSError):
+            return self.log_path.read_text(errors="replace")[-chars:]
+        return ""
+
+    def members(self) -> list[int]:
+        return _processes_with(f"{MARKER}={self.marker}")
+
+    def _signal_group(self, sig: int) -> None:
+        if self.proc.returncode is None:  # the pgid cannot be reused before we reap it
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Warm shutdown (SIGTERM), SIGKILL after ``timeout``, then any straggler."""
+        if self.proc.poll() is None:
+            self._signal_group(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self._signal_group(signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=5)
+        for pid in self.members():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if not self._log.closed:
+            self._log.close()
+
+
+# -- the cleanup stack -----------------------------------------------------------------
+
+
+class Scratch(contextlib.ExitStack):
+    """An exit stack that also turns SIGTERM/SIGHUP into a clean unwind, and owns a
+    log directory (removed on success, kept and named on failure)."""
+
+    def __enter__(self) -> Scratch:
+        super().__enter__()
+        self.log_dir = Path(tempfile.mkdtemp(prefix="lfbench-"))
+        self._old: dict[int, Any] = {}
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            self._old[sig] = signal.signal(sig, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    def defer(self, what: str, fn: Callable[[], Any]) -> None:
+        """Run ``fn`` on the way out; a failing cleanup is reported, not fatal."""
+
+        def guarded() -> None:
+            try:
+                fn()
+            except Exception as exc:
+                log(f"cleanup {what} failed: {exc!r}")
+
+        self.callback(guarded)
+
+    def __exit__(self, *exc: Any) -> bool:
+        try:
+            return bool(super().__exit__(*exc))
+        finally:
+            for sig, old in self._old.items():
+                signal.signal(sig, old)
+            if exc[0] is None:
+                shutil.rmtree(self.log_dir, ignore_errors=True)
+            else:
+                log(f"worker logs kept in {self.log_dir}")
+
+
+@contextlib.contextmanager
+def ignoring_sigint() -> Iterator[None]:
+    """Let a cleanup finish even if Ctrl-C is pressed again."""
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def rotated(items: Sequence[Any], k: int) -> list[Any]:
+    k %= max(1, len(items))
+    return list(items[k:]) + list(items[:k])

@@ -1,0 +1,539 @@
+"""The zero-config path: an embedded PostgreSQL and a filesystem broker under
+LEASEFLOW_HOME, shared by every process of that home and stopped by the last one.
+
+Real servers and real processes: each test gets its own home in a fresh temp dir, and its
+teardown kills what it started and stops what is left of the server, so no
+PostgreSQL outlives a test even when it fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import psycopg
+import pytest
+
+from leaseflow import embedded
+from leaseflow.settings import Settings, get_settings, reset_settings
+from tests.helpers import eventually
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: A leaseflow process of the home in LEASEFLOW_HOME: resolves, reports on stdout, and
+#: keeps its ownership until its stdin closes. With LF_GO_FILE it first says "ready"
+#: and waits for that file, so several start resolving at the same moment.
+OWNER_SCRIPT = r"""
+import json, os, sys, time
+from pathlib import Path
+
+from leaseflow import embedded
+from leaseflow.settings import get_settings
+
+go = os.environ.get("LF_GO_FILE")
+if go:
+    print("ready", flush=True)
+    while not Path(go).exists():
+        time.sleep(0.001)
+settings = embedded.resolve(get_settings())
+server = embedded.ensure_server(embedded.home_dir(settings))
+print(json.dumps({
+    "pid": os.getpid(),
+    "url": settings.database_url,
+    "broker": settings.broker_url,
+    "postmaster": server.postmaster_pid,
+    "env_url": os.environ.get("LEASEFLOW_DATABASE_URL"),
+}), flush=True)
+sys.stdin.read()
+"""
+
+#: Consumes queue ``sys.argv[1]`` of the broker in LEASEFLOW_BROKER_URL until it has
+#: been idle for a second after the file ``sys.argv[2]`` appears; prints what it got.
+CONSUMER_SCRIPT = r"""
+import json, os, sys, time
+from pathlib import Path
+from kombu import Connection, Consumer, Exchange, Queue
+
+name, done = sys.argv[1], Path(sys.argv[2])
+queue = Queue(name, Exchange(name), routing_key=name)
+got = []
+url = os.environ["LEASEFLOW_BROKER_URL"]
+with Connection(url, transport="leaseflow.embedded:FilesystemTransport") as conn:
+    channel = conn.channel()
+    channel.basic_qos(0, 1, False)
+    def on_message(body, message):
+        got.append(body["i"])
+        message.ack()
+    with Consumer(channel, [queue], callbacks=[on_message], accept=["json"]):
+        print("ready", flush=True)
+        idle = time.monotonic()
+        while True:
+            try:
+                conn.drain_events(timeout=0.2)
+                idle = time.monotonic()
+            except TimeoutError:
+                if done.exists() and time.monotonic() - idle > 1.0:
+                    break
+print(json.dumps(got), flush=True)
+"""
+
+EXPORTED = (
+    embedded.ENV_HOME,
+    embedded.ENV_DATABASE_URL,
+    embedded.ENV_BROKER_URL,
+    embedded.ENV_EMBEDDED_URL,
+)
+
+
+def clean_env(home: Path, **extra: str) -> dict[str, str]:
+    """This environment without any LEASEFLOW_* setting, pointed at ``home``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEASEFLOW_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env[embedded.ENV_HOME] = str(home)
+    env.update(extra)
+    return env
+
+
+def postmasters(pgdata: Path) -> set[int]:
+    """The postmasters of ``pgdata`` alive now (its processes whose parent is not one)."""
+    pids = embedded.postgres_pids(pgdata)
+    found = set()
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            if psutil.Process(pid).ppid() not in pids:
+                found.add(pid)
+    return found
+
+
+def owner_files(home: Path) -> set[int]:
+    return (
+        {int(p.name) for p in (home / "owners").iterdir()} if (home / "owners").exists() else set()
+    )
+
+
+def can_query(url: str) -> bool:
+    with psycopg.connect(url.replace("+psycopg", ""), connect_timeout=5) as conn:
+        row = conn.execute("SELECT to_regclass('lf_runs') IS NOT NULL").fetchone()
+    return bool(row and row[0])
+
+
+class Proc:
+    """A subprocess of the test, its stdout read line by line, its stderr in a file."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], log: Path) -> None:
+        self.log_path = log
+        self._log = open(log, "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            cmd,
+            env=env,
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def line(self, timeout: float = 60.0) -> str:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline().decode() if ready else ""
+        if not line:
+            raise AssertionError(f"no output from {self.pid} in {timeout}s:\n{self.log()[-3000:]}")
+        return line.strip()
+
+    def report(self) -> dict[str, Any]:
+        return json.loads(self.line())
+
+    def exit(self, timeout: float = 30.0) -> int:
+        """Close stdin (the owner script then exits normally) and wait."""
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        return self.proc.wait(timeout=timeout)
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def close(self) -> None:
+        self.kill()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                stream.close()
+        self._log.close()
+
+
+class Home:
+    """One test's LEASEFLOW_HOME and every process and server it started there."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.pgdata = embedded.pgdata_dir(path)
+        self.procs: list[Proc] = []
+
+    def owner(self, *, go: Path | None = None) -> Proc:
+        extra = {"LF_GO_FILE": str(go)} if go else {}
+        proc = Proc(
+            [sys.executable, "-c", OWNER_SCRIPT],
+            clean_env(self.path, **extra),
+            self.path.parent / f"owner-{len(self.procs)}.log",
+        )
+        self.procs.append(proc)
+        return proc
+
+    def spawn(self, cmd: list[str], name: str, **extra: str) -> Proc:
+        proc = Proc(cmd, clean_env(self.path, **extra), self.path.parent / f"{name}.log")
+        self.procs.append(proc)
+        return proc
+
+    def settings(self, **values: Any) -> Settings:
+        return Settings(home=self.path, database_url=None, broker_url=None, **values)
+
+    def cleanup(self) -> None:
+        """Kill our processes, stop the server, kill whatever of it is left."""
+        for proc in self.procs:
+            proc.close()
+        embedded.release(self.path)
+        if self.path.exists():
+            embedded.stop(self.path)
+        for pid in embedded.postgres_pids(self.pgdata):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def home() -> Iterator[Home]:
+    """A fresh LEASEFLOW_HOME; afterwards no process or server of it is left.
+
+    Not under pytest's tmp_path: run as root, PostgreSQL runs as another user that
+    must traverse the home's parents, and every pytest session makes its base temp
+    dir private again (which would break a restart). Resolving in this process
+    exports LEASEFLOW_* variables: they are restored too.
+    """
+    saved = {name: os.environ.get(name) for name in EXPORTED}
+    base = Path(tempfile.mkdtemp(prefix="lf-embedded-"))
+    h = Home(base / "home")
+    try:
+        yield h
+    finally:
+        h.cleanup()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        reset_settings()
+    eventually(
+        lambda: not embedded.postgres_pids(h.pgdata),
+        timeout=10,
+        message="every PostgreSQL process of the test's home gone",
+    )
+    shutil.rmtree(base, ignore_errors=True)
+
+
+# -- settings and URLs (no I/O) --------------------------------------------------------
+
+
+def test_defaults_are_pure_and_explicit_urls_cost_nothing(tmp_path: Path):
+    # Given no URLs in the environment
+    settings = Settings(home=tmp_path / "h", database_url=None, broker_url=None)
+    # Then the broker defaults to a directory of the home, and nothing is created
+    assert embedded.broker_url(settings) == f"filesystem://{tmp_path}/h/broker"
+    assert not (tmp_path / "h").exists()
+    # And explicit URLs are returned as they are, without starting anything
+    explicit = settings.model_copy(
+        update={"database_url": "postgresql+psycopg://u@db/x", "broker_url": "redis://r:6379/0"}
+    )
+    assert embedded.resolve(explicit) is explicit
+    assert not (tmp_path / "h").exists()
+    # And the Celery app of the defaults uses the filesystem broker, still without I/O
+    from leaseflow.tasks import celery_app
+
+    app = celery_app.make_app(settings)
+    try:
+        assert app.conf.broker_url == embedded.broker_url(settings)
+        assert app.conf.broker_transport == embedded.FILESYSTEM_TRANSPORT
+        assert celery_app.same_broker(app, settings)
+    finally:
+        celery_app.dispose_app(app)
+    assert not (tmp_path / "h").exists()
+
+
+def test_passwords_are_hidden_when_shown():
+    assert embedded.shown("redis://:s3cret@host:6379/0") == "redis://:***@host:6379/0"
+    assert embedded.shown("postgresql://u:pw@h/db") == "postgresql://u:***@h/db"
+    assert embedded.shown("filesystem:///x/broker") == "filesystem:///x/broker"
+
+
+def test_settings_read_home_and_leave_urls_unset(monkeypatch: pytest.MonkeyPatch):
+    for name in list(os.environ):
+        if name.startswith("LEASEFLOW_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("LEASEFLOW_HOME", "/srv/lf")
+    reset_settings()
+    try:
+        settings = get_settings()
+        assert (settings.database_url, settings.broker_url) == (None, None)
+        assert settings.home == Path("/srv/lf")
+    finally:
+        reset_settings()
+
+
+# -- the embedded server ---------------------------------------------------------------
+
+
+def test_a_fresh_home_gets_a_running_migrated_server(home: Home):
+    # When a leaseflow process resolves a home that does not exist yet
+    owner = home.owner()
+    report = owner.report()
+    # Then it runs one PostgreSQL there, migrated, reachable at the URL it uses
+    assert report["url"].startswith("postgresql+psycopg://postgres@/leaseflow?host=")
+    assert can_query(report["url"])
+    assert postmasters(home.pgdata) == {report["postmaster"]}
+    # And the broker is the filesystem one under the same home
+    assert report["broker"] == f"filesystem://{home.path}/broker"
+    # And it exports the URL for its children, and says once what it uses
+    assert report["env_url"] == report["url"]
+    lines = [line for line in owner.log().splitlines() if line.startswith("leaseflow: ")]
+    assert len(lines) == 1, owner.log()
+    assert lines[0].startswith("leaseflow: database embedded PostgreSQL 18.")
+    assert f"at {home.pgdata} (postgresql://postgres@/leaseflow?host=" in lines[0]
+    assert lines[0].endswith(f"; broker filesystem://{home.path}/broker")
+    # And the home ignores itself in git
+    assert (home.path / ".gitignore").read_text().splitlines()[-1] == "*"
+
+
+def test_a_second_process_reuses_the_server_and_the_last_one_stops_it(home: Home):
+    # Given a process that runs the server
+    first = home.owner()
+    a = first.report()
+    # When a second process of the same home resolves
+    second = home.owner()
+    b = second.report()
+    # Then it gets the same server: same URL, same postmaster, still only one
+    assert (b["url"], b["postmaster"]) == (a["url"], a["postmaster"])
+    assert postmasters(home.pgdata) == {a["postmaster"]}
+    assert owner_files(home.path) == {a["pid"], b["pid"]}
+    # When the first exits, the server stays for the second
+    assert first.exit() == 0
+    assert postmasters(home.pgdata) == {a["postmaster"]}
+    assert can_query(b["url"])
+    # When the last one exits, no PostgreSQL process of that home is left
+    assert second.exit() == 0
+    assert embedded.postgres_pids(home.pgdata) == set()
+    assert owner_files(home.path) == set()
+    assert not (home.pgdata / "postmaster.pid").exists()  # a clean shutdown
+
+
+def test_processes_starting_at_once_share_one_server(home: Home):
+    # Given three processes of one fresh home, each waiting for the same signal
+    go = home.path.parent / "go"
+    procs = [home.owner(go=go) for _ in range(3)]
+    for proc in procs:
+        assert proc.line() == "ready"
+    # When they all resolve at once
+    go.touch()
+    reports = [proc.report() for proc in procs]
+    # Then they share one server: one URL, one postmaster, one data directory
+    assert len({r["url"] for r in reports}) == 1
+    assert len({r["postmaster"] for r in reports}) == 1
+    assert postmasters(home.pgdata) == {reports[0]["postmaster"]}
+    assert not list(home.path.glob("pgdata.init-*"))
+    assert can_query(reports[0]["url"])
+    # And when they have all exited, the server is gone
+    for proc in procs:
+        assert proc.exit() == 0
+    assert embedded.postgres_pids(home.pgdata) == set()
+
+
+def test_a_server_killed_with_everything_is_restarted(home: Home):
+    # Given a server whose owner and postmaster are both killed -9
+    owner = home.owner()
+    before = owner.report()
+    owner.kill()
+    os.kill(before["postmaster"], signal.SIGKILL)
+    eventually(lambda: not postmasters(home.pgdata), timeout=15, message="postmaster dead")
+    assert (home.pgdata / "postmaster.pid").exists()  # stale
+    # When another process resolves the home
+    again = home.owner()
+    after = again.report()
+    # Then it detects the stale server and starts a new one that works
+    assert after["postmaster"] != before["postmaster"]
+    assert postmasters(home.pgdata) == {after["postmaster"]}
+    assert can_query(after["url"])
+    # And the dead owner is forgotten, so the new one is the last and stops it
+    assert owner_files(home.path) == {after["pid"]}
+    assert again.exit() == 0
+    assert embedded.postgres_pids(home.pgdata) == set()
+
+
+def test_a_process_whose_server_died_restarts_it_on_the_next_resolve(home: Home):
+    # Given this process resolved the home, and then its postmaster was killed -9
+    first = embedded.resolve(home.settings())
+    server = embedded.ensure_server(home.path)
+    assert first.database_url == server.url and can_query(server.url)
+    os.kill(server.postmaster_pid, signal.SIGKILL)
+    eventually(lambda: not postmasters(home.pgdata), timeout=15, message="postmaster dead")
+    # When it resolves again
+    second = embedded.resolve(home.settings())
+    # Then it notices and restarts the server, which works
+    restarted = embedded.ensure_server(home.path)
+    assert restarted.postmaster_pid != server.postmaster_pid
+    assert postmasters(home.pgdata) == {restarted.postmaster_pid}
+    assert second.database_url == restarted.url and can_query(restarted.url)
+    # And releasing it, as the last owner, stops it
+    embedded.release(home.path)
+    assert embedded.postgres_pids(home.pgdata) == set()
+
+
+def test_a_home_too_deep_for_a_socket_path_puts_the_socket_in_tmp(home: Home):
+    # Given a home whose data directory is too long a path for a Unix socket
+    home.path = home.path / ("d" * 60) / ("e" * 60)
+    home.pgdata = embedded.pgdata_dir(home.path)
+    # When this process resolves it
+    settings = embedded.resolve(home.settings())
+    # Then the socket lives in a private directory of the temp dir, and the server works
+    assert settings.database_url is not None and can_query(settings.database_url)
+    socket_dir = embedded.ensure_server(home.path).url.partition("?host=")[2]
+    assert socket_dir.startswith(tempfile.gettempdir()) and "leaseflow-pg-" in socket_dir
+    assert os.stat(socket_dir).st_mode & 0o777 == 0o700
+    # And releasing it stops it
+    embedded.release(home.path)
+    assert embedded.postgres_pids(home.pgdata) == set()
+
+
+def test_a_cli_command_runs_on_the_embedded_server_and_stops_it(home: Home):
+    # When `leaseflow runs list` runs with no database or broker configured
+    cli = home.spawn(
+        [sys.executable, "-c", "from leaseflow.cli import main; main()", "runs", "list", "--json"],
+        "cli",
+        LEASEFLOW_WORKFLOWS="tests.workflows.basic",
+    )
+    # Then it answers from a fresh, migrated embedded database
+    assert cli.proc.wait(timeout=60) == 0, cli.log()
+    assert cli.line() == "[]"
+    assert "leaseflow: database embedded PostgreSQL" in cli.log()
+    # And, as the last owner, stops the server when it exits
+    assert (home.pgdata / "PG_VERSION").exists()
+    assert embedded.postgres_pids(home.pgdata) == set()
+    assert owner_files(home.path) == set()
+
+
+# -- the filesystem broker -------------------------------------------------------------
+
+
+def test_two_consumers_never_share_or_lose_a_message(home: Home):
+    # Given two consumer processes on one queue of the filesystem broker
+    url = embedded.broker_url(home.settings())
+    queue = f"q-{uuid.uuid4().hex[:8]}"
+    done = home.path.parent / "published"
+    consumers = [
+        home.spawn(
+            [sys.executable, "-c", CONSUMER_SCRIPT, queue, str(done)],
+            f"consumer-{i}",
+            LEASEFLOW_BROKER_URL=url,
+        )
+        for i in range(2)
+    ]
+    for consumer in consumers:
+        assert consumer.line() == "ready"
+    # When 1,000 messages are published while they consume
+    from kombu import Connection, Exchange, Producer, Queue
+
+    bound = Queue(queue, Exchange(queue), routing_key=queue)
+    with Connection(url, transport=embedded.FILESYSTEM_TRANSPORT) as conn:
+        producer = Producer(conn.default_channel)
+        for i in range(1000):
+            producer.publish({"i": i}, exchange=bound.exchange, routing_key=queue, declare=[bound])
+    done.touch()
+    # Then each message was taken exactly once, by one or the other
+    got = [json.loads(consumer.line(timeout=60)) for consumer in consumers]
+    taken = got[0] + got[1]
+    assert sorted(taken) == list(range(1000)), (len(taken), len(set(taken)))
+    assert got[0] and got[1]  # both consumed
+    for consumer in consumers:
+        consumer.proc.wait(timeout=10)
+
+
+# -- end to end ------------------------------------------------------------------------
+
+
+def test_a_run_completes_with_no_database_or_broker_configured(home: Home):
+    # Given a prefork worker with only LEASEFLOW_HOME and LEASEFLOW_WORKFLOWS set
+    worker = home.spawn(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "leaseflow.tasks",
+            "worker",
+            "-P",
+            "prefork",
+            "-c",
+            "2",
+            "-l",
+            "INFO",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ],
+        "worker",
+        LEASEFLOW_WORKFLOWS="tests.workflows.basic",
+    )
+    eventually(
+        lambda: "ready." in worker.log() or worker.proc.poll() is not None,
+        timeout=60,
+        message="worker ready",
+    )
+    assert worker.proc.poll() is None, worker.log()[-3000:]
+    # When a client of the same home (no URLs either) starts a run of linear5
+    from leaseflow.client import Client
+    from tests.workflows import basic
+
+    with Client(settings=home.settings(workflows=["tests.workflows.basic"])) as client:
+        run_id = client.start(basic.linear, {})
+        run = client.wait_for(run_id, timeout=30)
+        # Then the run completes through its five states
+        assert run.status == "completed"
+        assert [step.state for step in run.steps] == ["s1", "s2", "s3", "s4", "s5"]
+        # And worker and client share one server, owned by the worker's main process
+        # and by this process, never by the pool children
+        assert postmasters(home.pgdata) == {embedded.ensure_server(home.path).postmaster_pid}
+        assert owner_files(home.path) == {worker.pid, os.getpid()}
+    # And the worker said once which database and broker it uses
+    said = [line for line in worker.log().splitlines() if line.startswith("leaseflow: ")]
+    assert said == [
+        f"leaseflow: database embedded PostgreSQL {embedded.ensure_server(home.path).version} "
+        f"at {home.pgdata} (postgresql://postgres@/leaseflow?host={home.pgdata}); "
+        f"broker filesystem://{home.path}/broker"
+    ]
+    # When the client lets go and the worker shuts down warmly, the server stops
+    embedded.release(home.path)
+    assert postmasters(home.pgdata)  # the worker still owns it
+    assert worker.terminate() == 0
+    assert embedded.postgres_pids(home.pgdata) == set()
