@@ -114,7 +114,7 @@ class System(Protocol):
 
     def finished(self, key: str) -> bool: ...
 
-    def measure(self, keys: list[str]) -> dict[str, Sample]: ...
+    def measure(self, keys: list[str], width: int) -> dict[str, Sample]: ...
 
 
 class RunFailed(RuntimeError):
@@ -182,7 +182,7 @@ class LeaseflowSystem:
             raise RunFailed(f"{self.name} run {key} is {row[0]}: {row[1]} {row[2]}")
         return True
 
-    def measure(self, keys: list[str]) -> dict[str, Sample]:
+    def measure(self, keys: list[str], width: int) -> dict[str, Sample]:
         rows = self.conn.execute(
             """
             SELECT r.id::text, r.status, (r.output->>'missing')::int,
@@ -210,7 +210,7 @@ class LeaseflowSystem:
         ).fetchall()
         out = {}
         for run_id, status, missing, join_ms, total_ms, joins, done, groups, fork_ms in rows:
-            ok = status == "completed" and missing == 0 and groups == 1 and done is not None
+            ok = status == "completed" and missing == 0 and groups == 1 and done == width
             out[run_id] = Sample(
                 join_ms=None if join_ms is None else float(join_ms),
                 total_ms=None if total_ms is None else float(total_ms),
@@ -275,7 +275,7 @@ class PlainChordSystem:
         self.drain()
         return key in self.records
 
-    def measure(self, keys: list[str]) -> dict[str, Sample]:
+    def measure(self, keys: list[str], width: int) -> dict[str, Sample]:
         self.drain()
         out = {}
         for label in keys:
@@ -290,7 +290,7 @@ class PlainChordSystem:
                 join_ms=(start - max(h["t1"] for h in headers)) * 1000,
                 total_ms=(start - min(h["t0"] for h in headers)) * 1000,
                 joins=len(records),
-                ok=sorted(h["i"] for h in headers) == list(range(len(headers))),
+                ok=sorted(h["i"] for h in headers) == list(range(width)),
                 extra={"publish_to_body_ms": (start - self.published[label]) * 1000},
             )
         return out
@@ -399,12 +399,12 @@ def run(args: Any) -> int:
                     )
             results[str(width)] = {"runs": n, "warmup": warm, "measured": measured}
         time.sleep(1.0)  # a late duplicate join would show up now
-        for entry in results.values():
+        for width, entry in results.items():
             per_system = {}
             for system in systems:
                 keys = [k for k, _ in entry["measured"][system.name]]
                 walls = [w for _, w in entry["measured"][system.name]]
-                samples = system.measure(keys)
+                samples = system.measure(keys, int(width))
                 per_system[system.name] = _summary([samples[k] for k in keys], walls)
             entry["systems"] = per_system
             del entry["measured"]

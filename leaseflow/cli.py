@@ -386,6 +386,63 @@ def _print_run(run: RunRecord) -> None:
     console.print(details)
     console.print()
     console.print(steps)
+    for group in run.groups:
+        console.print()
+        console.print(_group_table(group))
+
+
+def _group_table(group: dict[str, Any]) -> Any:
+    """One Parallel/Map group: its counters and each branch's state, result or error."""
+    from rich.table import Table
+
+    title = (
+        f"{group['kind']} group {group['id']} (step {group['parent_seq']}): "
+        f"{group['done']} done, {group['failed']} failed of {group['width']}, "
+        f"{group['status']}, join {group['join_state']!r}, {group['on_branch_error']}"
+    )
+    table = Table(title=title, title_justify="left")
+    for column in ("branch", "state", "status", "result / error"):
+        table.add_column(column)
+    for branch in group["branches"]:
+        shown = branch["error"] if branch["error"] else json.dumps(branch["result"], default=str)
+        table.add_row(str(branch["idx"]), branch["state"], branch["status"], _summary(shown))
+    return table
+
+
+# -- demo -------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--crash", is_flag=True, help="SIGKILL the worker mid-state; the reaper recovers.")
+@click.option("-c", "--concurrency", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=1), default=120.0, show_default=True)
+def demo(runs: int, crash: bool, concurrency: int, timeout: float) -> None:
+    """Run the example agent workflow end to end and summarise it.
+
+    With no LEASEFLOW_DATABASE_URL or LEASEFLOW_BROKER_URL it uses an embedded
+    PostgreSQL and a local broker under LEASEFLOW_HOME: nothing to install.
+    """
+    from rich.console import Console
+
+    from leaseflow import demo as demo_mod
+    from leaseflow import embedded
+
+    settings = embedded.resolve(get_settings())
+    try:
+        report = demo_mod.run_demo(
+            settings,
+            runs=runs,
+            crash=crash,
+            concurrency=concurrency,
+            timeout=timeout,
+            console=Console(),
+        )
+    except KeyboardInterrupt:
+        click.echo("interrupted: every process the demo started was stopped", err=True)
+        raise SystemExit(130) from None
+    if not report.ok:
+        raise SystemExit(1)
 
 
 # -- graph ------------------------------------------------------------------------

@@ -46,6 +46,7 @@ class DemoReport:
     failed: int = 0
     unfinished: int = 0
     states: int = 0
+    branches: int = 0
     retries: int = 0
     recovered: int = 0
     leases_expired: int = 0
@@ -153,13 +154,16 @@ _RUNNING_SQL = (
     "SELECT count(*) FROM lf_runs WHERE id = ANY(%s::uuid[]) "
     "AND status = 'running' AND state = 'inferring'"
 )
+_BRANCH_SQL = (
+    "SELECT count(*) FROM lf_branches WHERE run_id = ANY(%s::uuid[]) AND status = 'completed'"
+)
 _STEP_SQL = """
 WITH s AS (
     SELECT run_id, seq, outcome, duration_ms, started_at,
            lag(finished_at) OVER (PARTITION BY run_id ORDER BY seq) AS prev_finished
       FROM lf_steps WHERE run_id = ANY(%s::uuid[])
 )
-SELECT count(*) FILTER (WHERE outcome IN ('next', 'completed', 'failed')),
+SELECT count(*) FILTER (WHERE outcome IN ('next', 'fork', 'completed', 'failed')),
        count(*) FILTER (WHERE outcome = 'retry'),
        count(*) FILTER (WHERE outcome = 'lease_expired'),
        count(DISTINCT run_id) FILTER (WHERE outcome = 'lease_expired'),
@@ -263,6 +267,7 @@ def _summarise(client: Client, report: DemoReport) -> None:
     report.completed = counts.get("completed", 0)
     report.failed = counts.get("failed", 0)
     report.unfinished = report.runs - report.completed - report.failed
+    report.branches = int(_query(client, _BRANCH_SQL, report.run_ids)[0][0])
     row = _query(client, _STEP_SQL, report.run_ids)[0]
     report.states, report.retries, report.leases_expired, report.recovered = map(int, row[:4])
     (report.duration_p50_ms, report.duration_p95_ms, report.hop_p50_ms, report.hop_p95_ms) = (
@@ -278,6 +283,7 @@ def _print(report: DemoReport, console: Console, log_dir: Path) -> None:
     table.add_row("runs failed", str(report.failed))
     table.add_row("runs lost (not finished)", str(report.unfinished))
     table.add_row("states executed", str(report.states))
+    table.add_row("parallel branches executed", str(report.branches))
     table.add_row("retries (delivering fails once per run)", str(report.retries))
     if report.crashed:
         table.add_row("leases expired after the SIGKILL", str(report.leases_expired))

@@ -28,7 +28,8 @@ def test_demo_completes_every_run_and_leaves_no_process(settings):
     assert report.ok, out.getvalue()
     assert (report.completed, report.failed, report.unfinished) == (6, 0, 0)
     assert report.retries == 6
-    assert report.states == 6 * 12
+    assert report.states == 6 * 11  # 10 moves and the fork of 'gather'
+    assert report.branches == 6 * 2  # fetch_docs and fetch_memory, once each
     assert "runs completed" in out.getvalue() and "leaseflow runs show" in out.getvalue()
     assert _demo_processes() == []
 

@@ -1,6 +1,6 @@
 """An AI-agent operation, modelled on a real operation lifecycle.
 
-    received → preprocessing → gather_docs → gather_memory → inferring
+    received → preprocessing → gather ⇉ (fetch_docs ∥ fetch_memory) ⇉ inferring
     inferring ⇄ tool_executing  (until the model needs no more tools)
     inferring → postprocessing → delivering → completed
 
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
-from leaseflow import Complete, Retry, Workflow
+from leaseflow import Complete, Parallel, Retry, Workflow
 
 if TYPE_CHECKING:
     from leaseflow import Context
@@ -55,30 +55,37 @@ def received(ctx: Context[AgentOp]) -> str:
     return "preprocessing"
 
 
-@agent.state(to=["gather_docs"])
+@agent.state(to=["gather"])
 def preprocessing(ctx: Context[AgentOp]) -> str:
     _work(ctx.data)
     if not ctx.data.prompt:
         ctx.data.prompt = "(empty prompt)"
-    return "gather_docs"
+    return "gather"
 
 
-@agent.state(to=["gather_memory"], retry=Retry(max_attempts=3, backoff=0.2))
-def gather_docs(ctx: Context[AgentOp]) -> str:
+@agent.state(to=["inferring"])
+def gather(ctx: Context[AgentOp]) -> Parallel:
+    # Two lookups side by side (a Celery chord when a result backend is configured);
+    # 'inferring' runs once, when both have committed their results.
+    return Parallel(branches=["fetch_docs", "fetch_memory"], join="inferring")
+
+
+@agent.state(branch=True, retry=Retry(max_attempts=3, backoff=0.2))
+def fetch_docs(ctx: Context[AgentOp]) -> list[str]:
     _work(ctx.data)
-    ctx.data.docs = [f"doc-{i}:{ctx.data.prompt[:12]}" for i in range(3)]
-    return "gather_memory"
+    return [f"doc-{i}:{ctx.data.prompt[:12]}" for i in range(3)]
 
 
-@agent.state(to=["inferring"], retry=Retry(max_attempts=3, backoff=0.2))
-def gather_memory(ctx: Context[AgentOp]) -> str:
+@agent.state(branch=True, retry=Retry(max_attempts=3, backoff=0.2))
+def fetch_memory(ctx: Context[AgentOp]) -> list[str]:
     _work(ctx.data)
-    ctx.data.memory = [f"{ctx.data.user} prefers short answers"]
-    return "inferring"
+    return [f"{ctx.data.user} prefers short answers"]
 
 
 @agent.state(to=["tool_executing", "postprocessing"], retry=Retry(max_attempts=4, backoff=0.5))
 def inferring(ctx: Context[AgentOp]) -> str:
+    if ctx.branch_results:  # entered from 'gather': the lookups' results, in order
+        ctx.data.docs, ctx.data.memory = ctx.branch_results
     if ctx.attempt == 1 and ctx.data.tool_calls == 0 and ctx.data.crash_pause_s:
         time.sleep(ctx.data.crash_pause_s)  # a long model call: a good place to crash
     _work(ctx.data, scale=3)

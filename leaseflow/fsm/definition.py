@@ -14,9 +14,10 @@ from leaseflow.fsm import retry as retry_mod
 from leaseflow.fsm import validation
 
 if TYPE_CHECKING:
-    from leaseflow.fsm.outcomes import Outcome
+    pass
 
-StateFn = Callable[[Any], "Outcome"]
+#: A state returns an outcome (a state name, Next, Complete, ...); a branch a JSON value.
+StateFn = Callable[[Any], Any]
 
 #: The pseudo source state of the edge that enters a run's initial state.
 START = ""

@@ -29,6 +29,8 @@ def _mermaid(wf: Workflow, highlight: str | None) -> str:
             lines.append(f"    {spec.name} --> {spec.on_error}: on_error")
         if spec.final:
             lines.append(f"    {spec.name} --> [*]")
+        if spec.branch:  # run by a Parallel/Map, never entered by an edge
+            lines.append(f"    {spec.name}: {spec.name} (branch)")
     if highlight is not None:
         lines.append("    classDef current fill:#fde68a,stroke:#b45309,stroke-width:2px")
         lines.append(f"    class {highlight} current")
@@ -39,6 +41,11 @@ def _dot(wf: Workflow, highlight: str | None) -> str:
     lines = [f'digraph "{wf.name}_v{wf.version}" {{', "    rankdir=LR;"]
     lines.append('    "__start__" [shape=point];')
     for spec in wf.states.values():
+        if spec.branch:  # run by a Parallel/Map, never entered by an edge
+            lines.append(
+                f'    "{spec.name}" [shape=box, style=dashed, label="{spec.name} (branch)"];'
+            )
+            continue
         attrs = ["shape=doublecircle" if spec.final else "shape=box"]
         if spec.name == highlight:
             attrs += ['style="rounded,filled"', 'fillcolor="#fde68a"']
