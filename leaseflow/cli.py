@@ -457,3 +457,7 @@ def demo(runs: int, crash: bool, concurrency: int, timeout: float) -> None:
 def graph(workflow: str, fmt: str, version: int | None) -> None:
     """Print the state graph of WORKFLOW as Mermaid or Graphviz dot."""
     click.echo(graph_mod.render(_workflow(workflow, version), fmt), nl=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -15,8 +15,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +105,26 @@ class _Process:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=5)
         self._log.close()
+
+
+def _interrupt_on_termination() -> Callable[[], None]:
+    """Treat SIGTERM and SIGHUP like Ctrl-C, so that every started process is stopped.
+
+    Returns the function that puts the previous handlers back.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
 
 
 def demo_settings(base: Settings, *, crash: bool) -> Settings:
@@ -198,6 +220,7 @@ def run_demo(
     report = DemoReport(runs=runs, crashed=crash)
     processes: list[_Process] = []
     started = time.monotonic()
+    restore = _interrupt_on_termination()
     try:
         with console.status("starting a worker and beat ..."):
             worker = _worker("worker1", settings, log_dir, concurrency)
@@ -218,6 +241,7 @@ def run_demo(
         report.wall_s = time.monotonic() - started
         for proc in reversed(processes):
             proc.stop()
+        restore()
     _print(report, console, log_dir)
     return report
 

@@ -42,3 +42,40 @@ def test_demo_crash_recovers_every_run_through_the_reaper(settings):
     assert report.recovered >= 1  # the SIGKILLed runs came back through the reaper
     assert "SIGKILL" in out.getvalue() and "recovered by the reaper" in out.getvalue()
     assert _demo_processes() == []
+
+
+def test_ctrl_c_stops_every_process_the_demo_started(settings, db, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, eventually, settings_env
+
+    # Given a demo running from the command line (Ctrl-C reaches its process group)
+    log = tmp_path / "demo.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "leaseflow.cli", "demo", "--runs", "200"],
+            env=settings_env(settings),
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+    try:
+        eventually(lambda: _demo_processes(), timeout=60, message="demo workers started")
+        eventually(
+            lambda: db.execute("SELECT count(*) FROM lf_steps").fetchone()[0] > 0,
+            timeout=60,
+            message="runs under way",
+        )
+        # When the user presses Ctrl-C
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # Then it exits as interrupted and leaves no worker or beat behind
+    assert code == 130, log.read_text(errors="replace")[-3000:]
+    assert "stopped" in log.read_text(errors="replace")
+    assert _demo_processes() == []
