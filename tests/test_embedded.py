@@ -70,7 +70,7 @@ name, done = sys.argv[1], Path(sys.argv[2])
 queue = Queue(name, Exchange(name), routing_key=name)
 got = []
 url = os.environ["LEASEFLOW_BROKER_URL"]
-with Connection(url, transport="leaseflow.embedded:FilesystemTransport") as conn:
+with Connection(url, transport="leaseflow.fsbroker:FilesystemTransport") as conn:
     channel = conn.channel()
     channel.basic_qos(0, 1, False)
     def on_message(body, message):
