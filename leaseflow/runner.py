@@ -204,24 +204,16 @@ class Runner:
     def _execute(
         self, wf: Workflow, spec: StateSpec, claim: Claim, ctx: StateContext[Any]
     ) -> StepResult:
-        t0 = time.perf_counter()
+        outcome, raised = _call(wf, spec, ctx)
+        if raised is not None:
+            return self._commit(claim, self._on_error(wf, spec, claim, raised))
         try:
-            outcome = spec.fn(ctx)
-        except Exception as exc:
-            metrics.STEP_SECONDS.labels(wf.name, spec.name).observe(time.perf_counter() - t0)
-            return self._commit(claim, self._on_error(wf, spec, claim, exc))
-        metrics.STEP_SECONDS.labels(wf.name, spec.name).observe(time.perf_counter() - t0)
-        if isinstance(outcome, Parallel | Map):
-            transition, fork = self._on_fork(wf, spec, claim, ctx, outcome)
-            if fork is not None:
-                try:
+            if isinstance(outcome, Parallel | Map):
+                transition, fork = self._on_fork(wf, spec, claim, ctx, outcome)
+                if fork is not None:
                     return self._commit_fork(claim, transition, fork, ctx._in_commit)
-                except errors.InCommitError as exc:
-                    cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
-                    return self._commit(claim, self._on_error(wf, spec, claim, cause))
-            return self._commit(claim, transition)
-        transition, accepted = self._on_outcome(wf, spec, claim, ctx, outcome)
-        try:
+                return self._commit(claim, transition)
+            transition, accepted = self._on_outcome(wf, spec, claim, ctx, outcome)
             return self._commit(claim, transition, ctx._in_commit if accepted else ())
         except errors.InCommitError as exc:  # rolled back with the transition
             cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
@@ -588,17 +580,16 @@ class Runner:
     def _execute_branch(
         self, wf: Workflow, spec: StateSpec, claim: BranchClaim, ctx: StateContext[Any]
     ) -> StepResult:
-        t0 = time.perf_counter()
-        try:
-            result = spec.fn(ctx)
-        except Exception as exc:
-            metrics.STEP_SECONDS.labels(wf.name, spec.name).observe(time.perf_counter() - t0)
-            decision = spec.retry.decide(claim.attempt, exc, self.rand())
-            error = f"{type(exc).__name__}: {exc} (attempt {claim.attempt} of {claim.max_attempts})"
+        result, raised = _call(wf, spec, ctx)
+        if raised is not None:
+            decision = spec.retry.decide(claim.attempt, raised, self.rand())
+            error = (
+                f"{type(raised).__name__}: {raised} "
+                f"(attempt {claim.attempt} of {claim.max_attempts})"
+            )
             if decision.retry:
                 return self._finish_branch(claim, "retry", error=error, delay=decision.delay)
             return self._finish_branch(claim, "failed", error=error)
-        metrics.STEP_SECONDS.labels(wf.name, spec.name).observe(time.perf_counter() - t0)
         try:
             checkpoint.dumps(result, what="branch result", limit=self.max_checkpoint_bytes)
         except errors.PayloadTooLarge as exc:
@@ -693,6 +684,18 @@ class Runner:
             current_seq=peek.step_seq if peek else None,
         )
         return StepResult("skipped")
+
+
+def _call(wf: Workflow, spec: StateSpec, ctx: StateContext[Any]) -> tuple[Any, Exception | None]:
+    """Run the state function with no transaction open: ``(returned, None)`` or
+    ``(None, exception)``; its duration goes to the step histogram either way."""
+    t0 = time.perf_counter()
+    try:
+        return spec.fn(ctx), None
+    except Exception as exc:
+        return None, exc
+    finally:
+        metrics.STEP_SECONDS.labels(wf.name, spec.name).observe(time.perf_counter() - t0)
 
 
 def branch_dispatches(
