@@ -59,6 +59,8 @@ class DemoReport:
     wall_s: float = 0.0
     crashed: bool = False
     run_ids: list[str] = field(default_factory=list)
+    #: The process groups (one per worker or beat) the demo started and stopped.
+    process_groups: list[int] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -241,6 +243,7 @@ def run_demo(
         report.wall_s = time.monotonic() - started
         for proc in reversed(processes):
             proc.stop()
+        report.process_groups = [proc.proc.pid for proc in processes]
         restore()
     _print(report, console, log_dir)
     return report

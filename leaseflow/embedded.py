@@ -365,7 +365,9 @@ def _prepare_user(home: Path) -> str | None:
         return None
     bin_dir, utils = _pg()
     utils.ensure_user_exists(user)
-    for folder in [home, *home.parents]:  # g+x,o+x: traversable, not listable
+    # The home and the wheel's binaries may sit below a private (0700) directory,
+    # e.g. a checkout in mkdtemp: make every ancestor traversable (g+x,o+x), not listable.
+    for folder in {home, *home.parents, *bin_dir.parents}:
         mode = folder.stat().st_mode
         if mode & 0o011 != 0o011:
             folder.chmod(mode | 0o011)

@@ -24,6 +24,10 @@ class Settings(BaseSettings):
     result_backend: str | None = None
     workflows: Annotated[list[str], NoDecode] = Field(default_factory=list)
     default_queue: str = "leaseflow"
+    #: The queue of the beat jobs; every leaseflow worker consumes it besides its -Q
+    #: queues, so a backlog of states never starves the reaper. Default
+    #: ``<default_queue>.beat``.
+    beat_queue: str | None = None
 
     lease_ttl: float = Field(60.0, gt=0)
     heartbeat_interval: float = Field(15.0, gt=0)
@@ -53,6 +57,10 @@ class Settings(BaseSettings):
             if value.startswith(prefix):
                 return "postgresql+psycopg://" + value[len(prefix) :]
         return value
+
+    @property
+    def maintenance_queue(self) -> str:
+        return self.beat_queue or f"{self.default_queue}.beat"
 
     @property
     def libpq_url(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import psutil
 from rich.console import Console
@@ -10,13 +11,16 @@ from rich.console import Console
 from leaseflow import demo
 
 
-def _demo_processes() -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if "leaseflow-demo-" in cmdline or "-n worker1@" in cmdline or "-n worker2@" in cmdline:
-            found.append(proc)
-    return found
+def _alive_in(groups: list[int]) -> list[psutil.Process]:
+    """Live processes in any of these process groups (a worker and its pool children)."""
+    alive = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) in groups and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return alive
 
 
 def test_demo_completes_every_run_and_leaves_no_process(settings):
@@ -31,7 +35,8 @@ def test_demo_completes_every_run_and_leaves_no_process(settings):
     assert report.states == 6 * 11  # 10 moves and the fork of 'gather'
     assert report.branches == 6 * 2  # fetch_docs and fetch_memory, once each
     assert "runs completed" in out.getvalue() and "leaseflow runs show" in out.getvalue()
-    assert _demo_processes() == []
+    assert len(report.process_groups) == 2  # a worker and a beat
+    assert _alive_in(report.process_groups) == []
 
 
 def test_demo_crash_recovers_every_run_through_the_reaper(settings):
@@ -41,7 +46,8 @@ def test_demo_crash_recovers_every_run_through_the_reaper(settings):
     assert report.unfinished == 0
     assert report.recovered >= 1  # the SIGKILLed runs came back through the reaper
     assert "SIGKILL" in out.getvalue() and "recovered by the reaper" in out.getvalue()
-    assert _demo_processes() == []
+    assert len(report.process_groups) == 3  # worker1 (killed), beat, worker2
+    assert _alive_in(report.process_groups) == []
 
 
 def test_ctrl_c_stops_every_process_the_demo_started(settings, db, tmp_path):
@@ -62,8 +68,13 @@ def test_ctrl_c_stops_every_process_the_demo_started(settings, db, tmp_path):
             stderr=subprocess.STDOUT,
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
+
+    def started() -> list[int]:
+        children = psutil.Process(proc.pid).children()
+        return [c.pid for c in children] if len(children) >= 2 else []
+
     try:
-        eventually(lambda: _demo_processes(), timeout=60, message="demo workers started")
+        groups = eventually(started, timeout=60, message="demo worker and beat started")
         eventually(
             lambda: db.execute("SELECT count(*) FROM lf_steps").fetchone()[0] > 0,
             timeout=60,
@@ -78,4 +89,4 @@ def test_ctrl_c_stops_every_process_the_demo_started(settings, db, tmp_path):
     # Then it exits as interrupted and leaves no worker or beat behind
     assert code == 130, log.read_text(errors="replace")[-3000:]
     assert "stopped" in log.read_text(errors="replace")
-    assert _demo_processes() == []
+    assert _alive_in(groups) == []

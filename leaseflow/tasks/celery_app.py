@@ -67,14 +67,21 @@ def make_app(settings: Settings | None = None) -> Celery:
             "leaseflow-reaper": {
                 "task": REAP_TASK,
                 "schedule": timedelta(seconds=settings.reaper_interval),
-                "options": {"expires": max(1.0, settings.reaper_interval * 2)},
+                "options": {
+                    "expires": max(1.0, settings.reaper_interval * 2),
+                    "queue": settings.maintenance_queue,
+                },
             },
             "leaseflow-dispatcher": {
                 "task": DISPATCH_TASK,
                 "schedule": timedelta(seconds=settings.dispatch_interval),
-                "options": {"expires": max(1.0, settings.dispatch_interval * 2)},
+                "options": {
+                    "expires": max(1.0, settings.dispatch_interval * 2),
+                    "queue": settings.maintenance_queue,
+                },
             },
         },
+        leaseflow_maintenance_queue=settings.maintenance_queue,
     )
     _register_beat_tasks(app)
 
@@ -172,6 +179,16 @@ def prepare_worker() -> None:
         20,
         workflows=",".join(f"{wf.name}@v{wf.version}" for wf in workflows) or "none",
     )
+
+
+@signals.celeryd_after_setup.connect
+def _consume_maintenance_queue(sender: Any = None, instance: Any = None, **_: Any) -> None:
+    """Every worker also consumes the beat queue, whatever its -Q: the reaper and the
+    dispatcher must run even while the state queues hold a backlog."""
+    application = getattr(instance, "app", None)
+    queue = getattr(getattr(application, "conf", None), "leaseflow_maintenance_queue", None)
+    if application is not None and queue:
+        application.amqp.queues.select_add(queue)
 
 
 @signals.worker_init.connect

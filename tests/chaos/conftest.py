@@ -1,0 +1,78 @@
+"""The chaos suite runs only when asked: ``pytest -m chaos`` or ``LEASEFLOW_CHAOS=1``.
+
+A plain ``pytest`` deselects it (the engine tests stay fast). Each scenario's line
+is written as it ends, and the session ends with the total line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.chaos.harness import Harness, Result, current_profile, harness
+
+HERE = Path(__file__).resolve().parent
+RESULTS: list[Result] = []
+
+
+def chaos_requested(config: pytest.Config) -> bool:
+    """``-m`` names the chaos marker (not negated), or ``LEASEFLOW_CHAOS=1``."""
+    if os.environ.get("LEASEFLOW_CHAOS") == "1":
+        return True
+    expr = config.getoption("markexpr", default="") or ""
+    return bool(re.search(r"\bchaos\b", expr)) and not re.search(r"\bnot\s+chaos\b", expr)
+
+
+def _is_chaos(item: pytest.Item) -> bool:
+    return item.get_closest_marker("chaos") is not None or HERE in Path(item.path).parents
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if chaos_requested(config):
+        return
+    chosen = [item for item in items if _is_chaos(item)]
+    if chosen:
+        config.hook.pytest_deselected(items=chosen)
+        items[:] = [item for item in items if not _is_chaos(item)]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if not RESULTS:
+        return
+    total = {
+        key: sum(getattr(r, key) for r in RESULTS)
+        for key in ("runs", "lost", "dup", "double_joins", "fenced_rejections")
+    }
+    terminalreporter.write_sep("-", f"chaos ({current_profile().name} profile)")
+    terminalreporter.write_line(
+        f"chaos total: faults={len(RESULTS)} runs={total['runs']} lost={total['lost']} "
+        f"dup={total['dup']} double_joins={total['double_joins']} "
+        f"fenced_rejections={total['fenced_rejections']}"
+    )
+
+
+@pytest.fixture
+def chaos(database_url: str, tmp_path: Path) -> Iterator[Harness]:
+    """A scenario's harness; every process it started is gone afterwards."""
+    with harness(database_url, tmp_path, current_profile()) as h:
+        yield h
+
+
+@pytest.fixture
+def report(request: pytest.FixtureRequest):
+    """Record a scenario's result and write its line at once (even under capture)."""
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+
+    def write(result: Result) -> None:
+        RESULTS.append(result)
+        if reporter is not None:
+            reporter.ensure_newline()
+            reporter.write_line(result.line())
+        else:  # pragma: no cover - no terminal (e.g. -p no:terminal)
+            print(result.line())
+
+    return write

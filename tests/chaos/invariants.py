@@ -1,0 +1,253 @@
+"""The invariants of ``/work/shared/FAULTS.md``, each one SQL query over the ledger.
+
+An :class:`Invariant`'s query returns the *offending rows*; it holds when they equal
+``expected`` (nothing, by default). Adding one is a few lines in :data:`INVARIANTS`.
+Queries take named parameters:
+
+- ``submitted``: the ids of every run the harness started (``uuid[]``);
+- ``budgets``: ``workflow|state|max_attempts`` strings of the chaos workflows, the
+  attempt budget of each state and branch (``text[]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tests.chaos import workflows
+
+TERMINAL = ("completed", "failed", "cancelled", "timed_out")
+#: Outcomes of a step whose transition committed the state's effect with it.
+EFFECT_OUTCOMES = ("next", "completed", "fork")
+
+
+@dataclass(frozen=True)
+class Invariant:
+    """``sql`` returns the offending rows; the invariant holds when they equal ``expected``.
+
+    ``applies`` selects the faults it is checked for (default: every fault).
+    """
+
+    name: str
+    doc: str
+    sql: str
+    expected: Sequence[Any] = ()
+    applies: Callable[[Any], bool] = lambda fault: True
+
+    def check(self, conn: Any, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        """The offending rows (empty when the invariant holds)."""
+        rows = [tuple(r) for r in conn.execute(self.sql, params).fetchall()]
+        return [] if rows == [tuple(r) for r in self.expected] else rows
+
+
+def budgets() -> list[str]:
+    """``workflow|state|max_attempts`` for every state of the chaos workflows."""
+    return [
+        f"{wf.name}|{spec.name}|{spec.retry.max_attempts}"
+        for wf in workflows.WORKFLOWS
+        for spec in wf.states.values()
+    ]
+
+
+_BUDGET = """
+budget AS (
+    SELECT split_part(b, '|', 1) AS workflow, split_part(b, '|', 2) AS state,
+           split_part(b, '|', 3)::int AS max_attempts
+      FROM unnest(%(budgets)s::text[]) AS b
+)"""
+
+INVARIANTS: list[Invariant] = [
+    # -- I1: no run lost or stuck -----------------------------------------------------------
+    Invariant(
+        "I1 every submitted run exists",
+        "a submitted id with no lf_runs row",
+        """SELECT s.id::text FROM unnest(%(submitted)s::uuid[]) AS s(id)
+            WHERE NOT EXISTS (SELECT 1 FROM lf_runs r WHERE r.id = s.id)""",
+    ),
+    Invariant(
+        "I1 count(runs) = submitted",
+        "a run nobody submitted (count(lf_runs) must equal the submitted count)",
+        "SELECT id::text, workflow, status FROM lf_runs WHERE id <> ALL(%(submitted)s::uuid[])",
+    ),
+    Invariant(
+        "I1 every run terminal",
+        "a run still pending, running or waiting after quiescence",
+        f"""SELECT id::text, workflow, state, status, step_seq, attempt, lease_owner
+              FROM lf_runs WHERE status NOT IN {TERMINAL!r}""",
+    ),
+    Invariant(
+        "I1 every run completed",
+        "a run that failed (each state has attempts to spare for one fault)",
+        """SELECT id::text, workflow, state, status, error_code, left(error, 200)
+             FROM lf_runs WHERE status <> 'completed'""",
+    ),
+    Invariant(
+        "I1 no branch or group left open",
+        "a branch or group still active once its run is terminal",
+        """SELECT 'branch', b.group_id, b.idx, b.status FROM lf_branches b
+            WHERE b.status IN ('held', 'pending', 'running')
+           UNION ALL
+           SELECT 'group', g.id, NULL, g.status FROM lf_groups g WHERE g.status = 'running'""",
+    ),
+    # -- I2: no state's effect committed twice ---------------------------------------------
+    Invariant(
+        "I2 one effect per (run, seq)",
+        "chaos_effects holds two rows for one step of a run",
+        """SELECT run_id::text, seq, count(*), array_agg(state), array_agg(token::text)
+             FROM chaos_effects GROUP BY run_id, seq HAVING count(*) > 1""",
+    ),
+    Invariant(
+        "I2 one effect per (run, state)",
+        "a state's effect committed twice (every chaos workflow visits a state once)",
+        """SELECT run_id::text, state, count(*), array_agg(seq), array_agg(token::text)
+             FROM chaos_effects GROUP BY run_id, state HAVING count(*) > 1""",
+    ),
+    # -- I3: transitions legal and gap-free --------------------------------------------------
+    Invariant(
+        "I3 step seqs gap-free",
+        "a run whose lf_steps seqs are not 1..max, or whose step_seq is not max + 1",
+        """SELECT r.id::text, r.step_seq, count(s.seq), min(s.seq), max(s.seq)
+             FROM lf_runs r LEFT JOIN lf_steps s ON s.run_id = r.id
+            GROUP BY r.id
+           HAVING count(s.seq) <> coalesce(max(s.seq), 0) OR min(s.seq) <> 1
+               OR r.step_seq <> coalesce(max(s.seq), 0) + 1""",
+    ),
+    Invariant(
+        "I3 moves registered",
+        "a step's (state, next_state) that lf_transitions does not hold",
+        """SELECT s.run_id::text, s.seq, s.state, s.next_state FROM lf_steps s
+             JOIN lf_runs r ON r.id = s.run_id
+            WHERE s.outcome = 'next' AND NOT EXISTS (
+                  SELECT 1 FROM lf_transitions t
+                   WHERE t.workflow = r.workflow AND t.version = r.version
+                     AND t.from_state = s.state AND t.to_state = s.next_state)""",
+    ),
+    Invariant(
+        "I3 steps chain",
+        "a step whose state is not where the step before it led (or the initial state)",
+        """WITH s AS (
+               SELECT s.*, lag(s.seq) OVER w AS p_seq, lag(s.state) OVER w AS p_state,
+                      lag(s.outcome) OVER w AS p_outcome, lag(s.next_state) OVER w AS p_next
+                 FROM lf_steps s WINDOW w AS (PARTITION BY s.run_id ORDER BY s.seq))
+           SELECT s.run_id::text, s.seq, s.p_state, s.p_outcome, s.p_next, s.state
+             FROM s JOIN lf_runs r ON r.id = s.run_id
+             LEFT JOIN lf_groups g ON g.run_id = s.run_id AND g.parent_seq = s.p_seq
+            WHERE (s.p_seq IS NULL AND NOT EXISTS (
+                      SELECT 1 FROM lf_transitions t
+                       WHERE t.workflow = r.workflow AND t.version = r.version
+                         AND t.from_state = '' AND t.to_state = s.state))
+               OR (s.p_seq IS NOT NULL AND s.state IS DISTINCT FROM CASE s.p_outcome
+                      WHEN 'next' THEN s.p_next
+                      WHEN 'fork' THEN g.join_state
+                      WHEN 'retry' THEN s.p_state
+                      WHEN 'lease_expired' THEN s.p_state
+                   END)""",
+    ),
+    # -- I4: effects fenced by the committing lease ------------------------------------------
+    Invariant(
+        "I4 effect token = step token",
+        "a committed step without its effect, an effect without its step, or tokens differ",
+        f"""SELECT coalesce(s.run_id, e.run_id)::text, coalesce(s.seq, e.seq), s.state,
+                  s.outcome, s.lease_token::text, e.token::text
+             FROM (SELECT * FROM lf_steps WHERE outcome IN {EFFECT_OUTCOMES!r}) s
+             FULL JOIN chaos_effects e ON e.run_id = s.run_id AND e.seq = s.seq
+            WHERE s.lease_token IS DISTINCT FROM e.token""",
+    ),
+    Invariant(
+        "I4 fenced rejections observed",
+        "a zombie fault with no refused commit (lf_workers.leases_lost sum = 0)",
+        """SELECT coalesce(sum(leases_lost), 0) FROM lf_workers
+           HAVING coalesce(sum(leases_lost), 0) = 0""",
+        applies=lambda fault: fault.fenced,
+    ),
+    # -- I5: every join exactly once, with every branch ----------------------------------------
+    Invariant(
+        "I5 one join per group",
+        "a joined group whose join ran other than once, or one that did not join",
+        """SELECT g.id, g.run_id::text, g.status, g.done, g.failed, g.width,
+                  count(s.seq) AS joins
+             FROM lf_groups g
+             LEFT JOIN lf_steps s ON s.run_id = g.run_id AND s.state = g.join_state
+                  AND s.seq > g.parent_seq AND s.outcome NOT IN ('retry', 'lease_expired')
+            GROUP BY g.id
+           HAVING g.status <> 'joined' OR count(s.seq) <> 1 OR g.done <> g.width
+               OR g.failed <> 0""",
+    ),
+    Invariant(
+        "I5 join saw every branch",
+        "a join whose effect does not hold all W branch results, distinct and in order",
+        """SELECT e.run_id::text, g.width, e.detail FROM chaos_effects e
+             JOIN lf_groups g ON g.run_id = e.run_id AND e.state = g.join_state
+            WHERE jsonb_array_length(e.detail -> 'results') <> g.width
+               OR e.detail -> 'errors' <> '{}'::jsonb
+               OR EXISTS (SELECT 1 FROM jsonb_array_elements(e.detail -> 'results')
+                                  WITH ORDINALITY AS x(v, n)
+                           WHERE (x.v ->> 'index')::int IS DISTINCT FROM (x.n - 1)::int)""",
+    ),
+    Invariant(
+        "I5 one group per fan-out run",
+        "a completed fan-out run with other than one joined group",
+        """SELECT r.id::text, count(g.id) FROM lf_runs r
+             LEFT JOIN lf_groups g ON g.run_id = r.id AND g.status = 'joined'
+            WHERE r.workflow = 'chaos_fan' AND r.status = 'completed'
+            GROUP BY r.id HAVING count(g.id) <> 1""",
+    ),
+    # -- I7: attempts within budget ---------------------------------------------------------
+    Invariant(
+        "I7 run attempts within budget",
+        "lf_runs.attempt above max_attempts",
+        "SELECT id::text, state, attempt, max_attempts FROM lf_runs WHERE attempt > max_attempts",
+    ),
+    Invariant(
+        "I7 step attempts within the state's budget",
+        "a step or branch attempt above its state's Retry.max_attempts",
+        f"""WITH {_BUDGET}
+           SELECT 'step', s.run_id::text, s.state, s.attempt, b.max_attempts
+             FROM lf_steps s JOIN lf_runs r ON r.id = s.run_id
+             JOIN budget b ON b.workflow = r.workflow AND b.state = s.state
+            WHERE s.attempt > b.max_attempts
+           UNION ALL
+           SELECT 'branch', br.run_id::text, br.state, br.attempt, br.max_attempts
+             FROM lf_branches br WHERE br.attempt > br.max_attempts""",
+    ),
+    Invariant(
+        "I7 one reap per expiry",
+        "two lease_expired rows for one (run, state, attempt)",
+        """SELECT run_id::text, state, attempt, count(*) FROM lf_steps
+            WHERE outcome = 'lease_expired' GROUP BY run_id, state, attempt
+           HAVING count(*) > 1""",
+    ),
+]
+
+
+def violations(conn: Any, params: dict[str, Any], fault: Any) -> dict[str, list[tuple[Any, ...]]]:
+    """``{invariant name: offending rows}`` of every invariant that does not hold."""
+    out: dict[str, list[tuple[Any, ...]]] = {}
+    for invariant in INVARIANTS:
+        if invariant.applies(fault):
+            rows = invariant.check(conn, params)
+            if rows:
+                out[invariant.name] = rows
+    return out
+
+
+# -- the numbers of the summary line ----------------------------------------------------------
+
+STATS = {
+    "lost": f"""SELECT count(*) FROM unnest(%(submitted)s::uuid[]) AS s(id)
+                 WHERE NOT EXISTS (SELECT 1 FROM lf_runs r
+                                    WHERE r.id = s.id AND r.status IN {TERMINAL!r})""",
+    "dup": """SELECT count(*) FROM (SELECT 1 FROM chaos_effects GROUP BY run_id, state
+                                     HAVING count(*) > 1) d""",
+    "double_joins": """SELECT count(*) FROM (
+                           SELECT 1 FROM lf_groups g JOIN lf_steps s ON s.run_id = g.run_id
+                                  AND s.state = g.join_state AND s.seq > g.parent_seq
+                                  AND s.outcome NOT IN ('retry', 'lease_expired')
+                            GROUP BY g.id HAVING count(*) > 1) d""",
+    "fenced_rejections": "SELECT coalesce(sum(leases_lost), 0)::int FROM lf_workers",
+}
+
+
+def stats(conn: Any, params: dict[str, Any]) -> dict[str, int]:
+    return {name: int(conn.execute(sql, params).fetchone()[0]) for name, sql in STATS.items()}
