@@ -8,7 +8,11 @@ import sys
 
 #: Subcommand -> module. A workload module defines HELP, add_arguments(parser), run(args).
 WORKLOADS = {
+    "calibrate": "benchmarks.calibrate",
+    "linear": "benchmarks.linear",
     "fanout": "benchmarks.fanout",
+    "recovery": "benchmarks.recovery",
+    "backlog": "benchmarks.backlog",
 }
 
 

@@ -1,0 +1,531 @@
+"""W1 linear throughput (backlog drain): leaseflow vs a plain Celery chain vs a
+"naive durable" Celery chain, 5 no-op states per run.
+
+Three systems, each drained by its own real ``celery worker`` subprocess (prefork -c 2,
+JSON, acks_late, prefetch 1, no result backend) on the same Redis server and scratch db,
+back to back (the order rotated every round). For each system and round: all runs are
+enqueued first, then the worker is started; it is stopped once every run is finished.
+
+  leaseflow     ``benchmarks/workflows.py`` ``linear_bench``: s1 -> s2 -> s3 -> s4 -> s5
+                -> Complete, on a fresh migrated database; runs started with ``Client``.
+  naive         ``benchmarks/chains.py`` ``naive_step``: a bare Celery task per state over
+                raw psycopg: claim UPDATE (1 commit), a lease-gated UPDATE + step INSERT
+                (1 transaction), then publish the next task. Its own fresh database.
+  plain         ``benchmarks/chains.py``: ``chain(tick.si() x 5)``, no database; each
+                ``tick`` is one Redis ``INCR`` (to find the first start and last end).
+
+Metrics:
+  states/s      states ÷ (last state end - first state start). leaseflow: ``lf_steps``
+                (``started_at`` = claim, ``finished_at`` = commit; database clock);
+                naive: ``naive_steps`` likewise; plain: the first tick's start and the last
+                tick's end (``time.time()``, host clock).
+  commits/state Δ ``pg_stat_database.xact_commit`` of the system's own database from just
+                before the worker starts to just after it stopped (its backends exit, which
+                flushes their statistics), minus the benchmark's own polling transactions,
+                minus the idle rate measured for ``--idle-s`` beforehand, ÷ states.
+  statements/state  Δ ``pg_stat_statements.calls`` when that extension is loaded
+                (``shared_preload_libraries``); otherwise reported as unavailable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import time
+from typing import Any
+
+from benchmarks.common import (
+    ADMIN_URL,
+    CeleryWorker,
+    Deadline,
+    Scratch,
+    ScratchDatabase,
+    ScratchRedis,
+    clean_env,
+    fingerprint,
+    fingerprint_line,
+    ignoring_sigint,
+    log,
+    percentile,
+    ratio,
+    rotated,
+)
+
+HELP = "W1: leaseflow 5-state runs vs plain Celery chain vs naive durable chain"
+
+STATES = 5
+PROFILES = {"full": 2000, "quick": 300}
+SYSTEMS = ("leaseflow", "naive", "plain")
+
+
+def _systems(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = sorted(set(names) - set(SYSTEMS))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown systems {unknown}; choose from {SYSTEMS}")
+    return names
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runs", type=int, help="runs per system and round (full 2000, quick 300)")
+    p.add_argument("--quick", action="store_true", help="quick profile: 300 runs, 1 round")
+    p.add_argument("--rounds", type=int, default=1, help="rounds (order rotated); default 1")
+    p.add_argument("--systems", type=_systems, default=list(SYSTEMS), help=",".join(SYSTEMS))
+    p.add_argument("--concurrency", type=int, default=2, help="worker -c (default 2)")
+    p.add_argument("--pool", default="prefork", help="worker -P (default prefork)")
+    p.add_argument("--idle-s", type=float, default=3.0, help="idle-rate window before a drain")
+    p.add_argument("--redis-db", type=int, help="Redis db to use (default: a free one, 15..1)")
+    p.add_argument("--loglevel", default="WARNING", help="worker -l (default WARNING)")
+    p.add_argument("--budget", type=float, default=900.0, help="give up after this many s")
+
+
+# -- database statistics ---------------------------------------------------------------
+
+
+def _xact_commit(dbname: str) -> int:
+    import psycopg
+
+    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = %s", (dbname,)
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _statements(url: str) -> int | None:
+    """Total ``pg_stat_statements.calls`` of this database, or None if unavailable."""
+    import psycopg
+
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT sum(calls) FROM pg_stat_statements s JOIN pg_database d "
+                "ON d.oid = s.dbid WHERE d.datname = current_database()"
+            ).fetchone()
+            return int(row[0] or 0)
+    except psycopg.Error:
+        return None
+
+
+def pg_stat_statements_status() -> str:
+    import psycopg
+
+    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+        libs = conn.execute("SHOW shared_preload_libraries").fetchone()
+        avail = conn.execute(
+            "SELECT 1 FROM pg_available_extensions WHERE name = 'pg_stat_statements'"
+        ).fetchone()
+    if libs and "pg_stat_statements" in libs[0]:
+        return "loaded"
+    if avail:
+        return "installed but not in shared_preload_libraries: statements/state unavailable"
+    return "not installed: statements/state unavailable"
+
+
+# -- the systems ---------------------------------------------------------------------------
+
+
+class Drain:
+    """One system's drain: enqueue, idle window, worker, wait, stop, figures."""
+
+    name: str
+
+    def __init__(self, scratch: Scratch, redis: ScratchRedis, args: Any, tag: str) -> None:
+        self.scratch = scratch
+        self.redis = redis
+        self.args = args
+        self.queue = f"lfbench-{self.name}-{redis.token}-{tag}"
+        self.db: ScratchDatabase | None = None
+        self.polls = 0
+
+    def worker(self, app: str, env: dict[str, str]) -> CeleryWorker:
+        w = CeleryWorker(
+            app,
+            name=f"{self.name}-{self.queue[-4:]}",
+            queue=self.queue,
+            env=env,
+            log_dir=self.scratch.log_dir,
+            pool=self.args.pool,
+            concurrency=self.args.concurrency,
+            loglevel=self.args.loglevel,
+        )
+        self.scratch.defer(f"stop worker {self.name}", w.stop)
+        return w
+
+    def new_db(self) -> ScratchDatabase:
+        db = ScratchDatabase()
+        self.scratch.defer(f"drop database {db.name}", db.drop)
+        self.db = db
+        return db
+
+    def enqueue(self, runs: int) -> None:
+        raise NotImplementedError
+
+    def start_worker(self) -> CeleryWorker:
+        raise NotImplementedError
+
+    def done(self) -> int:
+        raise NotImplementedError
+
+    def span(self) -> tuple[int, float | None]:
+        """``(states, seconds from first state start to last state end)``."""
+        raise NotImplementedError
+
+    def run(self, runs: int, deadline: Deadline) -> dict[str, Any]:
+        t0 = time.monotonic()
+        self.enqueue(runs)
+        enqueue_s = time.monotonic() - t0
+        idle = None
+        stmts0 = None
+        if self.db is not None:
+            c0 = _xact_commit(self.db.name)
+            time.sleep(self.args.idle_s)
+            c1 = _xact_commit(self.db.name)
+            idle = max(0, c1 - c0) / self.args.idle_s
+            stmts0 = _statements(self.db.url)
+        log(f"{self.name}: {runs} runs enqueued in {enqueue_s:.1f}s; starting the worker")
+        started = time.monotonic()
+        worker = self.start_worker()
+        for _ in range(100_000):
+            if self.done() >= runs:
+                break
+            worker.check()
+            deadline.check()
+            time.sleep(0.2)
+        drain_wall = time.monotonic() - started
+        worker.stop()
+        c2 = None
+        if self.db is not None:
+            import psycopg
+
+            self.conn.close()  # its polls' statistics are flushed when the backend exits
+            time.sleep(0.6)  # the exited backends' statistics reach pg_stat_database
+            c2 = _xact_commit(self.db.name)
+            stmts1 = _statements(self.db.url) if stmts0 is not None else None
+            self.conn = psycopg.connect(self.db.url, autocommit=True)
+            self.scratch.defer("close connection", self.conn.close)
+        states, span_s = self.span()
+        out: dict[str, Any] = {
+            "runs": runs,
+            "states": states,
+            "enqueue_s": round(enqueue_s, 2),
+            "drain_s": None if span_s is None else round(span_s, 3),
+            "states_per_s": round(states / span_s, 1) if span_s else None,
+            "runs_per_s": round(states / STATES / span_s, 1) if span_s else None,
+            "worker_wall_s": round(drain_wall, 2),
+        }
+        if c2 is not None:
+            delta = c2 - c1 - self.polls
+            idle_part = (idle or 0.0) * drain_wall
+            out["xact_commit_delta"] = c2 - c1
+            out["benchmark_polls"] = self.polls
+            out["idle_commits_per_s"] = round(idle or 0.0, 2)
+            out["commits_per_state"] = round((delta - idle_part) / states, 3) if states else None
+            out["statements_per_state"] = (
+                round((stmts1 - stmts0 - self.polls) / states, 3)
+                if stmts0 is not None and stmts1 is not None and states
+                else None
+            )
+        return out
+
+
+class LeaseflowDrain(Drain):
+    name = "leaseflow"
+
+    def enqueue(self, runs: int) -> None:
+        import psycopg
+
+        from benchmarks import workflows
+        from leaseflow.client import Client
+        from leaseflow.settings import Settings
+
+        db = self.new_db()
+        db.migrate()
+        settings = Settings(
+            database_url=db.sqlalchemy_url,
+            broker_url=self.redis.url,
+            default_queue=self.queue,
+            workflows=["benchmarks.workflows"],
+        )
+        self.env = clean_env(
+            LEASEFLOW_DATABASE_URL=db.sqlalchemy_url,
+            LEASEFLOW_BROKER_URL=self.redis.url,
+            LEASEFLOW_DEFAULT_QUEUE=self.queue,
+            LEASEFLOW_WORKFLOWS="benchmarks.workflows",
+        )
+        client = Client(settings=settings)
+        try:
+            for _ in range(runs):
+                client.start(workflows.linear_bench, {})
+        finally:
+            client.close()
+        self.conn = psycopg.connect(db.url, autocommit=True)
+        self.scratch.defer("close connection", self.conn.close)
+
+    def start_worker(self) -> CeleryWorker:
+        return self.worker("leaseflow.tasks", self.env)
+
+    def done(self) -> int:
+        self.polls += 1
+        row = self.conn.execute(
+            "SELECT count(*) FILTER (WHERE status = 'completed'),"
+            " count(*) FILTER (WHERE status NOT IN ('pending', 'running', 'completed'))"
+            " FROM lf_runs"
+        ).fetchone()
+        if row[1]:
+            raise RuntimeError(f"leaseflow: {row[1]} runs ended other than completed")
+        return int(row[0])
+
+    def span(self) -> tuple[int, float | None]:
+        row = self.conn.execute(
+            "SELECT count(*), extract(epoch FROM max(finished_at) - min(started_at))::float8"
+            " FROM lf_steps WHERE outcome <> 'lease_expired'"
+        ).fetchone()
+        return int(row[0]), row[1]
+
+
+class NaiveDrain(Drain):
+    name = "naive"
+
+    def enqueue(self, runs: int) -> None:
+        import psycopg
+
+        from benchmarks import chains
+
+        db = self.new_db()
+        # A backend flushes its statistics when it exits (else up to 10 s after it went
+        # idle): the set-up session ends here so that none of its commits land late.
+        with psycopg.connect(db.url, autocommit=True) as setup:
+            setup.execute(chains.SCHEMA)
+            setup.execute(
+                "INSERT INTO naive_runs (id) SELECT g FROM generate_series(1, %s) g", (runs,)
+            )
+            setup.execute("VACUUM ANALYZE naive_runs")
+            setup.execute("VACUUM ANALYZE naive_steps")
+        self.conn = psycopg.connect(db.url, autocommit=True)
+        self.scratch.defer("close connection", self.conn.close)
+        self.env = clean_env(
+            LFBENCH_BROKER_URL=self.redis.url,
+            LFBENCH_QUEUE=self.queue,
+            LFBENCH_DATABASE_URL=db.url,
+        )
+        app = chains.make_app(self.redis.url, self.queue, db.url)
+        try:
+            step = app.tasks[chains.NAIVE_STEP]
+            with app.producer_or_acquire() as producer:
+                for run_id in range(1, runs + 1):
+                    step.apply_async((run_id, 1, STATES), producer=producer)
+        finally:
+            app.close()
+
+    def start_worker(self) -> CeleryWorker:
+        return self.worker("benchmarks.chains", self.env)
+
+    def done(self) -> int:
+        self.polls += 1
+        row = self.conn.execute(
+            "SELECT count(*) FROM naive_runs WHERE status = 'completed'"
+        ).fetchone()
+        return int(row[0])
+
+    def span(self) -> tuple[int, float | None]:
+        row = self.conn.execute(
+            "SELECT count(*), extract(epoch FROM max(finished_at) - min(started_at))::float8"
+            " FROM naive_steps"
+        ).fetchone()
+        return int(row[0]), row[1]
+
+
+class PlainDrain(Drain):
+    name = "plain"
+
+    def enqueue(self, runs: int) -> None:
+        from celery import chain
+
+        from benchmarks import chains
+
+        self.key = f"lfbench:{self.redis.token}:{self.queue}:ticks"
+        self.total = runs * STATES
+        self.env = clean_env(LFBENCH_BROKER_URL=self.redis.url, LFBENCH_QUEUE=self.queue)
+        app = chains.make_app(self.redis.url, self.queue)
+        try:
+            tick = app.tasks[chains.TICK]
+            with app.producer_or_acquire() as producer:
+                for _ in range(runs):
+                    links = [tick.si(self.key, self.total) for _ in range(STATES)]
+                    chain(*links, app=app).apply_async(producer=producer)
+        finally:
+            app.close()
+
+    def start_worker(self) -> CeleryWorker:
+        return self.worker("benchmarks.chains", self.env)
+
+    def done(self) -> int:
+        return int(self.redis.client.get(self.key) or 0) // STATES
+
+    def span(self) -> tuple[int, float | None]:
+        first = self.redis.client.get(f"{self.key}:first")
+        last = self.redis.client.get(f"{self.key}:last")
+        states = int(self.redis.client.get(self.key) or 0)
+        if first is None or last is None:
+            return states, None
+        return states, float(last) - float(first)
+
+
+DRAINS = {"leaseflow": LeaseflowDrain, "naive": NaiveDrain, "plain": PlainDrain}
+
+
+def run(args: Any) -> int:
+    profile = "quick" if args.quick else "full"
+    runs = args.runs or PROFILES[profile]
+    if args.runs:
+        profile = f"{profile}+runs={runs}"
+    fp = fingerprint()
+    print(fingerprint_line(fp), flush=True)
+    pgss = pg_stat_statements_status()
+    log(f"pg_stat_statements: {pgss}")
+    began = time.monotonic()
+    deadline = Deadline(args.budget, "linear benchmark")
+    rounds: list[dict[str, Any]] = []
+    with Scratch() as scratch:
+        redis = ScratchRedis(db=args.redis_db)
+
+        def clean_redis() -> None:
+            with ignoring_sigint():
+                log(f"removed {redis.cleanup()} Redis keys from db {redis.db}")
+
+        scratch.defer("Redis keys", clean_redis)
+        for r in range(args.rounds):
+            per: dict[str, Any] = {}
+            for name in rotated(args.systems, r):
+                drain = DRAINS[name](scratch, redis, args, f"r{r}")
+                per[name] = drain.run(runs, deadline)
+                log(f"round {r + 1} {name}: {per[name]}")
+                if drain.db is not None:
+                    with ignoring_sigint():
+                        drain.db.drop()
+            rounds.append(per)
+        with ignoring_sigint():
+            log("stopping workers, dropping databases")
+    report = _report(fp, args, profile, runs, rounds, pgss, time.monotonic() - began)
+    _print_table(report)
+    print(json.dumps(report, separators=(",", ":")), flush=True)
+    return 0
+
+
+def _median(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return None if not vals else round(percentile(vals, 50) or 0.0, 3)
+
+
+def _report(
+    fp: dict[str, Any],
+    args: Any,
+    profile: str,
+    runs: int,
+    rounds: list[dict[str, Any]],
+    pgss: str,
+    elapsed: float,
+) -> dict[str, Any]:
+    systems: dict[str, Any] = {}
+    for name in args.systems:
+        results = [r[name] for r in rounds if name in r]
+        systems[name] = {
+            "states_per_s": _median([x["states_per_s"] for x in results]),
+            "states_per_s_all": [x["states_per_s"] for x in results],
+            "commits_per_state": _median([x.get("commits_per_state") for x in results]),
+            "statements_per_state": _median([x.get("statements_per_state") for x in results]),
+            "rounds": results,
+        }
+
+    def r(a: str, b: str) -> float | None:
+        if a not in systems or b not in systems:
+            return None
+        return ratio(systems[a]["states_per_s"], systems[b]["states_per_s"])
+
+    lf = systems.get("leaseflow", {})
+    per_round: dict[str, list[float | None]] = {}
+    for a, b in (("leaseflow", "plain"), ("leaseflow", "naive"), ("naive", "plain")):
+        if a in systems and b in systems:
+            per_round[f"{a}/{b}"] = [
+                ratio(rnd[a]["states_per_s"], rnd[b]["states_per_s"]) for rnd in rounds
+            ]
+    return {
+        "benchmark": "W1-linear",
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "profile": profile,
+        "fingerprint": fp,
+        "config": {
+            "runs": runs,
+            "states_per_run": STATES,
+            "rounds": args.rounds,
+            "pool": args.pool,
+            "concurrency": args.concurrency,
+            "broker": "redis (scratch db)",
+            "result_backend": None,
+            "acks_late": True,
+            "prefetch": 1,
+            "enqueue_first": True,
+            "idle_s": args.idle_s,
+            "pg_stat_statements": pgss,
+        },
+        "systems": systems,
+        "ratios": {
+            "leaseflow/plain": r("leaseflow", "plain"),
+            "leaseflow/naive": r("leaseflow", "naive"),
+            "naive/plain": r("naive", "plain"),
+        },
+        "ratios_per_round": per_round,
+        "targets": {
+            "leaseflow_ge_50pct_plain": (r("leaseflow", "plain") or 0) >= 0.5,
+            "leaseflow_ge_80pct_naive": (r("leaseflow", "naive") or 0) >= 0.8,
+            # to two decimals: worker start-up and lf_workers heartbeats add ~0.003
+            "commits_per_state_le_2": round(lf.get("commits_per_state") or 99, 2) <= 2.0,
+        },
+        "elapsed_s": round(elapsed, 1),
+        "loadavg_1m_end": round(os.getloadavg()[0], 2),
+    }
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.1f}" if value >= 10 else f"{value:.3g}"
+    return str(value)
+
+
+def _print_table(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"W1 linear: {report['config']['runs']} runs x 5 no-op states")
+    for column in (
+        "system",
+        "states/s (median)",
+        "states/s (rounds)",
+        "commits/state",
+        "statements/state",
+        "drain s",
+    ):
+        table.add_column(column, justify="left" if column == "system" else "right")
+    for name, f in report["systems"].items():
+        table.add_row(
+            name,
+            _fmt(f["states_per_s"]),
+            ", ".join(_fmt(v) for v in f["states_per_s_all"]),
+            "-" if f["commits_per_state"] is None else f"{f['commits_per_state']:.3f}",
+            _fmt(f["statements_per_state"]) if f["statements_per_state"] is not None else "n/a",
+            ", ".join(_fmt(x["drain_s"]) for x in f["rounds"]),
+        )
+    console = Console(width=140)
+    console.print(table)
+    ratios = Table(title="throughput ratios (same run)")
+    ratios.add_column("ratio")
+    ratios.add_column("value", justify="right")
+    for name, value in report["ratios"].items():
+        ratios.add_row(name, _fmt(value) + "x" if value is not None else "-")
+    console.print(ratios)
+    console.print(f"pg_stat_statements: {report['config']['pg_stat_statements']}")
