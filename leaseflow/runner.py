@@ -580,23 +580,28 @@ class Runner:
     def _execute_branch(
         self, wf: Workflow, spec: StateSpec, claim: BranchClaim, ctx: StateContext[Any]
     ) -> StepResult:
-        result, raised = _call(wf, spec, ctx)
-        if raised is not None:
-            decision = spec.retry.decide(claim.attempt, raised, self.rand())
-            error = (
-                f"{type(raised).__name__}: {raised} "
-                f"(attempt {claim.attempt} of {claim.max_attempts})"
-            )
-            if decision.retry:
-                return self._finish_branch(claim, "retry", error=error, delay=decision.delay)
-            return self._finish_branch(claim, "failed", error=error)
-        try:
-            checkpoint.dumps(result, what="branch result", limit=self.max_checkpoint_bytes)
-        except errors.PayloadTooLarge as exc:
-            return self._finish_branch(claim, "failed", error=f"{errors.PAYLOAD_TOO_LARGE}: {exc}")
-        except (TypeError, ValueError) as exc:
-            return self._finish_branch(claim, "failed", error=f"result is not JSON: {exc}")
-        return self._finish_branch(claim, "completed", result=result)
+        result, failure = _call(wf, spec, ctx)
+        if failure is None:
+            try:
+                checkpoint.dumps(result, what="branch result", limit=self.max_checkpoint_bytes)
+            except errors.PayloadTooLarge as exc:
+                error = f"{errors.PAYLOAD_TOO_LARGE}: {exc}"
+                return self._finish_branch(claim, "failed", error=error)
+            except (TypeError, ValueError) as exc:
+                return self._finish_branch(claim, "failed", error=f"result is not JSON: {exc}")
+            try:
+                return self._finish_branch(
+                    claim, "completed", result=result, callbacks=ctx._in_commit
+                )
+            except errors.InCommitError as exc:  # rolled back with the branch's result
+                failure = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
+        decision = spec.retry.decide(claim.attempt, failure, self.rand())
+        error = (
+            f"{type(failure).__name__}: {failure} (attempt {claim.attempt} of {claim.max_attempts})"
+        )
+        if decision.retry:
+            return self._finish_branch(claim, "retry", error=error, delay=decision.delay)
+        return self._finish_branch(claim, "failed", error=error)
 
     def _finish_branch(
         self,
@@ -606,6 +611,7 @@ class Runner:
         result: Any = None,
         error: str | None = None,
         delay: float = 0.0,
+        callbacks: Sequence[InCommit] = (),
     ) -> StepResult:
         faults.point("before_commit", run_id=claim.run_id, state=claim.state, branch=claim.idx)
         outcome = BranchOutcome(
@@ -617,7 +623,7 @@ class Runner:
             error=error,
             delay=delay,
         )
-        done = self.store.commit_branch(outcome)
+        done = self.store.commit_branch(outcome, callbacks=callbacks)
         if done is None:
             return self._lease_lost(claim.run_id, claim.state, None, claim.lease_token)
         metrics.STEPS.labels(f"branch_{status}").inc()

@@ -127,6 +127,9 @@ class PostgresStore:
         except errors.StoreUnavailable as exc:
             if isinstance(exc.__cause__, PoolTimeout):
                 raise
+            # The server may have dropped every idle connection (a restart, a
+            # terminated backend): test them all and replace the broken ones.
+            self._get_pool().check()
             with self.connection() as conn:
                 return fn(conn)
 
@@ -267,10 +270,11 @@ class PostgresStore:
                 group_id=row[11],
             )
 
-        # A claim is not idempotent (a retried statement could claim twice), but a
-        # claim whose reply was lost is harmless: the lease expires and is reaped.
-        with self.connection() as conn:
-            return do(conn)
+        # Retried once on a fresh connection when the pooled one was dropped (an idle
+        # connection the server closed). If the first claim did land and only its
+        # reply was lost, the retry finds the run running and claims nothing: the
+        # orphaned lease expires and the reaper hands the run on.
+        return self._with_retry(do)
 
     def peek(self, run_id: str) -> Peek | None:
         def do(conn: psycopg.Connection[Any]) -> Peek | None:
@@ -294,23 +298,28 @@ class PostgresStore:
         sql = queries.COMMIT_STAY if tr.next_state is None else queries.COMMIT_MOVE
         params = self._commit_params(tr, dispatch_timeout)
         try:
+            return self._commit_once(sql, params, tr.run_id, callbacks)
+        except errors.StoreUnavailable:
+            # The connection broke: did our COMMIT land before it did? If not, the
+            # lease may still hold: the fenced commit is safe to send once more.
+            if self._committed_by(tr.run_id, tr.lease_token):  # on checked connections
+                return True
+            return self._commit_once(sql, params, tr.run_id, callbacks)
+
+    def _commit_once(
+        self, sql: str, params: dict[str, Any], run_id: str, callbacks: Sequence[InCommit]
+    ) -> bool:
+        try:
             with self.connection() as conn:
                 if not callbacks:
                     return conn.execute(sql, params).fetchone() is not None
                 with conn.transaction():
                     if conn.execute(sql, params).fetchone() is None:
                         raise _Rollback
-                    for callback in callbacks:
-                        try:
-                            callback(conn)
-                        except Exception as exc:
-                            raise errors.InCommitError(tr.run_id, repr(exc)) from exc
+                    _run_callbacks(conn, run_id, callbacks)
                 return True
         except _Rollback:
             return False
-        except errors.StoreUnavailable:
-            # The connection broke: did our COMMIT land before it did?
-            return self._committed_by(tr.run_id, tr.lease_token)
 
     def _commit_params(
         self, tr: Transition, dispatch_timeout: float | None = None
@@ -425,11 +434,7 @@ class PostgresStore:
                         "items": [None if item is None else Jsonb(item) for item in items],
                     },
                 )
-                for callback in callbacks:
-                    try:
-                        callback(conn)
-                    except Exception as exc:
-                        raise errors.InCommitError(tr.run_id, repr(exc)) from exc
+                _run_callbacks(conn, tr.run_id, callbacks)
             return int(group_id), tr.step_seq + 1
         except _Rollback:
             return None
@@ -437,11 +442,12 @@ class PostgresStore:
     def claim_branch(
         self, group_id: int, idx: int, *, owner: str, ttl: float
     ) -> BranchClaim | None:
-        with self.connection() as conn:
-            row = conn.execute(
-                queries.CLAIM_BRANCH,
-                {"group_id": group_id, "idx": idx, "owner": owner, "ttl": ttl},
-            ).fetchone()
+        params = {"group_id": group_id, "idx": idx, "owner": owner, "ttl": ttl}
+
+        def do(conn: psycopg.Connection[Any]) -> tuple[Any, ...] | None:
+            return conn.execute(queries.CLAIM_BRANCH, params).fetchone()
+
+        row = self._with_retry(do)  # as claim(): a lost reply only orphans a lease
         if row is None:
             return None
         return BranchClaim(
@@ -471,7 +477,13 @@ class PostgresStore:
 
         return self._with_retry(do)
 
-    def commit_branch(self, out: BranchOutcome, *, expired: bool = False) -> BranchCommit | None:
+    def commit_branch(
+        self,
+        out: BranchOutcome,
+        *,
+        expired: bool = False,
+        callbacks: Sequence[InCommit] = (),
+    ) -> BranchCommit | None:
         """Record a branch's attempt, fenced by its lease; None when the lease was lost.
 
         A final result (completed or failed) counts on the group row with a
@@ -508,6 +520,7 @@ class PostgresStore:
                 ).fetchone()
                 if row is None:
                     raise _Rollback
+                _run_callbacks(conn, row[0], callbacks)
                 return self._count_branch_txn(conn, row[0], out)
         except _Rollback:
             return None
@@ -672,6 +685,17 @@ class PostgresStore:
             return [_run_record(row) for row in conn.execute(sql, params)]
 
         return self._with_retry(do)
+
+
+def _run_callbacks(
+    conn: psycopg.Connection[Any], run_id: str, callbacks: Sequence[InCommit]
+) -> None:
+    """``ctx.in_commit`` callbacks, inside the transition's transaction."""
+    for callback in callbacks:
+        try:
+            callback(conn)
+        except Exception as exc:
+            raise errors.InCommitError(run_id, repr(exc)) from exc
 
 
 def _run_record(

@@ -1,7 +1,9 @@
 """The chaos suite runs only when asked: ``pytest -m chaos`` or ``LEASEFLOW_CHAOS=1``.
 
-A plain ``pytest`` deselects it (the engine tests stay fast). Each scenario's line
-is written as it ends, and the session ends with the total line.
+A plain ``pytest`` neither imports nor runs its modules (so the chaos workflows are
+not declared in that process); any chaos item that still gets collected is
+deselected. Each scenario's line is written as it ends, and the session ends with
+the total line.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.chaos.harness import Harness, Result, current_profile, harness
+if TYPE_CHECKING:  # imported lazily: a plain run must not even declare the chaos workflows
+    from tests.chaos.harness import Harness, Result
 
 HERE = Path(__file__).resolve().parent
 RESULTS: list[Result] = []
@@ -25,6 +29,15 @@ def chaos_requested(config: pytest.Config) -> bool:
         return True
     expr = config.getoption("markexpr", default="") or ""
     return bool(re.search(r"\bchaos\b", expr)) and not re.search(r"\bnot\s+chaos\b", expr)
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """Not asked for: the chaos modules are not even imported (no workflows declared)."""
+    if chaos_requested(config) or HERE not in collection_path.parents:
+        return None
+    if collection_path.suffix == ".py" and collection_path.name.startswith("test_"):
+        return True
+    return None
 
 
 def _is_chaos(item: pytest.Item) -> bool:
@@ -43,6 +56,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     if not RESULTS:
         return
+    from tests.chaos.harness import current_profile
+
     total = {
         key: sum(getattr(r, key) for r in RESULTS)
         for key in ("runs", "lost", "dup", "double_joins", "fenced_rejections")
@@ -58,6 +73,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
 @pytest.fixture
 def chaos(database_url: str, tmp_path: Path) -> Iterator[Harness]:
     """A scenario's harness; every process it started is gone afterwards."""
+    from tests.chaos.harness import current_profile, harness
+
     with harness(database_url, tmp_path, current_profile()) as h:
         yield h
 

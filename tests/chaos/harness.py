@@ -26,12 +26,11 @@ import signal
 import socket
 import subprocess
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
@@ -46,6 +45,9 @@ from tests.helpers import (
     kill_leaked,
     leaked_processes,
 )
+
+if TYPE_CHECKING:
+    from tests.chaos.faults import Fault
 
 LEASE_TTL = 2.0
 QUEUE = "chaos"
@@ -122,9 +124,13 @@ class RedisServer(_Subprocess):
         ]
         self._spawn(cmd, dict(os.environ))
 
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+    def members(self) -> list[tuple[int, str]]:
+        """The server while it lives. Redis rewrites its process title over its
+        environment, so the helpers' environment marker cannot find it; it forks no
+        child (no RDB, no AOF), so its own pid is the whole family."""
+        if self.proc.poll() is None and not gone(self.pid):
+            return [(self.pid, f"redis-server 127.0.0.1:{self.port}")]
+        return []
 
     def ping(self) -> bool:
         import redis
@@ -148,13 +154,12 @@ class RedisServer(_Subprocess):
         return self
 
     def shutdown_nosave(self) -> None:
-        """``SHUTDOWN NOSAVE``: every queued and unacked message is gone."""
-        import redis
-
-        client = redis.Redis(port=self.port, socket_connect_timeout=1)
-        with contextlib.suppress(redis.ConnectionError):
-            client.shutdown(nosave=True)
-        client.close()
+        """``redis-cli shutdown nosave``: every queued and unacked message is gone."""
+        subprocess.run(
+            ["redis-cli", "-p", str(self.port), "shutdown", "nosave"],
+            capture_output=True,
+            timeout=10,
+        )
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -200,11 +205,11 @@ class Harness:
         self._restarts = 0
         self._mix = 0
         self.port = free_port()
-        self.redis = self._start_redis()
+        broker = f"redis://127.0.0.1:{self.port}"
         self.settings = Settings(
             database_url=database_url,
-            broker_url=self.redis.url,
-            result_backend=self.redis.url.replace("/0", "/1"),  # chords: a result backend
+            broker_url=f"{broker}/0",
+            result_backend=f"{broker}/1",  # branches run as chords
             default_queue=QUEUE,
             workflows=[WORKFLOW_MODULE],
             lease_ttl=LEASE_TTL,
@@ -213,11 +218,21 @@ class Harness:
             dispatch_interval=0.5,
             dispatch_timeout=3.0,
         )
+        self.redis: RedisServer | None = None
+        self.db: psycopg.Connection[Any] | None = None
+        self.client: Client | None = None
+
+    def open(self) -> Harness:
+        """Start the private Redis; connect to the database; create ``chaos_effects``."""
+        self.redis = self._start_redis()
         self.db = psycopg.connect(
-            database_url.replace("+psycopg", ""), autocommit=True, application_name="chaos-harness"
+            self.database_url.replace("+psycopg", ""),
+            autocommit=True,
+            application_name="chaos-harness",
         )
         workflows.create_effects_table(self.db)
         self.client = Client(settings=self.settings)
+        return self
 
     # -- processes -------------------------------------------------------------------------
 
@@ -348,6 +363,9 @@ class Harness:
 
     def stop_all(self) -> None:
         """Warm-stop every worker and beat (SIGKILL after a timeout), then Redis."""
+        for proc in self.started:  # a frozen Redis or worker would stall the others' stop
+            for pid, _ in proc.members():
+                signal_pid(pid, signal.SIGCONT)
         errors: list[BaseException] = []
         for proc in [p for p in self.started if not isinstance(p, RedisServer)]:
             try:
@@ -367,10 +385,12 @@ class Harness:
         try:
             self.stop_all()
         finally:
-            with contextlib.suppress(Exception):
-                self.client.close()
-            with contextlib.suppress(Exception):
-                self.db.close()
+            if self.client is not None:
+                with contextlib.suppress(Exception):
+                    self.client.close()
+            if self.db is not None:
+                with contextlib.suppress(Exception):
+                    self.db.close()
             try:
                 eventually(
                     lambda: not leaked_processes(self.started),  # type: ignore[arg-type]
@@ -389,11 +409,11 @@ def harness(database_url: str, log_dir: Path, profile: Profile) -> Iterator[Harn
     """A :class:`Harness` whose processes are all gone afterwards, even on failure."""
     h = Harness(database_url, log_dir, profile)
     try:
-        yield h
+        yield h.open()
     finally:
         leaked = h.close()
-        if leaked:
-            raise AssertionError(f"processes outlived the scenario: {leaked}")
+    if leaked:  # only when the scenario itself raised nothing: never mask its error
+        raise AssertionError(f"processes outlived the scenario: {leaked}")
 
 
 # -- scenarios -------------------------------------------------------------------------------
@@ -436,7 +456,7 @@ def batches(total: int, rounds: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(rounds)]
 
 
-def run_scenario(h: Harness, fault: Any) -> Result:
+def run_scenario(h: Harness, fault: Fault) -> Result:
     """Run ``fault`` against ``h`` per its profile; the result holds every violation.
 
     ``recovery_s`` is the longest, over the rounds, of the time (database clock) from
@@ -510,11 +530,3 @@ def stopped(worker: WorkerProcess) -> bool:
             stat = Path(f"/proc/{pid}/stat").read_text()
             states.append(stat[stat.rindex(")") + 2])
     return bool(states) and all(s == "T" for s in states)
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-SIGNALS: dict[str, int] = {"kill": signal.SIGKILL, "term": signal.SIGTERM}
-Trigger = Callable[[Harness], Any]

@@ -190,3 +190,24 @@ def fan_leave(ctx: Any) -> Any:
 WORKFLOWS = (linear, slow, flaky, fan)
 #: The submitted mix, in rotation: the slow and fan-out runs keep leases in flight.
 MIX = (linear, slow, flaky, fan, slow)
+
+
+# -- a branch that records its effect (not in the mix: see test_engine_gaps.py) ------------
+
+marked = Workflow("chaos_branch_effect", context=Chaos)
+
+
+@marked.state(initial=True, to=["tally"], retry=RETRY)
+def spread(ctx: Any) -> Parallel:
+    return Parallel(branches=["mark"] * ctx.data.width, join="tally")
+
+
+@marked.state(branch=True, retry=RETRY)
+def mark(ctx: Any) -> Any:
+    _record(ctx, {"index": ctx.index})  # ctx.in_commit in a branch
+    return ctx.index
+
+
+@marked.state(retry=RETRY)
+def tally(ctx: Any) -> Complete:
+    return Complete(output={"results": ctx.branch_results})

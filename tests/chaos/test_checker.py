@@ -1,0 +1,146 @@
+"""The checker can see: each invariant flags a violation forged into a real ledger.
+
+A clean ledger is made in-process (the runner, no Celery, no broker) by running a
+few runs of every chaos workflow to completion. Each forgery is applied in a
+transaction that is rolled back, and must be reported by the invariant it targets,
+so a green chaos scenario means "checked and held", never "could not have seen it".
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import psycopg
+import pytest
+
+from tests.chaos import invariants, workflows
+from tests.chaos.inprocess import scratch_engine
+
+pytestmark = pytest.mark.chaos
+
+QUIET = {"pause": 0.0, "slow": 0.0, "p": 0.0}
+
+
+@dataclass(frozen=True)
+class Zombie:
+    """Stands for a fault that expects fenced rejections."""
+
+    fenced: bool = True
+
+
+@pytest.fixture(scope="module")
+def ledger(pg_template: str) -> Iterator[tuple[psycopg.Connection, list[str]]]:
+    """A database holding 10 completed runs of the mix, and their ids."""
+    with scratch_engine(pg_template) as engine:
+        ids = [engine.start(workflows.MIX[i % len(workflows.MIX)], QUIET) for i in range(10)]
+        engine.drive(ids)
+        yield engine.conn, ids
+
+
+def _params(ids: list[str]) -> dict[str, object]:
+    return {"submitted": ids, "budgets": invariants.budgets()}
+
+
+def test_a_clean_ledger_violates_nothing(ledger):
+    conn, ids = ledger
+    assert invariants.violations(conn, _params(ids), Zombie(fenced=False)) == {}
+    assert invariants.stats(conn, _params(ids)) == {
+        "lost": 0,
+        "dup": 0,
+        "double_joins": 0,
+        "fenced_rejections": 0,
+    }
+
+
+ONE_RUN = "(SELECT run_id FROM chaos_effects WHERE state = 'gather' LIMIT 1)"
+FORGERIES = {
+    "I1 every submitted run exists": ("SELECT 1", "extra_id"),
+    "I1 count(runs) = submitted": ("SELECT 1", "drop_id"),
+    "I1 every run terminal": (
+        "UPDATE lf_runs SET status = 'pending', finished_at = NULL "
+        "WHERE id = (SELECT id FROM lf_runs LIMIT 1)",
+        None,
+    ),
+    "I1 every run completed": (
+        "UPDATE lf_runs SET status = 'failed', error_code = 'E-LEASE-EXPIRED' "
+        "WHERE id = (SELECT id FROM lf_runs LIMIT 1)",
+        None,
+    ),
+    "I1 no branch or group left open": (
+        f"UPDATE lf_branches SET status = 'pending' WHERE run_id = {ONE_RUN} AND idx = 0",
+        None,
+    ),
+    "I2 one effect per (run, seq)": (
+        "INSERT INTO chaos_effects SELECT * FROM chaos_effects LIMIT 1",
+        None,
+    ),
+    "I2 one effect per (run, state)": (
+        "INSERT INTO chaos_effects (run_id, state, seq, token, attempt, pid) "
+        "SELECT run_id, state, seq + 100, token, attempt, pid FROM chaos_effects LIMIT 1",
+        None,
+    ),
+    "I3 step seqs gap-free": ("DELETE FROM lf_steps WHERE seq = 2 AND state = 'b'", None),
+    "I3 moves registered": (
+        "UPDATE lf_steps SET next_state = 'd' WHERE state = 'a' AND outcome = 'next'",
+        None,
+    ),
+    "I3 steps chain": (
+        "UPDATE lf_steps SET state = 'c' WHERE state = 'b'",
+        None,
+    ),
+    "I4 effect token = step token": (
+        "UPDATE chaos_effects SET token = gen_random_uuid() WHERE state = 'c'",
+        None,
+    ),
+    "I4 fenced rejections observed": ("SELECT 1", None),
+    "I5 one join per group": (
+        "INSERT INTO lf_steps (run_id, seq, state, attempt, outcome) "
+        f"SELECT {ONE_RUN}, 100, 'gather', 2, 'next'",
+        None,
+    ),
+    "I5 join saw every branch": (
+        "UPDATE chaos_effects SET detail = jsonb_set(detail, '{results}', '[null]') "
+        "WHERE state = 'gather'",
+        None,
+    ),
+    "I5 one group per fan-out run": (
+        f"UPDATE lf_groups SET status = 'failed' WHERE run_id = {ONE_RUN}",
+        None,
+    ),
+    "I7 run attempts within budget": (
+        "UPDATE lf_runs SET attempt = max_attempts + 1 WHERE id = (SELECT id FROM lf_runs LIMIT 1)",
+        None,
+    ),
+    "I7 step attempts within the state's budget": (
+        "UPDATE lf_steps SET attempt = 6 WHERE state = 'a'",
+        None,
+    ),
+    "I7 one reap per expiry": (
+        "INSERT INTO lf_steps (run_id, seq, state, attempt, outcome) "
+        "SELECT id, 100 + n, 'a', 1, 'lease_expired' "
+        "FROM (SELECT id FROM lf_runs WHERE workflow = 'chaos_linear' LIMIT 1) r, "
+        "generate_series(1, 2) AS n",
+        None,
+    ),
+}
+
+
+def test_every_invariant_has_a_forgery():
+    assert set(FORGERIES) == {i.name for i in invariants.INVARIANTS}
+
+
+@pytest.mark.parametrize("name", list(FORGERIES))
+def test_each_invariant_flags_its_forgery(ledger, name):
+    conn, ids = ledger
+    sql, tweak = FORGERIES[name]
+    submitted = list(ids)
+    if tweak == "extra_id":
+        submitted.append(str(uuid.uuid4()))
+    elif tweak == "drop_id":
+        submitted.pop()
+    with conn.transaction(force_rollback=True):
+        conn.execute(sql)
+        found = invariants.violations(conn, _params(submitted), Zombie())
+    assert name in found, f"{name} did not see the forgery; reported: {sorted(found)}"
