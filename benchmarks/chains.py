@@ -29,6 +29,8 @@ from typing import Any
 
 from celery import Celery
 
+from leaseflow.tasks import celery_app
+
 TICK = "lfbench.chains.tick"
 NAIVE_STEP = "lfbench.chains.naive_step"
 
@@ -104,23 +106,7 @@ def _pg(url: str) -> Any:
 
 def make_app(broker_url: str, queue: str, database_url: str | None = None) -> Celery:
     app = Celery("lfbench_chains", set_as_current=False)
-    app.conf.update(
-        broker_url=broker_url,
-        result_backend=None,
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        task_ignore_result=True,
-        task_default_queue=queue,
-        broker_connection_retry_on_startup=True,
-        worker_hijack_root_logger=False,
-        worker_send_task_events=True,
-        task_send_sent_event=True,
-        enable_utc=True,
-    )
+    app.conf.update(broker_url=broker_url, **celery_app.celery_settings(queue))
 
     @app.task(name=TICK, ignore_result=True, shared=False)
     def tick(key: str, total: int) -> None:

@@ -19,6 +19,8 @@ from typing import Any
 
 from celery import Celery
 
+from leaseflow.tasks import celery_app
+
 HEADER = "lfbench.plain.header"
 BODY = "lfbench.plain.body"
 
@@ -37,23 +39,8 @@ def _recorder(url: str) -> Any:
 def make_app(broker_url: str, result_backend: str | None, queue: str) -> Celery:
     """A Celery app with leaseflow's settings and the two chord tasks."""
     app = Celery("lfbench_plain", set_as_current=False)
-    app.conf.update(
-        broker_url=broker_url,
-        result_backend=result_backend,
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
-        result_accept_content=["json"],
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        task_default_queue=queue,
-        broker_connection_retry_on_startup=True,
-        worker_hijack_root_logger=False,
-        worker_send_task_events=True,
-        task_send_sent_event=True,
-        enable_utc=True,
-    )
+    # leaseflow's own settings; the chord header stores results (ignore_result=False below)
+    app.conf.update(broker_url=broker_url, **celery_app.celery_settings(queue, result_backend))
 
     @app.task(name=HEADER, ignore_result=False, shared=False)
     def header(i: int) -> dict[str, float]:

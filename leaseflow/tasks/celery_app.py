@@ -35,6 +35,28 @@ def import_workflows(modules: list[str]) -> None:
             ) from exc
 
 
+def celery_settings(queue: str, result_backend: str | None = None) -> dict[str, Any]:
+    """The Celery settings leaseflow runs with (benchmark baselines reuse them):
+    JSON only, late acks, requeue on a lost worker, prefetch 1."""
+    return {
+        "result_backend": result_backend,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_ignore_result": True,
+        "task_default_queue": queue,
+        "broker_connection_retry_on_startup": True,
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "enable_utc": True,
+    }
+
+
 def make_app(settings: Settings | None = None) -> Celery:
     """The Celery app of ``settings``; no I/O, so it is cheap to build at import.
 
@@ -48,21 +70,7 @@ def make_app(settings: Settings | None = None) -> Celery:
     app.conf.update(
         broker_url=broker_url,
         **embedded.broker_options(broker_url),
-        result_backend=settings.result_backend,
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
-        result_accept_content=["json"],
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        task_ignore_result=True,
-        task_default_queue=settings.default_queue,
-        broker_connection_retry_on_startup=True,
-        worker_hijack_root_logger=False,
-        worker_send_task_events=True,
-        task_send_sent_event=True,
-        enable_utc=True,
+        **celery_settings(settings.default_queue, settings.result_backend),
         beat_schedule={
             "leaseflow-reaper": {
                 "task": REAP_TASK,
