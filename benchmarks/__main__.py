@@ -13,6 +13,8 @@ WORKLOADS = {
     "fanout": "benchmarks.fanout",
     "recovery": "benchmarks.recovery",
     "backlog": "benchmarks.backlog",
+    "latency": "benchmarks.latency",
+    "soak": "benchmarks.soak",
 }
 
 

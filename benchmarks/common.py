@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -400,3 +400,212 @@ def ignoring_sigint() -> Iterator[None]:
 def rotated(items: Sequence[Any], k: int) -> list[Any]:
     k %= max(1, len(items))
     return list(items[k:]) + list(items[:k])
+
+
+# -- CPU per component -----------------------------------------------------------------
+
+
+def _cpu_ticks(pid: int) -> int | None:
+    """utime + stime of ``pid`` in clock ticks (None if it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def _pids_named(*names: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "comm").read_text().strip() in names:
+                    found.append(int(entry.name))
+    return found
+
+
+class CpuMeter:
+    """CPU seconds spent by the worker's main process, its pool processes, all
+    PostgreSQL processes and all redis-server processes between :meth:`start` and
+    :meth:`stop`.
+
+    A process born in between counts from zero; one that exits in between is lost,
+    so stop the meter before stopping the worker.
+    """
+
+    HZ = os.sysconf("SC_CLK_TCK")
+
+    def __init__(self, worker_pids: Callable[[], list[int]], main_pid: int) -> None:
+        self.worker_pids = worker_pids
+        self.main_pid = main_pid
+        self.before: dict[str, dict[int, int]] = {}
+
+    def _snapshot(self) -> dict[str, dict[int, int]]:
+        groups = {
+            "worker_main": [self.main_pid],
+            "worker_pool": [p for p in self.worker_pids() if p != self.main_pid],
+            "postgres": _pids_named("postgres", "postmaster"),
+            "redis": _pids_named("redis-server"),
+        }
+        out: dict[str, dict[int, int]] = {}
+        for group, pids in groups.items():
+            out[group] = {p: t for p in pids if (t := _cpu_ticks(p)) is not None}
+        return out
+
+    def start(self) -> None:
+        self.before = self._snapshot()
+
+    def stop(self) -> dict[str, float]:
+        """CPU seconds per component (``worker`` = main + pool)."""
+        after = self._snapshot()
+        out = {}
+        for group, ticks in after.items():
+            base = self.before.get(group, {})
+            out[group] = sum(t - base.get(p, 0) for p, t in ticks.items()) / self.HZ
+        out["worker"] = out["worker_main"] + out["worker_pool"]
+        return out
+
+
+# -- open-loop load (W2 latency, soak) -------------------------------------------------
+
+#: leaseflow's W1 throughput on this class of machine (benchmarks/RESULTS.md, W1 full
+#: profile, prefork -c 2: 142.8 states/s): the default base of the open-loop rates
+#: (W2: 50% of it, the soak: 70%). Pass ``--w1-states-per-s`` with a figure of the day.
+W1_STATES_PER_S = 142.8
+
+
+def distribution(values: Sequence[float], digits: int = 2) -> dict[str, float | int | None]:
+    """``{n, p50, p90, p99, p999, max}`` of ``values``, rounded."""
+
+    def r(v: float | None) -> float | None:
+        return None if v is None else round(v, digits)
+
+    out: dict[str, float | int | None] = {"n": len(values)}
+    for key, q in (("p50", 50), ("p90", 90), ("p99", 99), ("p999", 99.9)):
+        out[key] = r(percentile(values, q))
+    out["max"] = r(max(values) if values else None)
+    return out
+
+
+def poisson_offsets(rate: float, seconds: float, seed: int) -> list[float]:
+    """Send times (s after the start) of Poisson arrivals at ``rate``/s within ``seconds``:
+    exponential gaps from a seeded generator, so every system gets the same schedule."""
+    import random
+
+    if rate <= 0:
+        raise ValueError("the arrival rate must be positive")
+    rng = random.Random(seed)
+    out: list[float] = []
+    t = rng.expovariate(rate)
+    while t < seconds:
+        out.append(t)
+        t += rng.expovariate(rate)
+    return out
+
+
+class Sent:
+    """One scheduled send: its index, the scheduled and actual wall-clock times
+    (``time.time()``), what ``send`` returned, or the error it raised."""
+
+    __slots__ = ("error", "index", "scheduled", "sent", "value")
+
+    def __init__(
+        self, index: int, scheduled: float, sent: float, value: Any, error: str | None
+    ) -> None:
+        self.index = index
+        self.scheduled = scheduled
+        self.sent = sent
+        self.value = value
+        self.error = error
+
+
+class OpenLoopSender:
+    """A thread that calls ``send(i)`` at ``start + offsets[i]``, never waiting for a run
+    to finish (open loop). Behind schedule it sends at once and never skips one; the
+    scheduled time is recorded, so lateness counts in latency (no coordinated omission).
+    """
+
+    def __init__(self, offsets: Sequence[float], send: Callable[[int], Any]) -> None:
+        import threading
+
+        self.offsets = list(offsets)
+        self.send = send
+        self.sent: list[Sent] = []
+        self.t0_wall = 0.0
+        self._t0_mono = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lfbench-sender", daemon=True)
+
+    def start(self) -> float:
+        """Start sending now; returns the wall-clock time of offset 0."""
+        self._t0_mono = time.monotonic()
+        self.t0_wall = time.time()
+        self._thread.start()
+        return self.t0_wall
+
+    def _run(self) -> None:
+        for i, offset in enumerate(self.offsets):
+            wait = self._t0_mono + offset - time.monotonic()
+            if wait > 0 and self._stop.wait(wait):
+                return
+            if self._stop.is_set():
+                return
+            scheduled = self.t0_wall + offset
+            try:
+                value, error = self.send(i), None
+            except Exception as exc:
+                value, error = None, repr(exc)
+            self.sent.append(Sent(i, scheduled, time.time(), value, error))
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self, timeout: float) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def ok(self) -> list[Sent]:
+        return [s for s in self.sent if s.error is None]
+
+    def errors(self) -> list[str]:
+        return [s.error for s in self.sent if s.error is not None]
+
+    def lag_ms(self) -> list[float]:
+        """Send completion minus scheduled time, ms (the sender's own delay)."""
+        return [(s.sent - s.scheduled) * 1000 for s in self.sent]
+
+
+def rss_kb(pids: Iterable[int]) -> int:
+    """The sum of ``VmRSS`` (kB, from ``/proc/<pid>/status``) over ``pids`` still alive."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+                    break
+    return total
+
+
+def warm_shutdown(worker: CeleryWorker, timeout: float = 30.0) -> tuple[float, bool]:
+    """SIGTERM to the worker's main process only (Celery's warm shutdown: stop consuming,
+    finish the tasks in hand, stop the pool, exit), like ``kill -TERM $MAINPID``; after
+    ``timeout`` the whole family is SIGKILLed. Returns (seconds taken, exited cleanly)."""
+    began = time.monotonic()
+    clean = False
+    if worker.proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker.proc.pid, signal.SIGTERM)
+        try:
+            clean = worker.proc.wait(timeout=timeout) == 0
+        except subprocess.TimeoutExpired:
+            clean = False
+    elapsed = time.monotonic() - began
+    worker.stop()  # SIGKILL if still running, any straggling child, close the log
+    return elapsed, clean

@@ -8,6 +8,9 @@ enqueued first, then the worker is started; it is stopped once every run is fini
 
   leaseflow     ``benchmarks/workflows.py`` ``linear_bench``: s1 -> s2 -> s3 -> s4 -> s5
                 -> Complete, on a fresh migrated database; runs started with ``Client``.
+  leaseflow_inline  the same five states with s2..s5 declared ``inline=True``: the
+                commit of each state hands the next one's lease to the same task (inline
+                continuation), so a run is one Celery task and one statement per state.
   naive         ``benchmarks/chains.py`` ``naive_step``: a bare Celery task per state over
                 raw psycopg: claim UPDATE (1 commit), a lease-gated UPDATE + step INSERT
                 (1 transaction), then publish the next task. Its own fresh database.
@@ -39,6 +42,7 @@ from typing import Any
 from benchmarks.common import (
     ADMIN_URL,
     CeleryWorker,
+    CpuMeter,
     Deadline,
     Scratch,
     ScratchDatabase,
@@ -57,7 +61,13 @@ HELP = "W1: leaseflow 5-state runs vs plain Celery chain vs naive durable chain"
 
 STATES = 5
 PROFILES = {"full": 2000, "quick": 300}
-SYSTEMS = ("leaseflow", "naive", "plain")
+SYSTEMS = ("leaseflow", "leaseflow_inline", "naive", "plain")
+PAIRS = (
+    ("leaseflow", "plain"),
+    ("leaseflow_inline", "plain"),
+    ("leaseflow", "naive"),
+    ("naive", "plain"),
+)
 
 
 def _systems(text: str) -> list[str]:
@@ -169,6 +179,10 @@ class Drain:
     def done(self) -> int:
         raise NotImplementedError
 
+    def states_done(self) -> int:
+        """States finished so far."""
+        raise NotImplementedError
+
     def span(self) -> tuple[int, float | None]:
         """``(states, seconds from first state start to last state end)``."""
         raise NotImplementedError
@@ -188,13 +202,19 @@ class Drain:
         log(f"{self.name}: {runs} runs enqueued in {enqueue_s:.1f}s; starting the worker")
         started = time.monotonic()
         worker = self.start_worker()
+        meter = CpuMeter(worker.members, worker.proc.pid)
+        metered_from: int | None = None
         for _ in range(100_000):
+            if metered_from is None and (states_done := self.states_done()) > 0:
+                meter.start()  # the worker is up: its start-up CPU is not counted
+                metered_from = states_done
             if self.done() >= runs:
                 break
             worker.check()
             deadline.check()
             time.sleep(0.2)
         drain_wall = time.monotonic() - started
+        cpu = meter.stop() if metered_from is not None else None
         worker.stop()
         c2 = None
         if self.db is not None:
@@ -216,6 +236,14 @@ class Drain:
             "runs_per_s": round(states / STATES / span_s, 1) if span_s else None,
             "worker_wall_s": round(drain_wall, 2),
         }
+        metered_states = runs * STATES - (metered_from or 0)
+        if cpu is not None and metered_states > 0:
+            out["cpu_ms_per_state"] = {
+                k: round(v * 1000 / metered_states, 3) for k, v in cpu.items()
+            }
+            out["cpu_ms_per_state"]["total"] = round(
+                (cpu["worker"] + cpu["postgres"] + cpu["redis"]) * 1000 / metered_states, 3
+            )
         if c2 is not None:
             delta = c2 - c1 - self.polls
             idle_part = (idle or 0.0) * drain_wall
@@ -233,6 +261,7 @@ class Drain:
 
 class LeaseflowDrain(Drain):
     name = "leaseflow"
+    inline = False
 
     def enqueue(self, runs: int) -> None:
         import psycopg
@@ -257,8 +286,9 @@ class LeaseflowDrain(Drain):
         )
         client = Client(settings=settings)
         try:
+            wf = workflows.linear_inline_bench if self.inline else workflows.linear_bench
             for _ in range(runs):
-                client.start(workflows.linear_bench, {})
+                client.start(wf, {})
         finally:
             client.close()
         self.conn = psycopg.connect(db.url, autocommit=True)
@@ -278,12 +308,23 @@ class LeaseflowDrain(Drain):
             raise RuntimeError(f"leaseflow: {row[1]} runs ended other than completed")
         return int(row[0])
 
+    def states_done(self) -> int:
+        self.polls += 1
+        return int(self.conn.execute("SELECT count(*) FROM lf_steps").fetchone()[0])
+
     def span(self) -> tuple[int, float | None]:
         row = self.conn.execute(
             "SELECT count(*), extract(epoch FROM max(finished_at) - min(started_at))::float8"
             " FROM lf_steps WHERE outcome <> 'lease_expired'"
         ).fetchone()
         return int(row[0]), row[1]
+
+
+class LeaseflowInlineDrain(LeaseflowDrain):
+    """The same five states declared ``inline=True``: one Celery task per run."""
+
+    name = "leaseflow_inline"
+    inline = True
 
 
 class NaiveDrain(Drain):
@@ -330,6 +371,10 @@ class NaiveDrain(Drain):
         ).fetchone()
         return int(row[0])
 
+    def states_done(self) -> int:
+        self.polls += 1
+        return int(self.conn.execute("SELECT count(*) FROM naive_steps").fetchone()[0])
+
     def span(self) -> tuple[int, float | None]:
         row = self.conn.execute(
             "SELECT count(*), extract(epoch FROM max(finished_at) - min(started_at))::float8"
@@ -365,6 +410,9 @@ class PlainDrain(Drain):
     def done(self) -> int:
         return int(self.redis.client.get(self.key) or 0) // STATES
 
+    def states_done(self) -> int:
+        return int(self.redis.client.get(self.key) or 0)
+
     def span(self) -> tuple[int, float | None]:
         first = self.redis.client.get(f"{self.key}:first")
         last = self.redis.client.get(f"{self.key}:last")
@@ -374,7 +422,12 @@ class PlainDrain(Drain):
         return states, float(last) - float(first)
 
 
-DRAINS = {"leaseflow": LeaseflowDrain, "naive": NaiveDrain, "plain": PlainDrain}
+DRAINS = {
+    "leaseflow": LeaseflowDrain,
+    "leaseflow_inline": LeaseflowInlineDrain,
+    "naive": NaiveDrain,
+    "plain": PlainDrain,
+}
 
 
 def run(args: Any) -> int:
@@ -437,6 +490,10 @@ def _report(
             "states_per_s_all": [x["states_per_s"] for x in results],
             "commits_per_state": _median([x.get("commits_per_state") for x in results]),
             "statements_per_state": _median([x.get("statements_per_state") for x in results]),
+            "cpu_ms_per_state": {
+                part: _median([(x.get("cpu_ms_per_state") or {}).get(part) for x in results])
+                for part in ("worker_main", "worker_pool", "worker", "postgres", "redis", "total")
+            },
             "rounds": results,
         }
 
@@ -447,7 +504,7 @@ def _report(
 
     lf = systems.get("leaseflow", {})
     per_round: dict[str, list[float | None]] = {}
-    for a, b in (("leaseflow", "plain"), ("leaseflow", "naive"), ("naive", "plain")):
+    for a, b in PAIRS:
         if a in systems and b in systems:
             per_round[f"{a}/{b}"] = [
                 ratio(rnd[a]["states_per_s"], rnd[b]["states_per_s"]) for rnd in rounds
@@ -472,15 +529,15 @@ def _report(
             "pg_stat_statements": pgss,
         },
         "systems": systems,
-        "ratios": {
-            "leaseflow/plain": r("leaseflow", "plain"),
-            "leaseflow/naive": r("leaseflow", "naive"),
-            "naive/plain": r("naive", "plain"),
-        },
+        "ratios": {f"{a}/{b}": r(a, b) for a, b in PAIRS},
         "ratios_per_round": per_round,
         "targets": {
-            "leaseflow_ge_50pct_plain": (r("leaseflow", "plain") or 0) >= 0.5,
-            "leaseflow_ge_80pct_naive": (r("leaseflow", "naive") or 0) >= 0.8,
+            "leaseflow_ge_80pct_plain": (r("leaseflow", "plain") or 0) >= 0.8,
+            "leaseflow_inline_ge_2x_plain": (r("leaseflow_inline", "plain") or 0) >= 2.0,
+            "inline_commits_per_state_le_1": round(
+                systems.get("leaseflow_inline", {}).get("commits_per_state") or 99, 2
+            )
+            <= 1.0,
             # to two decimals: worker start-up and lf_workers heartbeats add ~0.003
             "commits_per_state_le_2": round(lf.get("commits_per_state") or 99, 2) <= 2.0,
         },
@@ -497,6 +554,15 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _cpu(c: dict[str, float | None]) -> str:
+    if c.get("total") is None:
+        return "-"
+    return (
+        f"{c['worker_main']:.2f}+{c['worker_pool']:.2f}+{c['postgres']:.2f}+{c['redis']:.2f}"
+        f" = {c['total']:.2f}"
+    )
+
+
 def _print_table(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -508,6 +574,7 @@ def _print_table(report: dict[str, Any]) -> None:
         "states/s (rounds)",
         "commits/state",
         "statements/state",
+        "CPU ms/state main+pool+pg+redis",
         "drain s",
     ):
         table.add_column(column, justify="left" if column == "system" else "right")
@@ -518,6 +585,7 @@ def _print_table(report: dict[str, Any]) -> None:
             ", ".join(_fmt(v) for v in f["states_per_s_all"]),
             "-" if f["commits_per_state"] is None else f"{f['commits_per_state']:.3f}",
             _fmt(f["statements_per_state"]) if f["statements_per_state"] is not None else "n/a",
+            _cpu(f["cpu_ms_per_state"]),
             ", ".join(_fmt(x["drain_s"]) for x in f["rounds"]),
         )
     console = Console(width=140)

@@ -2,13 +2,15 @@
 
 ``fan_bench``: ``start`` forks a ``Parallel`` of ``width`` no-op ``leg`` branches,
 each returning a small JSON value; ``join`` completes the run with a summary.
-``linear_bench`` (W1): five no-op states ``s1`` -> ... -> ``s5`` -> Complete.
+``linear_bench`` (W1): five no-op states ``s1`` -> ... -> ``s5`` -> Complete;
+``linear_inline_bench``: the same with s2..s5 ``inline=True`` (one task per run).
 ``recovery_bench`` (W5): ``first`` -> ``slow`` (sleeps ``sleep`` s; 3 attempts) -> ``last``.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel
@@ -47,32 +49,31 @@ class LinearBench(BaseModel):
     pass
 
 
-linear_bench = Workflow("linear_bench", context=LinearBench)
+def _linear(name: str, *, inline: bool) -> Workflow:
+    """``s1`` -> ``s2`` -> ... -> ``s5`` -> Complete; ``inline``: s2..s5 run inline."""
+    wf = Workflow(name, context=LinearBench)
+
+    def move(target: str) -> Callable[[Any], Next]:
+        def state(ctx: Any) -> Next:
+            return Next(target)
+
+        return state
+
+    for i in range(1, 5):
+        wf.state(name=f"s{i}", initial=i == 1, to=[f"s{i + 1}"], inline=inline and i > 1)(
+            move(f"s{i + 1}")
+        )
+
+    def s5(ctx: Any) -> Complete:
+        return Complete()
+
+    wf.state(name="s5", inline=inline)(s5)
+    return wf
 
 
-@linear_bench.state(initial=True, to=["s2"])
-def s1(ctx: Any) -> Next:
-    return Next("s2")
-
-
-@linear_bench.state(to=["s3"])
-def s2(ctx: Any) -> Next:
-    return Next("s3")
-
-
-@linear_bench.state(to=["s4"])
-def s3(ctx: Any) -> Next:
-    return Next("s4")
-
-
-@linear_bench.state(to=["s5"])
-def s4(ctx: Any) -> Next:
-    return Next("s5")
-
-
-@linear_bench.state()
-def s5(ctx: Any) -> Complete:
-    return Complete()
+linear_bench = _linear("linear_bench", inline=False)
+#: The same five states with ``inline=True``: one task per run (inline continuation).
+linear_inline_bench = _linear("linear_inline_bench", inline=True)
 
 
 # -- W5 recovery: the middle state sleeps ----------------------------------------------

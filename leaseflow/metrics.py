@@ -7,7 +7,7 @@ from prometheus_client import Counter, Histogram
 
 CLAIMS = Counter(
     "leaseflow_claims_total", "Claim attempts by result", ["result"]
-)  # claimed, idle (duplicate/stale/terminal), deferred
+)  # claimed, inline (handed over by the previous commit), idle, deferred
 STEPS = Counter("leaseflow_steps_total", "Committed steps by outcome", ["outcome"])
 LEASES_LOST = Counter("leaseflow_leases_lost_total", "Commits refused because the lease was lost")
 REAPED = Counter("leaseflow_runs_reaped_total", "Runs whose lease expired, by result", ["result"])

@@ -3,6 +3,10 @@
 ``Runner.run_step(run_id, step_seq)`` claims the run, runs the state function with
 no transaction open, turns its outcome into a ``Transition`` and commits it fenced
 by the lease token. It returns the ``Dispatch`` decisions the caller must publish.
+
+Inline continuation: when the next state is declared ``inline=True`` (and the task's
+budget allows), the commit itself hands the next state's lease to this worker and
+the runner goes on with it in the same call: one statement per state, no broker hop.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import contextlib
 import random
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
@@ -78,6 +83,32 @@ class StepResult:
     dispatch: tuple[Dispatch, ...] = ()
     outcome: str | None = None
     fork: ForkDispatch | None = None
+    handoff: Claim | None = None  # inline continuation: the next state, leased to us
+    inlined: int = 0  # states run inline after the first, in this call
+
+
+@dataclass
+class _InlineBudget:
+    """How much inline continuation one task may still do."""
+
+    queue: str | None  # the task's queue (its first state's)
+    allowed: bool  # False when the first state has a time limit (it would cover all)
+    states_left: int
+    deadline: float  # time.monotonic()
+
+    def take(self, wf: Workflow, tr: Transition) -> bool:
+        """May ``tr``'s target run inline now? Spends one unit if so."""
+        if not self.allowed or self.states_left <= 0 or time.monotonic() >= self.deadline:
+            return False
+        if tr.outcome != StepOutcome.NEXT or tr.status != "pending" or tr.delay:
+            return False
+        target = wf.states.get(tr.next_state or "")
+        if target is None or not target.inline or target.timeout is not None:
+            return False
+        if target.queue != self.queue:
+            return False
+        self.states_left -= 1
+        return True
 
 
 D = TypeVar("D")
@@ -137,6 +168,8 @@ class Runner:
         ttl: float,
         max_checkpoint_bytes: int,
         compress_min_bytes: int = 256,
+        inline_max_states: int = 100,
+        inline_max_seconds: float = 2.0,
         rand: Callable[[], float] = random.random,
     ) -> None:
         self.store = store
@@ -145,6 +178,8 @@ class Runner:
         self.ttl = ttl
         self.max_checkpoint_bytes = max_checkpoint_bytes
         self.compress_min_bytes = compress_min_bytes
+        self.inline_max_states = inline_max_states
+        self.inline_max_seconds = inline_max_seconds
         self.rand = rand
 
     # -- the step -------------------------------------------------------------------
@@ -156,6 +191,29 @@ class Runner:
         if claim is None:
             return self._explain_miss(run_id, step_seq)
         metrics.CLAIMS.labels("claimed").inc()
+        budget = self._budget(claim)
+        inlined = 0
+        while True:
+            result = self._run_claimed(claim, budget)
+            if result.handoff is None:
+                return replace(result, inlined=inlined) if inlined else result
+            claim = result.handoff
+            inlined += 1
+
+    def _budget(self, first: Claim) -> _InlineBudget:
+        spec = None
+        with contextlib.suppress(errors.UnknownWorkflow, KeyError):
+            spec = registry.get(first.workflow, first.version).states[first.state]
+        return _InlineBudget(
+            queue=spec.queue if spec is not None else None,
+            allowed=spec is not None and spec.timeout is None,
+            states_left=self.inline_max_states,
+            deadline=time.monotonic() + self.inline_max_seconds,
+        )
+
+    def _run_claimed(self, claim: Claim, budget: _InlineBudget | None) -> StepResult:
+        """Run the state ``claim`` leased to us and commit its outcome."""
+        run_id, step_seq = claim.run_id, claim.step_seq
         faults.point("after_claim", run_id=run_id, state=claim.state, step_seq=step_seq)
 
         try:
@@ -197,12 +255,17 @@ class Runner:
         )
         self.keeper.hold(run_id, claim.lease_token, timeout=spec.timeout)
         try:
-            return self._execute(wf, spec, claim, ctx)
+            return self._execute(wf, spec, claim, ctx, budget)
         finally:
             self.keeper.release(claim.lease_token)
 
     def _execute(
-        self, wf: Workflow, spec: StateSpec, claim: Claim, ctx: StateContext[Any]
+        self,
+        wf: Workflow,
+        spec: StateSpec,
+        claim: Claim,
+        ctx: StateContext[Any],
+        budget: _InlineBudget | None = None,
     ) -> StepResult:
         outcome, raised = _call(wf, spec, ctx)
         if raised is not None:
@@ -214,7 +277,10 @@ class Runner:
                     return self._commit_fork(claim, transition, fork, ctx._in_commit)
                 return self._commit(claim, transition)
             transition, accepted = self._on_outcome(wf, spec, claim, ctx, outcome)
-            return self._commit(claim, transition, ctx._in_commit if accepted else ())
+            handoff = budget is not None and budget.take(wf, transition)
+            return self._commit(
+                claim, transition, ctx._in_commit if accepted else (), handoff=handoff
+            )
         except errors.InCommitError as exc:  # rolled back with the transition
             cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
             return self._commit(claim, self._on_error(wf, spec, claim, cause))
@@ -493,10 +559,23 @@ class Runner:
         return StepResult("lease_lost")
 
     def _commit(
-        self, claim: Claim, tr: Transition, callbacks: Sequence[InCommit] = ()
+        self,
+        claim: Claim,
+        tr: Transition,
+        callbacks: Sequence[InCommit] = (),
+        *,
+        handoff: bool = False,
     ) -> StepResult:
         faults.point("before_commit", run_id=tr.run_id, state=tr.state, step_seq=tr.step_seq)
-        if not self.store.commit(tr, callbacks):
+        next_token = str(uuid.uuid4()) if handoff else None
+        if next_token is not None:
+            next_started = self.store.commit_handoff(
+                tr, callbacks, next_token=next_token, ttl=self.ttl
+            )
+            landed = next_started is not None
+        else:
+            landed = self.store.commit(tr, callbacks)
+        if not landed:
             return self._lease_lost(tr.run_id, tr.state, tr.step_seq, tr.lease_token)
         metrics.STEPS.labels(tr.outcome).inc()
         logs.event(
@@ -508,10 +587,33 @@ class Runner:
             outcome=tr.outcome,
             next_state=tr.next_state,
             error_code=tr.error_code,
+            inline=handoff,
         )
         faults.point(
             "after_commit_before_enqueue", run_id=tr.run_id, state=tr.state, step_seq=tr.step_seq
         )
+        if next_token is not None and next_started is not None and tr.next_state is not None:
+            metrics.CLAIMS.labels("inline").inc()
+            return StepResult(
+                "committed",
+                outcome=tr.outcome,
+                handoff=Claim(
+                    run_id=tr.run_id,
+                    workflow=claim.workflow,
+                    version=claim.version,
+                    state=tr.next_state,
+                    step_seq=tr.step_seq + 1,
+                    attempt=1,
+                    max_attempts=tr.max_attempts,
+                    lease_token=next_token,
+                    started_at=next_started,
+                    checkpoint=claim.checkpoint if tr.checkpoint is None else tr.checkpoint,
+                    context_version=claim.context_version
+                    if tr.context_version is None
+                    else tr.context_version,
+                    input=claim.input,
+                ),
+            )
         if tr.status != "pending":
             if tr.terminal:
                 logs.event(

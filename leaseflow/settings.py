@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     compress_min_bytes: int = Field(256, ge=0)
     statement_timeout_ms: int = Field(30_000, ge=0)
     pool_max_size: int = Field(4, gt=0)
+    #: Inline continuation budget of one task: at most this many states after the
+    #: first, and no new state once this many seconds have passed since it started.
+    inline_max_states: int = Field(100, ge=0)
+    inline_max_seconds: float = Field(2.0, ge=0)
 
     @field_validator("workflows", mode="before")
     @classmethod

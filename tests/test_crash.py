@@ -199,12 +199,18 @@ def outline(steps: list[dict[str, Any]]) -> list[tuple[int, str, int, str]]:
 # -- 1. kill -9 in the middle of a state ---------------------------------------------------
 
 
+#: The classic chain (one task per state) and inline continuation (begin -> work ->
+#: finish in one task, each commit handing the next lease to the same worker).
+CHAINS = pytest.mark.parametrize("wf", [crash.crash, crash.crash_inline], ids=["task", "inline"])
+
+
+@CHAINS
 def test_sigkill_mid_state_is_reaped_and_finished_once_by_another_worker(
-    cluster: Cluster, client, db, effects_table
+    cluster: Cluster, client, db, effects_table, wf
 ):
     # Given worker A executing the slow state of a run (its first attempt would sleep 60 s)
     a = cluster.worker("a").wait_ready()
-    run_id = client.start(crash.crash, {"sleep": 60})
+    run_id = client.start(wf, {"sleep": 60})
     lease = wait_running(db, run_id, ("work",))
     assert lease["lease_owner"] in a.worker_ids()
     assert lease["attempt"] == 1
@@ -250,12 +256,13 @@ def test_sigkill_mid_state_is_reaped_and_finished_once_by_another_worker(
 # -- 2. SIGSTOP: the zombie's late commit is refused -----------------------------------------
 
 
+@CHAINS
 def test_sigstopped_worker_resumes_and_its_commit_is_rejected(
-    cluster: Cluster, client, db, effects_table
+    cluster: Cluster, client, db, effects_table, wf
 ):
     # Given worker A in the middle of the slow state (4 s on its first attempt)
     a = cluster.worker("a").wait_ready()
-    run_id = client.start(crash.crash, {"sleep": 4})
+    run_id = client.start(wf, {"sleep": 4})
     lease = wait_running(db, run_id, ("work",))
     zombie_token, zombie = lease["lease_token"], lease["lease_owner"]
     assert zombie in a.worker_ids()

@@ -36,6 +36,7 @@ class StateSpec:
     queue: str | None = None
     timeout: float | None = None
     branch: bool = False
+    inline: bool = False
 
     @property
     def final(self) -> bool:
@@ -105,12 +106,23 @@ class Workflow:
         queue: str | None = None,
         timeout: float | None = None,
         branch: bool = False,
+        inline: bool = False,
         name: str | None = None,
     ) -> Callable[[StateFn], StateFn]:
         """Declare the decorated function as a state of this workflow.
 
         ``branch=True`` declares a branch of a ``Parallel`` or ``Map``: it returns a
         JSON value (its result) instead of a next state, and is never a target.
+
+        ``inline=True`` lets this state run in the same Celery task as the state that
+        moved to it (inline continuation): the commit of the previous state hands the
+        lease straight to the running worker, so there is no claim and no broker hop.
+        It still gets its own lease token, step-log row, heartbeat and retries. A state
+        is inlined only when entered without delay from a state on the same queue,
+        neither of them has ``timeout=`` (a task's time limit is its first state's),
+        and the task's inline budget (``LEASEFLOW_INLINE_MAX_STATES``,
+        ``LEASEFLOW_INLINE_MAX_SECONDS``) is not spent; otherwise it is published as
+        usual.
         """
         if isinstance(to, str):
             to = (to,)
@@ -127,6 +139,7 @@ class Workflow:
                 queue=queue,
                 timeout=timeout,
                 branch=branch,
+                inline=inline,
             )
             with self._lock:
                 if spec.name in self._states:

@@ -50,6 +50,14 @@ def problems(
             found[spec.name].append(
                 "is a branch state: it returns a result, so it takes no to=, on_error= or initial="
             )
+        if spec.branch and spec.inline:
+            found[spec.name].append(
+                "is a branch state: branches run as their own tasks, so it cannot be inline="
+            )
+        if spec.inline and spec.timeout is not None:
+            found[spec.name].append(
+                "has both inline= and timeout=: a state with a time limit runs in its own task"
+            )
 
     flow = {name: spec for name, spec in states.items() if not spec.branch}
     if len(initials) == 1 and initials[0] in flow:

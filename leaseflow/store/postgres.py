@@ -16,6 +16,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import psycopg
@@ -298,28 +299,59 @@ class PostgresStore:
         sql = queries.COMMIT_STAY if tr.next_state is None else queries.COMMIT_MOVE
         params = self._commit_params(tr, dispatch_timeout)
         try:
-            return self._commit_once(sql, params, tr.run_id, callbacks)
+            return self._commit_once(sql, params, tr.run_id, callbacks) is not None
         except errors.StoreUnavailable:
             # The connection broke: did our COMMIT land before it did? If not, the
             # lease may still hold: the fenced commit is safe to send once more.
             if self._committed_by(tr.run_id, tr.lease_token):  # on checked connections
                 return True
-            return self._commit_once(sql, params, tr.run_id, callbacks)
+            return self._commit_once(sql, params, tr.run_id, callbacks) is not None
+
+    def commit_handoff(
+        self,
+        tr: Transition,
+        callbacks: Sequence[InCommit] = (),
+        *,
+        next_token: str,
+        ttl: float,
+    ) -> datetime | None:
+        """Commit a move and, in the same statement, give the lease of the next state
+        (``next_token``, attempt 1) to ``tr.worker``: inline continuation.
+
+        Returns the next state's start time, or None when the lease was lost.
+        """
+        if tr.next_state is None or tr.status != "pending" or tr.delay:
+            raise ValueError("only an immediate move to another state can be handed off")
+        params = self._commit_params(tr)
+        params["next_token"] = next_token
+        params["ttl"] = ttl
+        sql = queries.COMMIT_HANDOFF
+        try:
+            row = self._commit_once(sql, params, tr.run_id, callbacks)
+        except errors.StoreUnavailable:
+            if self._committed_by(tr.run_id, tr.lease_token):
+                # It landed, but its reply was lost with the connection: the next
+                # state is leased to us; its start time is close enough to now.
+                return datetime.now(UTC)
+            row = self._commit_once(sql, params, tr.run_id, callbacks)
+        return None if row is None else row[0]
 
     def _commit_once(
         self, sql: str, params: dict[str, Any], run_id: str, callbacks: Sequence[InCommit]
-    ) -> bool:
+    ) -> tuple[Any, ...] | None:
+        """Run the fenced commit; its returned row, or None when it was fenced out."""
         try:
             with self.connection() as conn:
                 if not callbacks:
-                    return conn.execute(sql, params).fetchone() is not None
+                    return conn.execute(sql, params).fetchone()
                 with conn.transaction():
-                    if conn.execute(sql, params).fetchone() is None:
+                    row = conn.execute(sql, params).fetchone()
+                    if row is None:
                         raise _Rollback
                     _run_callbacks(conn, run_id, callbacks)
-                return True
+                return row
         except _Rollback:
-            return False
+            return None
 
     def _commit_params(
         self, tr: Transition, dispatch_timeout: float | None = None

@@ -78,6 +78,29 @@ COMMIT_STAY = (
     "WITH moved AS (UPDATE lf_runs SET group_id = NULL," + _COMMIT_SET + _FENCE + ")" + _COMMIT_STEP
 )
 
+#: Inline continuation: the same commit hands the lease of the next state to the
+#: committing worker (a fresh token, attempt 1), so the next state needs no claim
+#: and no broker hop. The step-log row is written as for any move.
+_HANDOFF_SET = (
+    _COMMIT_SET.replace("status = %(status)s,", "status = 'running',")
+    .replace("attempt = %(attempt)s,", "attempt = 1,")
+    .replace("lease_token = NULL,", "lease_token = %(next_token)s,")
+    .replace("lease_owner = NULL,", "lease_owner = %(worker)s,")
+    .replace(
+        "lease_expires_at = NULL,", "lease_expires_at = now() + %(ttl)s * interval '1 second',"
+    )
+    .replace("claimed_at = NULL,", "claimed_at = clock_timestamp(),")
+)
+
+COMMIT_HANDOFF = (
+    "WITH moved AS (UPDATE lf_runs SET state = %(next_state)s, prev_state = state,"
+    " group_id = NULL,"
+    + _HANDOFF_SET
+    + _FENCE.replace("RETURNING id, step_seq", "RETURNING id, step_seq, claimed_at")
+    + ")"
+    + _COMMIT_STEP.replace("RETURNING seq", "RETURNING (SELECT claimed_at FROM moved)")
+)
+
 #: Did a commit by this token land? (the connection broke after COMMIT was sent)
 COMMITTED_BY = "SELECT seq FROM lf_steps WHERE run_id = %(run_id)s AND lease_token = %(token)s"
 

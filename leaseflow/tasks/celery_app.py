@@ -126,8 +126,8 @@ def _register_state_task(app: Celery, wf: Workflow, spec: StateSpec) -> None:
     if spec.timeout is not None:
         options["soft_time_limit"] = spec.timeout
         options["time_limit"] = spec.timeout + HARD_LIMIT_GRACE
-    if spec.queue is not None:
-        options["queue"] = spec.queue
+    # No task-level ``queue`` (deprecated in Celery 5.7): tasks/dispatch.py, the only
+    # publisher, routes every message to its state's queue explicitly.
 
     def run_state(task: Task, run_id: str, step_seq: int) -> str:
         engine = runtime.get()

@@ -76,6 +76,8 @@ def get() -> Runtime:
                 ttl=settings.lease_ttl,
                 max_checkpoint_bytes=settings.max_checkpoint_bytes,
                 compress_min_bytes=settings.compress_min_bytes,
+                inline_max_states=settings.inline_max_states,
+                inline_max_seconds=settings.inline_max_seconds,
             )
             _runtime = Runtime(settings, store, keeper, runner, wid)
             _pid = os.getpid()

@@ -151,3 +151,45 @@ def bounded(ctx: Any) -> str:
 @timed.state()
 def after(ctx: Any) -> Complete:
     return Complete(output={"attempts": ctx.attempt})
+
+
+class InlineChain(BaseModel):
+    trail: list[str] = []
+    fail_at: str | None = None  # the state that raises ConnectionError ...
+    fail_times: int = 0  # ... on its first ``fail_times`` attempts
+
+
+inline_chain = Workflow("inline_chain", context=InlineChain)
+
+
+def _visit(ctx: Any, target: str) -> str:
+    if ctx.data.fail_at == ctx.state and ctx.attempt <= ctx.data.fail_times:
+        raise ConnectionError(f"transient failure in {ctx.state} attempt {ctx.attempt}")
+    ctx.data.trail.append(f"{ctx.state}#{ctx.attempt}")
+    return target
+
+
+@inline_chain.state(initial=True, to=["b"])
+def a(ctx: Any) -> str:
+    return _visit(ctx, "b")
+
+
+@inline_chain.state(to=["c"], inline=True)
+def b(ctx: Any) -> str:
+    return _visit(ctx, "c")
+
+
+@inline_chain.state(to=["d"], inline=True, retry=Retry(max_attempts=3, backoff=0, jitter=0))
+def c(ctx: Any) -> str:
+    return _visit(ctx, "d")
+
+
+@inline_chain.state(to=["e"], inline=True, queue="inline-other")  # another queue: published
+def d(ctx: Any) -> str:
+    return _visit(ctx, "e")
+
+
+@inline_chain.state(inline=True, queue="inline-other")  # same queue as d: inlined after it
+def e(ctx: Any) -> Complete:
+    ctx.data.trail.append(f"e#{ctx.attempt}")
+    return Complete(output={"trail": ctx.data.trail})

@@ -87,3 +87,13 @@ def fragile(ctx: Any) -> str:
 def finish(ctx: Any) -> Complete:
     _record(ctx)
     return Complete(output={"done": True})
+
+
+#: The same states with ``work``, ``fragile`` and ``finish`` declared ``inline=True``:
+#: a worker runs begin -> work -> finish in one task, the commit of each state handing
+#: the next one's lease straight to it (inline continuation).
+crash_inline = Workflow("crash_inline", context=Crash)
+crash_inline.state(initial=True, to=["work", "fragile"], name="begin")(begin)
+crash_inline.state(to=["finish"], retry=Retry(max_attempts=3, backoff=0.05), inline=True)(work)
+crash_inline.state(to=["finish"], retry=Retry(max_attempts=1), inline=True)(fragile)
+crash_inline.state(inline=True)(finish)
