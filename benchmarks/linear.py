@@ -14,6 +14,10 @@ enqueued first, then the worker is started; it is stopped once every run is fini
   naive         ``benchmarks/chains.py`` ``naive_step``: a bare Celery task per state over
                 raw psycopg: claim UPDATE (1 commit), a lease-gated UPDATE + step INSERT
                 (1 transaction), then publish the next task. Its own fresh database.
+  floor         ``benchmarks/floor.py``: ONE statement per state (the fenced commit,
+                which issues the next token carried in the message; no claim and no
+                start check, so not a safe design): the least database work a durable
+                chain with one task per state can do.
   plain         ``benchmarks/chains.py``: ``chain(tick.si() x 5)``, no database; each
                 ``tick`` is one Redis ``INCR`` (to find the first start and last end).
 
@@ -61,12 +65,13 @@ HELP = "W1: leaseflow 5-state runs vs plain Celery chain vs naive durable chain"
 
 STATES = 5
 PROFILES = {"full": 2000, "quick": 300}
-SYSTEMS = ("leaseflow", "leaseflow_inline", "naive", "plain")
+SYSTEMS = ("leaseflow", "leaseflow_inline", "naive", "floor", "plain")
 PAIRS = (
     ("leaseflow", "plain"),
     ("leaseflow_inline", "plain"),
     ("leaseflow", "naive"),
     ("naive", "plain"),
+    ("floor", "plain"),
 )
 
 
@@ -383,6 +388,65 @@ class NaiveDrain(Drain):
         return int(row[0]), row[1]
 
 
+class FloorDrain(Drain):
+    """One fenced statement per state, token carried in the message, no start check."""
+
+    name = "floor"
+
+    def enqueue(self, runs: int) -> None:
+        import uuid
+
+        import psycopg
+
+        from benchmarks import floor
+
+        db = self.new_db()
+        tokens = [str(uuid.uuid4()) for _ in range(runs)]
+        with psycopg.connect(db.url, autocommit=True) as setup:
+            setup.execute(floor.SCHEMA)
+            with setup.cursor().copy("COPY floor_runs (id, lease_token) FROM STDIN") as copy:
+                for run_id, token in enumerate(tokens, start=1):
+                    copy.write_row((run_id, token))
+            setup.execute("VACUUM ANALYZE floor_runs")
+            setup.execute("VACUUM ANALYZE floor_steps")
+        self.conn = psycopg.connect(db.url, autocommit=True)
+        self.scratch.defer("close connection", self.conn.close)
+        self.env = clean_env(
+            LFBENCH_BROKER_URL=self.redis.url,
+            LFBENCH_QUEUE=self.queue,
+            LFBENCH_DATABASE_URL=db.url,
+        )
+        app = floor.make_app(self.redis.url, self.queue, db.url)
+        try:
+            step = app.tasks[floor.FLOOR_STEP]
+            with app.producer_or_acquire() as producer:
+                for run_id, token in enumerate(tokens, start=1):
+                    step.apply_async((run_id, 1, token, STATES), producer=producer)
+        finally:
+            app.close()
+
+    def start_worker(self) -> CeleryWorker:
+        return self.worker("benchmarks.floor", self.env)
+
+    def done(self) -> int:
+        self.polls += 1
+        row = self.conn.execute(
+            "SELECT count(*) FROM floor_runs WHERE status = 'completed'"
+        ).fetchone()
+        return int(row[0])
+
+    def states_done(self) -> int:
+        self.polls += 1
+        return int(self.conn.execute("SELECT count(*) FROM floor_steps").fetchone()[0])
+
+    def span(self) -> tuple[int, float | None]:
+        row = self.conn.execute(
+            "SELECT count(*), extract(epoch FROM max(finished_at) - min(started_at))::float8"
+            " FROM floor_steps"
+        ).fetchone()
+        return int(row[0]), row[1]
+
+
 class PlainDrain(Drain):
     name = "plain"
 
@@ -426,6 +490,7 @@ DRAINS = {
     "leaseflow": LeaseflowDrain,
     "leaseflow_inline": LeaseflowInlineDrain,
     "naive": NaiveDrain,
+    "floor": FloorDrain,
     "plain": PlainDrain,
 }
 
