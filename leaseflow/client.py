@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 import pydantic
@@ -94,8 +95,50 @@ class Client:
         or non-JSON input raises ``InvalidInput`` and creates nothing. With an
         ``idempotency_key`` already used for this workflow, returns that run's id.
         """
+        wf = self._workflow(workflow)
+        blob, payload = self._initial_checkpoint(wf, input)
+        run_id, created = self.store.create_run(
+            run_id=str(uuid.uuid4()),
+            wf=wf,
+            checkpoint=blob,
+            input=payload,
+            idempotency_key=idempotency_key,
+        )
+        if created:
+            self._publish_first(wf, [run_id])
+        return run_id
+
+    def start_many(
+        self, workflow: Workflow | str, inputs: Iterable[dict[str, Any] | None]
+    ) -> list[str]:
+        """Create one run per input in ONE transaction, then publish their first steps
+        over one broker connection; returns the run ids in input order.
+
+        Every input is validated before anything is written: one invalid input raises
+        ``InvalidInput`` (naming its position) and creates no run at all.
+        """
+        wf = self._workflow(workflow)
+        prepared = []
+        for position, payload in enumerate(inputs):
+            try:
+                prepared.append(self._initial_checkpoint(wf, payload))
+            except errors.InvalidInput as exc:
+                raise errors.InvalidInput(wf.name, f"input #{position}: {exc.detail}") from exc
+        runs = [(str(uuid.uuid4()), blob, payload) for blob, payload in prepared]
+        self.store.create_runs(wf=wf, runs=runs)
+        run_ids = [run[0] for run in runs]
+        self._publish_first(wf, run_ids)
+        return run_ids
+
+    def _workflow(self, workflow: Workflow | str) -> Workflow:
         wf = registry.get(workflow) if isinstance(workflow, str) else workflow
         wf.validate()
+        return wf
+
+    def _initial_checkpoint(
+        self, wf: Workflow, input: dict[str, Any] | None
+    ) -> tuple[bytes, dict[str, Any]]:
+        """The validated input and the run's first checkpoint; ``InvalidInput`` if bad."""
         payload = {} if input is None else input
         if not isinstance(payload, dict):
             raise errors.InvalidInput(
@@ -117,20 +160,18 @@ class Client:
             )
         except (TypeError, ValueError, pydantic_core.PydanticSerializationError) as exc:
             raise errors.InvalidInput(wf.name, f"context is not JSON-serialisable: {exc}") from exc
-        run_id, created = self.store.create_run(
-            run_id=str(uuid.uuid4()),
-            wf=wf,
-            checkpoint=blob,
-            input=payload,
-            idempotency_key=idempotency_key,
-        )
-        if created:
+        return blob, payload
+
+    def _publish_first(self, wf: Workflow, run_ids: list[str]) -> None:
+        """Publish the first step of new runs; a failure is left to the dispatcher."""
+        for run_id in run_ids:
             logs.event("run_started", 20, run_id=run_id, workflow=wf.name, version=wf.version)
-            try:
-                dispatch.publish(self.app, Dispatch(run_id, wf.name, wf.initial.name, 1))
-            except Exception as exc:  # the run is durable: the dispatcher will publish it
-                logs.event("publish_failed", 30, run_id=run_id, error=repr(exc))
-        return run_id
+        try:
+            dispatch.publish_all(
+                self.app, [Dispatch(run_id, wf.name, wf.initial.name, 1) for run_id in run_ids]
+            )
+        except Exception as exc:  # the runs are durable: the dispatcher will publish them
+            logs.event("publish_failed", 30, runs=len(run_ids), error=repr(exc))
 
     # -- reading --------------------------------------------------------------------
 

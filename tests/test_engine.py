@@ -414,6 +414,23 @@ def test_idempotency_key_returns_the_same_run(client, db):
     assert db.execute("SELECT count(*) FROM lf_runs").fetchone() == (1,)
 
 
+def test_start_many_creates_all_runs_in_one_transaction_or_none(client, runner, db):
+    # Given three valid inputs
+    run_ids = client.start_many(basic.linear, [{"n": 1}, {"n": 2}, None])
+
+    # Then three pending runs exist, in input order, and each runs to completion
+    assert len(set(run_ids)) == 3
+    for run_id, n in zip(run_ids, (1, 2, 0), strict=True):
+        drive(runner, Dispatch(run_id, "linear5", "s1", 1))
+        assert client.get(run_id).output == {"n": n, "trail": ["s1", "s2", "s3", "s4", "s5"]}
+
+    # And a batch with one invalid input creates nothing, naming the bad position
+    with pytest.raises(errors.InvalidInput, match="input #1"):
+        client.start_many(basic.linear, [{"n": 5}, {"n": "five"}])
+    assert db.execute("SELECT count(*) FROM lf_runs").fetchone() == (3,)
+    assert client.start_many(basic.linear, []) == []
+
+
 def test_wait_for_times_out_on_unfinished_run(client):
     run_id = client.start(basic.linear, {})
     with pytest.raises(TimeoutError, match="pending"):

@@ -246,6 +246,36 @@ class PostgresStore:
 
         return self._with_retry(insert)
 
+    def create_runs(
+        self, *, wf: Workflow, runs: Sequence[tuple[str, bytes, dict[str, Any]]]
+    ) -> None:
+        """Insert pending runs ``(run_id, checkpoint, input)`` in one transaction (all or
+        none), with one pipelined round trip per batch."""
+        if not runs:
+            return
+        self.register_workflow(wf)
+        params = [
+            {
+                "id": run_id,
+                "workflow": wf.name,
+                "version": wf.version,
+                "state": wf.initial.name,
+                "max_attempts": wf.initial.retry.max_attempts,
+                "checkpoint": blob,
+                "context_version": wf.context_version,
+                "input": Jsonb(payload),
+                "idempotency_key": None,
+                "dispatch_timeout": self.dispatch_timeout,
+            }
+            for run_id, blob, payload in runs
+        ]
+
+        def insert(conn: psycopg.Connection[Any]) -> None:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.executemany(queries.CREATE_RUN, params)
+
+        self._with_retry(insert)
+
     def claim(self, run_id: str, seq: int, *, owner: str, ttl: float) -> Claim | None:
         """Take the lease of ``run_id`` at ``seq`` if it is pending and due; else None."""
 
