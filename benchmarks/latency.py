@@ -333,9 +333,10 @@ class LeaseflowSystem(System):
             " count(*) FILTER (WHERE status NOT IN ('pending', 'running', 'completed'))"
             " FROM lf_runs"
         ).fetchone()
-        if row[1]:
-            raise RuntimeError(f"leaseflow: {row[1]} runs ended other than completed")
-        return int(row[0])
+        done, other = row if row is not None else (0, 0)
+        if other:
+            raise RuntimeError(f"leaseflow: {other} runs ended other than completed")
+        return int(done)
 
     def records(self, sent: list[Sent]) -> dict[int, Record]:
         index = {s.value: s.index for s in sent}
@@ -385,15 +386,16 @@ class PlainSystem(System):
     def records(self, sent: list[Sent]) -> dict[int, Record]:
         stamps: dict[int, list[tuple[int, float, float]]] = {}
         for raw in self.redis.client.lrange(self.key, 0, -1):
-            run, k, t0, t1 = raw.decode().split()
-            if int(run) >= 0:
-                stamps.setdefault(int(run), []).append((int(k), float(t0), float(t1)))
+            text = raw.decode() if isinstance(raw, bytes) else str(raw)
+            f_run, f_k, f_t0, f_t1 = text.split()
+            if int(f_run) >= 0:  # negative: a probe
+                stamps.setdefault(int(f_run), []).append((int(f_k), float(f_t0), float(f_t1)))
         out: dict[int, Record] = {}
         for run, items in stamps.items():
             rec = out.setdefault(run, Record())
-            for _k, t0, t1 in sorted(items):
-                rec.starts.append(t0)
-                rec.ends.append(t1)
+            for _k, start, end in sorted(items):
+                rec.starts.append(start)
+                rec.ends.append(end)
         return out
 
     def close(self) -> None:
@@ -556,7 +558,7 @@ def _print_table(report: dict[str, Any]) -> None:
     )
     for column in (
         "system",
-        "runs",
+        "runs sent",
         "hops",
         "hop p50",
         "hop p90",
