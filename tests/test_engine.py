@@ -448,3 +448,28 @@ def test_list_runs_filters(client, runner):
         client.get("00000000-0000-0000-0000-000000000000")
     with pytest.raises(errors.RunNotFound):
         client.get("not-a-uuid")
+
+
+def test_claim_commit_and_heartbeat_are_hot_updates(client, db):
+    """No index covers a column the hot path changes (status, lease, state, seq), so
+    each of its updates of lf_runs is HOT: no new index entries, no index bloat."""
+    run_id = client.start(basic.linear, {})
+    statements = [
+        "UPDATE lf_runs SET status = 'running', lease_token = gen_random_uuid(), "
+        "lease_owner = 'w', lease_expires_at = now() + interval '1 minute', "
+        "claimed_at = now(), attempt = attempt + 1 WHERE id = %(id)s",  # a claim
+        "UPDATE lf_runs SET lease_expires_at = now() + interval '2 minutes' "
+        "WHERE id = %(id)s",  # a heartbeat
+        "UPDATE lf_runs SET state = 's2', prev_state = state, status = 'pending', "
+        "step_seq = step_seq + 1, attempt = 0, lease_token = NULL, lease_owner = NULL, "
+        "lease_expires_at = NULL, claimed_at = NULL, checkpoint = checkpoint || '\\x00', "
+        "redispatch_at = now(), not_before = now() WHERE id = %(id)s",  # a commit
+    ]
+    with db.transaction(force_rollback=True):
+        for sql in statements:
+            db.execute(sql, {"id": run_id})
+        hot, updated = db.execute(
+            "SELECT pg_stat_get_xact_tuples_hot_updated('lf_runs'::regclass),"
+            " pg_stat_get_xact_tuples_updated('lf_runs'::regclass)"
+        ).fetchone()
+    assert (hot, updated) == (3, 3)

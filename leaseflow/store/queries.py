@@ -143,7 +143,7 @@ REAP = """
 WITH expired AS (
     SELECT id, lease_token AS token, lease_owner AS owner, claimed_at AS claimed
       FROM lf_runs
-     WHERE status = 'running' AND lease_expires_at < now()
+     WHERE finished_at IS NULL AND status = 'running' AND lease_expires_at < now()
      ORDER BY lease_expires_at
      LIMIT %(limit)s
        FOR UPDATE SKIP LOCKED
@@ -183,7 +183,7 @@ SELECT id::text, workflow, version, state, step_seq, status, attempt, owner FROM
 DUE = """
 WITH due AS (
     SELECT id FROM lf_runs
-     WHERE status = 'pending' AND redispatch_at <= now()
+     WHERE finished_at IS NULL AND status = 'pending' AND redispatch_at <= now()
      ORDER BY redispatch_at
      LIMIT %(limit)s
        FOR UPDATE SKIP LOCKED
@@ -388,7 +388,7 @@ EXPIRED_BRANCHES = """
 SELECT b.group_id, b.idx, b.lease_token::text, b.lease_owner, b.attempt, b.max_attempts,
        b.state, r.workflow
   FROM lf_branches b JOIN lf_runs r ON r.id = b.run_id
- WHERE b.status = 'running' AND b.lease_expires_at < now()
+ WHERE b.finished_at IS NULL AND b.status = 'running' AND b.lease_expires_at < now()
  ORDER BY b.lease_expires_at
  LIMIT %(limit)s
 """
@@ -396,7 +396,7 @@ SELECT b.group_id, b.idx, b.lease_token::text, b.lease_owner, b.attempt, b.max_a
 DUE_BRANCHES = """
 WITH due AS (
     SELECT group_id, idx FROM lf_branches
-     WHERE status = 'pending' AND redispatch_at <= now()
+     WHERE finished_at IS NULL AND status = 'pending' AND redispatch_at <= now()
      ORDER BY redispatch_at
      LIMIT %(limit)s
        FOR UPDATE SKIP LOCKED

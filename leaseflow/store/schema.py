@@ -99,11 +99,9 @@ runs = Table(
     CheckConstraint(f"status IN {STATUSES!r}", name="status"),
     CheckConstraint("step_seq >= 1 AND attempt >= 0 AND max_attempts >= 1", name="counters"),
     CheckConstraint("status <> 'running' OR lease_token IS NOT NULL", name="running_has_lease"),
-    Index(
-        "ix_lf_runs_active",
-        "status",
-        postgresql_where=text("status IN ('pending', 'running', 'waiting')"),
-    ),
+    # Beat scans find in-flight runs here. Neither the column nor the predicate changes
+    # while a run is in flight, so claims, commits and heartbeats stay HOT updates.
+    Index("ix_lf_runs_unfinished", "created_at", postgresql_where=text("finished_at IS NULL")),
     Index("ix_lf_runs_created_at", "created_at"),
     Index("ix_lf_runs_workflow_created_at", "workflow", "created_at"),
     Index(
@@ -186,11 +184,7 @@ branches = Table(
     PrimaryKeyConstraint("group_id", "idx"),
     CheckConstraint(f"status IN {BRANCH_STATUSES!r}", name="status"),
     CheckConstraint("status <> 'running' OR lease_token IS NOT NULL", name="running_has_lease"),
-    Index(
-        "ix_lf_branches_active",
-        "status",
-        postgresql_where=text("status IN ('pending', 'running')"),
-    ),
+    Index("ix_lf_branches_unfinished", "group_id", postgresql_where=text("finished_at IS NULL")),
 )
 
 workers = Table(
