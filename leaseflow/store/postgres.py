@@ -570,6 +570,7 @@ class PostgresStore:
                     if row is None:
                         raise _Rollback
                     return BranchCommit(run_id=row[0], retry_state=row[1])
+                conn.execute(queries.LOCK_GROUP, {"group_id": out.group_id})
                 sql = queries.FINISH_EXPIRED_BRANCH if expired else queries.FINISH_BRANCH
                 row = conn.execute(
                     sql,

@@ -323,6 +323,11 @@ UPDATE lf_branches
 FINISH_BRANCH = _BRANCH_FINISH_SET + _BRANCH_FENCE + " RETURNING run_id::text"
 FINISH_EXPIRED_BRANCH = _BRANCH_FINISH_SET + _BRANCH_FENCE_EXPIRED + " RETURNING run_id::text"
 
+#: Taken first by every final branch commit: all of them lock the group row before a
+#: branch row, so a failing branch that cancels its siblings (fail_fast) can never
+#: deadlock with a sibling committing at the same moment.
+LOCK_GROUP = "SELECT 1 FROM lf_groups WHERE id = %(group_id)s FOR NO KEY UPDATE"
+
 #: Serialises the branches of a group on its row: exactly one transaction sees the
 #: count that completes it (READ COMMITTED re-reads the row after the lock wait).
 COUNT_BRANCH = """

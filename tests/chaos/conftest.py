@@ -71,11 +71,21 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
 
 
 @pytest.fixture
-def chaos(database_url: str, tmp_path: Path) -> Iterator[Harness]:
-    """A scenario's harness; every process it started is gone afterwards."""
-    from tests.chaos.harness import current_profile, harness
+def chaos(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
+    """A scenario's harness on a database cloned from the template, or on a private
+    cluster when its fault stops the server; every process it started is gone after."""
+    from tests.chaos.harness import current_profile, harness, private_postgres
 
-    with harness(database_url, tmp_path, current_profile()) as h:
+    fault = getattr(getattr(request.node, "callspec", None), "params", {}).get("fault")
+    if getattr(fault, "private_postgres", False):
+        with (
+            private_postgres(tmp_path / "pg") as server,
+            harness(server.url, tmp_path, current_profile()) as h,
+        ):
+            h.postgres = server
+            yield h
+        return
+    with harness(request.getfixturevalue("database_url"), tmp_path, current_profile()) as h:
         yield h
 
 

@@ -5,14 +5,19 @@ A scenario (:func:`run_scenario`) goes:
 
 1. start a private ``redis-server`` (no persistence, a free port), one beat and two
    prefork workers (``-c 2``) with short leases (TTL 2 s, heartbeat, reaper and
-   dispatcher every 0.5 s, dispatch timeout 3 s);
-2. submit a batch of runs of the mix of ``tests/chaos/workflows.py``;
+   dispatcher every 0.5 s, dispatch timeout 3 s), after the fault's own ``settings``
+   (e.g. a short statement timeout, or RabbitMQ as the broker);
+2. submit a batch of runs of the mix of ``tests/chaos/workflows.py`` (plus the
+   fault's ``mix``: runs steered to fail, whose expected error code is noted);
 3. per round: wait (polling, with a deadline) until the fault's trigger holds, e.g.
    a worker has just claimed a slow state; inject the fault; let it last
    ``hold_s``; heal it; submit the next batch (the long profile has many rounds);
 4. wait for quiescence: every submitted run terminal (polling, with a deadline);
    for a zombie fault, also for the refused commit to be counted;
 5. stop every process, then check :data:`tests.chaos.invariants.INVARIANTS` by SQL.
+
+The database is a clone of the migrated template on the shared server, or, for a
+fault that stops the server (F-8), a private cluster (:func:`private_postgres`).
 
 Nothing waits with a bare sleep; the only sleeps make a fault last (SIGSTOP past
 the lease TTL, Redis down for a second) or pace the long profile's rounds.
@@ -34,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
+from leaseflow import embedded
 from leaseflow.client import Client
 from leaseflow.settings import Settings
 from tests.chaos import invariants, workflows
@@ -50,7 +56,7 @@ if TYPE_CHECKING:
     from tests.chaos.faults import Fault
 
 LEASE_TTL = 2.0
-QUEUE = "chaos"
+QUEUE = "chaos"  # and the private Redis's port: a queue of its own on a shared broker
 WORKFLOW_MODULE = "tests.chaos.workflows"
 #: Lines worth showing when an invariant fails (the tail of each process's log).
 NOTABLE = (
@@ -202,6 +208,10 @@ class Harness:
         self.workers: dict[str, WorkerProcess] = {}
         self.beats: list[BeatProcess] = []
         self.submitted: list[str] = []
+        self.mix: tuple[workflows.Job, ...] = tuple(workflows.Job(wf) for wf in workflows.MIX)
+        self.expected: dict[str, str] = {}  # run id -> the error code it must fail with
+        self.problems: list[str] = []  # what a fault's own watch saw go wrong
+        self.round = 0  # injections so far
         self._restarts = 0
         self._mix = 0
         self.port = free_port()
@@ -210,7 +220,7 @@ class Harness:
             database_url=database_url,
             broker_url=f"{broker}/0",
             result_backend=f"{broker}/1",  # branches run as chords
-            default_queue=QUEUE,
+            default_queue=f"{QUEUE}-{self.port}",
             workflows=[WORKFLOW_MODULE],
             lease_ttl=LEASE_TTL,
             heartbeat_interval=0.5,
@@ -221,18 +231,38 @@ class Harness:
         self.redis: RedisServer | None = None
         self.db: psycopg.Connection[Any] | None = None
         self.client: Client | None = None
+        self.postgres: embedded.Server | None = None  # a private cluster (F-8), if any
 
     def open(self) -> Harness:
         """Start the private Redis; connect to the database; create ``chaos_effects``."""
         self.redis = self._start_redis()
-        self.db = psycopg.connect(
-            self.database_url.replace("+psycopg", ""),
-            autocommit=True,
-            application_name="chaos-harness",
-        )
+        self.db = self.connect("chaos-harness")
         workflows.create_effects_table(self.db)
         self.client = Client(settings=self.settings)
         return self
+
+    def connect(self, application_name: str, *, autocommit: bool = True) -> psycopg.Connection:
+        """A connection of the harness's own to the test database."""
+        return psycopg.connect(
+            self.database_url.replace("+psycopg", ""),
+            autocommit=autocommit,
+            application_name=application_name,
+        )
+
+    def reconnect(self) -> None:
+        """A fresh harness connection (the server dropped the old one)."""
+        if self.db is not None:
+            with contextlib.suppress(Exception):
+                self.db.close()
+        self.db = self.connect("chaos-harness")
+
+    def reconfigure(self, **changes: Any) -> None:
+        """Change settings before anything started (the client is made anew)."""
+        assert not self.workers and not self.beats, "reconfigure before start()"
+        self.settings = self.settings.model_copy(update=changes)
+        if self.client is not None:
+            self.client.close()
+        self.client = Client(settings=self.settings)
 
     # -- processes -------------------------------------------------------------------------
 
@@ -283,16 +313,24 @@ class Harness:
                 return slot
         return None
 
-    def busy(self, *, state: str | None = None, fresh: float | None = None) -> Busy | None:
-        """A pool child holding a live run lease (in ``state``, claimed < ``fresh`` s ago)."""
+    def busy(
+        self,
+        *,
+        state: str | None = None,
+        fresh: float | None = None,
+        workflow: str | None = None,
+    ) -> Busy | None:
+        """A pool child holding a live run lease (in ``state`` of ``workflow``, claimed or
+        handed over inline < ``fresh`` s ago)."""
         rows = self.db.execute(
             """SELECT id::text, state, lease_owner FROM lf_runs
                 WHERE status = 'running' AND lease_expires_at > now()
                   AND (%(state)s::text IS NULL OR state = %(state)s)
+                  AND (%(workflow)s::text IS NULL OR workflow = %(workflow)s)
                   AND (%(fresh)s::float8 IS NULL
                        OR claimed_at > now() - %(fresh)s * interval '1 second')
                 ORDER BY claimed_at DESC""",
-            {"state": state, "fresh": fresh},
+            {"state": state, "fresh": fresh, "workflow": workflow},
         ).fetchall()
         for run_id, run_state, owner in rows:
             pid = int(str(owner).rsplit(":", 1)[1])
@@ -304,14 +342,29 @@ class Harness:
     # -- runs ------------------------------------------------------------------------------
 
     def submit(self, n: int) -> list[str]:
-        """Start ``n`` runs of the mix, in rotation."""
+        """Start ``n`` runs of the mix, in rotation; note the failures they must end in."""
         ids = []
         for _ in range(n):
-            wf = workflows.MIX[self._mix % len(workflows.MIX)]
+            job = self.mix[self._mix % len(self.mix)]
             self._mix += 1
-            ids.append(self.client.start(wf, {}))
+            run_id = self.client.start(job.wf, dict(job.input))
+            if job.expect is not None:
+                self.expected[run_id] = job.expect
+            ids.append(run_id)
         self.submitted.extend(ids)
         return ids
+
+    def expect(self, run_id: str, code: str) -> None:
+        """``run_id`` must fail with ``code`` (a fault made sure it cannot complete)."""
+        self.expected[run_id] = code
+
+    def params(self) -> dict[str, Any]:
+        """The named parameters of the invariants' queries."""
+        return {
+            "submitted": self.submitted,
+            "budgets": invariants.budgets(),
+            "expected": [f"{run_id}|{code}" for run_id, code in self.expected.items()],
+        }
 
     def unfinished(self) -> int:
         row = self.db.execute(
@@ -385,6 +438,8 @@ class Harness:
         try:
             self.stop_all()
         finally:
+            if str(self.settings.broker_url).startswith("amqp"):
+                self._drop_amqp_queues()
             if self.client is not None:
                 with contextlib.suppress(Exception):
                     self.client.close()
@@ -402,6 +457,32 @@ class Harness:
                 leaked = leaked_processes(self.started)  # type: ignore[arg-type]
             kill_leaked(self.started)  # type: ignore[arg-type]
         return leaked
+
+    def _drop_amqp_queues(self) -> None:
+        """Delete this scenario's queues and exchanges from the shared RabbitMQ."""
+        from kombu import Connection
+
+        queue = self.settings.default_queue
+        with (
+            contextlib.suppress(Exception),
+            Connection(self.settings.broker_url, connect_timeout=5) as conn,
+        ):
+            for name in (queue, self.settings.maintenance_queue):
+                with contextlib.suppress(Exception), conn.channel() as channel:
+                    channel.queue_delete(name)
+                with contextlib.suppress(Exception), conn.channel() as channel:
+                    channel.exchange_delete(name)
+
+
+@contextlib.contextmanager
+def private_postgres(home: Path) -> Iterator[embedded.Server]:
+    """A PostgreSQL cluster of the scenario's own, migrated (the engine's embedded
+    server: ``initdb`` under ``home``, Unix socket only), for faults that stop it."""
+    server = embedded.ensure_server(home)
+    try:
+        yield server
+    finally:
+        embedded.stop(home)
 
 
 @contextlib.contextmanager
@@ -465,6 +546,9 @@ def run_scenario(h: Harness, fault: Fault) -> Result:
     """
     profile = h.profile
     problems: list[str] = []
+    if fault.settings:
+        h.reconfigure(**fault.settings)
+    h.mix += fault.mix
     h.start(beats=fault.beats)
     recoveries: list[tuple[datetime, list[str]]] = []
     for size in batches(profile.runs, profile.rounds):
@@ -475,8 +559,12 @@ def run_scenario(h: Harness, fault: Fault) -> Result:
             interval=0.05,
             message=f"trigger of {fault.id}",
         )
+        if fault.snapshot_first:  # a slow injection, or lf_runs locked once injected
+            recoveries.append(h.snapshot())
         token = fault.inject(h, target)
-        recoveries.append(h.snapshot())
+        if not fault.snapshot_first:
+            recoveries.append(h.snapshot())
+        h.round += 1
         if fault.hold_s:
             time.sleep(fault.hold_s)  # the fault lasts this long
         fault.heal(h, token)
@@ -494,9 +582,10 @@ def run_scenario(h: Harness, fault: Fault) -> Result:
     if fault.fenced:
         with contextlib.suppress(AssertionError):  # I4 reports a missing rejection
             eventually(h.fenced_rejections, timeout=15, interval=0.25, message="a refused commit")
+    problems.extend(h.problems)
     problems.extend(fault.check(h))
     h.stop_all()  # nothing writes any more: the ledger is final
-    params = {"submitted": h.submitted, "budgets": invariants.budgets()}
+    params = h.params()
     numbers = invariants.stats(h.db, params)
     return Result(
         fault=fault.id,
@@ -513,13 +602,18 @@ def signal_pid(pid: int, sig: int) -> None:
         os.kill(pid, sig)
 
 
-def gone(pid: int) -> bool:
-    """The process is gone, or a zombie its parent has not reaped yet."""
+def proc_state(pid: int) -> str:
+    """The state letter of ``/proc/PID/stat`` (``R``, ``S``, ``T`` stopped, ...); ``X`` gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except FileNotFoundError:
-        return True
-    return stat[stat.rindex(")") + 2] in "ZX"
+        return "X"
+    return stat[stat.rindex(")") + 2]
+
+
+def gone(pid: int) -> bool:
+    """The process is gone, or a zombie its parent has not reaped yet."""
+    return proc_state(pid) in "ZX"
 
 
 def stopped(worker: WorkerProcess) -> bool:

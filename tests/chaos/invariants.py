@@ -5,8 +5,11 @@ An :class:`Invariant`'s query returns the *offending rows*; it holds when they e
 Queries take named parameters:
 
 - ``submitted``: the ids of every run the harness started (``uuid[]``);
-- ``budgets``: ``workflow|state|max_attempts`` strings of the chaos workflows, the
-  attempt budget of each state and branch (``text[]``).
+- ``budgets``: ``workflow|state|max_attempts|inline`` strings of the chaos workflows:
+  the attempt budget of each state and branch, and whether it is declared
+  ``inline=True`` (``text[]``);
+- ``expected``: ``run_id|error_code`` strings, the runs that must fail and how (a
+  steered input, a corrupted checkpoint); every other run must complete (``text[]``).
 """
 
 from __future__ import annotations
@@ -42,9 +45,9 @@ class Invariant:
 
 
 def budgets() -> list[str]:
-    """``workflow|state|max_attempts`` for every state of the chaos workflows."""
+    """``workflow|state|max_attempts|inline`` for every state of the chaos workflows."""
     return [
-        f"{wf.name}|{spec.name}|{spec.retry.max_attempts}"
+        f"{wf.name}|{spec.name}|{spec.retry.max_attempts}|{spec.inline}"
         for wf in workflows.WORKFLOWS
         for spec in wf.states.values()
     ]
@@ -53,8 +56,14 @@ def budgets() -> list[str]:
 _BUDGET = """
 budget AS (
     SELECT split_part(b, '|', 1) AS workflow, split_part(b, '|', 2) AS state,
-           split_part(b, '|', 3)::int AS max_attempts
+           split_part(b, '|', 3)::int AS max_attempts, split_part(b, '|', 4)::bool AS inline
       FROM unnest(%(budgets)s::text[]) AS b
+)"""
+
+_EXPECTED = """
+expected AS (
+    SELECT split_part(e, '|', 1)::uuid AS id, split_part(e, '|', 2) AS code
+      FROM unnest(%(expected)s::text[]) AS e
 )"""
 
 INVARIANTS: list[Invariant] = [
@@ -77,10 +86,35 @@ INVARIANTS: list[Invariant] = [
               FROM lf_runs WHERE status NOT IN {TERMINAL!r}""",
     ),
     Invariant(
-        "I1 every run completed",
-        "a run that failed (each state has attempts to spare for one fault)",
-        """SELECT id::text, workflow, state, status, error_code, left(error, 200)
-             FROM lf_runs WHERE status <> 'completed'""",
+        "I1 every run completed or failed as expected",
+        "a run that failed (each state has attempts to spare for one fault), or one "
+        "that had to fail with a given code and did not",
+        f"""WITH {_EXPECTED}
+           SELECT r.id::text, r.workflow, r.state, r.status, r.error_code,
+                  x.code AS expected, left(r.error, 200)
+             FROM lf_runs r LEFT JOIN expected x ON x.id = r.id
+            WHERE (x.id IS NULL AND r.status <> 'completed')
+               OR (x.id IS NOT NULL AND (r.status <> 'failed'
+                                         OR r.error_code IS DISTINCT FROM x.code))""",
+    ),
+    Invariant(
+        "I1 expected failures fail closed",
+        "a run that had to fail but was not failed by its lease holder at once (its last "
+        "step not a fenced 'failed', or by a branch; or a lease of it or of a branch "
+        "expired: left to the reaper)",
+        f"""WITH {_EXPECTED}
+           SELECT r.id::text, r.state, s.seq, s.outcome, s.lease_token::text,
+                  (SELECT count(*) FROM lf_steps l
+                    WHERE l.run_id = r.id AND l.outcome = 'lease_expired') AS reaped
+             FROM lf_runs r JOIN expected x ON x.id = r.id
+             LEFT JOIN LATERAL (SELECT * FROM lf_steps WHERE run_id = r.id
+                                 ORDER BY seq DESC LIMIT 1) s ON true
+            WHERE s.outcome IS DISTINCT FROM 'failed' OR r.lease_token IS NOT NULL
+               OR (s.lease_token IS NULL AND r.error_code <> 'E-BRANCH-FAILED')
+               OR EXISTS (SELECT 1 FROM lf_steps l
+                           WHERE l.run_id = r.id AND l.outcome = 'lease_expired')
+               OR EXISTS (SELECT 1 FROM lf_branches b
+                           WHERE b.run_id = r.id AND b.error LIKE 'E-LEASE-EXPIRED%%')""",
     ),
     Invariant(
         "I1 no branch or group left open",
@@ -124,8 +158,31 @@ INVARIANTS: list[Invariant] = [
                      AND t.from_state = s.state AND t.to_state = s.next_state)""",
     ),
     Invariant(
+        "I3 inline chains ran inline",
+        "no step was leased in the commit of the step before it (started before that "
+        "step finished): the inline continuation path never ran",
+        """SELECT count(*) FROM lf_steps s
+             JOIN lf_steps p ON p.run_id = s.run_id AND p.seq = s.seq - 1
+            WHERE s.started_at <= p.finished_at
+           HAVING count(*) = 0""",
+    ),
+    Invariant(
+        "I3 inline only where allowed",
+        "a step leased in the commit of the step before it, though that step did not move "
+        "(a retry, a failure) or the state is not declared inline=True",
+        f"""WITH {_BUDGET}
+           SELECT s.run_id::text, s.seq, p.state, p.outcome, s.state
+             FROM lf_steps s
+             JOIN lf_steps p ON p.run_id = s.run_id AND p.seq = s.seq - 1
+             JOIN lf_runs r ON r.id = s.run_id
+             LEFT JOIN budget b ON b.workflow = r.workflow AND b.state = s.state
+            WHERE s.started_at <= p.finished_at
+              AND (p.outcome <> 'next' OR b.inline IS DISTINCT FROM true)""",
+    ),
+    Invariant(
         "I3 steps chain",
-        "a step whose state is not where the step before it led (or the initial state)",
+        "a step whose state is not where the step before it led (or the initial state; "
+        "after a fork whose group failed, the run's failure at the forking state)",
         """WITH s AS (
                SELECT s.*, lag(s.seq) OVER w AS p_seq, lag(s.state) OVER w AS p_state,
                       lag(s.outcome) OVER w AS p_outcome, lag(s.next_state) OVER w AS p_next
@@ -139,7 +196,8 @@ INVARIANTS: list[Invariant] = [
                          AND t.from_state = '' AND t.to_state = s.state))
                OR (s.p_seq IS NOT NULL AND s.state IS DISTINCT FROM CASE s.p_outcome
                       WHEN 'next' THEN s.p_next
-                      WHEN 'fork' THEN g.join_state
+                      WHEN 'fork' THEN CASE WHEN g.status = 'failed' AND s.outcome = 'failed'
+                                            THEN s.p_state ELSE g.join_state END
                       WHEN 'retry' THEN s.p_state
                       WHEN 'lease_expired' THEN s.p_state
                    END)""",
@@ -155,6 +213,14 @@ INVARIANTS: list[Invariant] = [
             WHERE s.lease_token IS DISTINCT FROM e.token""",
     ),
     Invariant(
+        "I4 a fresh token per step",
+        "two steps of a run committed (or reaped) under one lease token: a claim or an "
+        "inline hand-off reused a token",
+        """SELECT run_id::text, lease_token::text, array_agg(seq), array_agg(state)
+             FROM lf_steps WHERE lease_token IS NOT NULL
+            GROUP BY run_id, lease_token HAVING count(*) > 1""",
+    ),
+    Invariant(
         "I4 fenced rejections observed",
         "a zombie fault with no refused commit (lf_workers.leases_lost sum = 0)",
         """SELECT coalesce(sum(leases_lost), 0) FROM lf_workers
@@ -164,15 +230,20 @@ INVARIANTS: list[Invariant] = [
     # -- I5: every join exactly once, with every branch ----------------------------------------
     Invariant(
         "I5 one join per group",
-        "a joined group whose join ran other than once, or one that did not join",
-        """SELECT g.id, g.run_id::text, g.status, g.done, g.failed, g.width,
-                  count(s.seq) AS joins
+        "a joined group whose join ran other than once, or one that did not join; or, "
+        "for a run that must fail by a branch, a group that joined or failed other than once",
+        f"""WITH {_EXPECTED}
+           SELECT g.id, g.run_id::text, g.status, g.done, g.failed, g.width,
+                  count(s.seq) AS joins, x.code
              FROM lf_groups g
+             LEFT JOIN expected x ON x.id = g.run_id AND x.code = 'E-BRANCH-FAILED'
              LEFT JOIN lf_steps s ON s.run_id = g.run_id AND s.state = g.join_state
                   AND s.seq > g.parent_seq AND s.outcome NOT IN ('retry', 'lease_expired')
-            GROUP BY g.id
-           HAVING g.status <> 'joined' OR count(s.seq) <> 1 OR g.done <> g.width
-               OR g.failed <> 0""",
+            GROUP BY g.id, x.code
+           HAVING CASE WHEN x.code IS NULL
+                       THEN g.status <> 'joined' OR count(s.seq) <> 1 OR g.done <> g.width
+                            OR g.failed <> 0
+                       ELSE g.status <> 'failed' OR count(s.seq) <> 0 OR g.failed <> 1 END""",
     ),
     Invariant(
         "I5 join saw every branch",

@@ -39,8 +39,8 @@ def ledger(pg_template: str) -> Iterator[tuple[psycopg.Connection, list[str]]]:
         yield engine.conn, ids
 
 
-def _params(ids: list[str]) -> dict[str, object]:
-    return {"submitted": ids, "budgets": invariants.budgets()}
+def _params(ids: list[str], expected: list[str] | None = None) -> dict[str, object]:
+    return {"submitted": ids, "budgets": invariants.budgets(), "expected": expected or []}
 
 
 def test_a_clean_ledger_violates_nothing(ledger):
@@ -63,10 +63,14 @@ FORGERIES = {
         "WHERE id = (SELECT id FROM lf_runs LIMIT 1)",
         None,
     ),
-    "I1 every run completed": (
+    "I1 every run completed or failed as expected": (
         "UPDATE lf_runs SET status = 'failed', error_code = 'E-LEASE-EXPIRED' "
         "WHERE id = (SELECT id FROM lf_runs LIMIT 1)",
         None,
+    ),
+    "I1 expected failures fail closed": (  # failed as expected, but by no failing step
+        "UPDATE lf_runs SET status = 'failed', error_code = 'E-STATE-ERROR' WHERE id = '$FIRST'",
+        "expect_first",
     ),
     "I1 no branch or group left open": (
         f"UPDATE lf_branches SET status = 'pending' WHERE run_id = {ONE_RUN} AND idx = 0",
@@ -86,12 +90,27 @@ FORGERIES = {
         "UPDATE lf_steps SET next_state = 'd' WHERE state = 'a' AND outcome = 'next'",
         None,
     ),
+    "I3 inline chains ran inline": (
+        "UPDATE lf_steps SET started_at = finished_at + interval '1 day'",
+        None,
+    ),
+    "I3 inline only where allowed": (  # b of chaos_linear, as if handed over by a
+        "UPDATE lf_steps s SET started_at = p.finished_at - interval '1 ms' "
+        "FROM lf_steps p, lf_runs r WHERE p.run_id = s.run_id AND p.seq = 1 AND s.seq = 2 "
+        "AND r.id = s.run_id AND r.workflow = 'chaos_linear'",
+        None,
+    ),
     "I3 steps chain": (
         "UPDATE lf_steps SET state = 'c' WHERE state = 'b'",
         None,
     ),
     "I4 effect token = step token": (
         "UPDATE chaos_effects SET token = gen_random_uuid() WHERE state = 'c'",
+        None,
+    ),
+    "I4 a fresh token per step": (
+        "UPDATE lf_steps s SET lease_token = p.lease_token FROM lf_steps p "
+        "WHERE p.run_id = s.run_id AND p.seq = 1 AND s.seq = 2",
         None,
     ),
     "I4 fenced rejections observed": ("SELECT 1", None),
@@ -136,11 +155,14 @@ def test_each_invariant_flags_its_forgery(ledger, name):
     conn, ids = ledger
     sql, tweak = FORGERIES[name]
     submitted = list(ids)
+    expected = []
     if tweak == "extra_id":
         submitted.append(str(uuid.uuid4()))
     elif tweak == "drop_id":
         submitted.pop()
+    elif tweak == "expect_first":
+        expected.append(f"{ids[0]}|E-STATE-ERROR")
     with conn.transaction(force_rollback=True):
-        conn.execute(sql)
-        found = invariants.violations(conn, _params(submitted), Zombie())
+        conn.execute(sql.replace("$FIRST", ids[0]))
+        found = invariants.violations(conn, _params(submitted, expected), Zombie())
     assert name in found, f"{name} did not see the forgery; reported: {sorted(found)}"

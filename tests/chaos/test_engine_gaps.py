@@ -1,7 +1,12 @@
-"""Engine gaps the chaos suite ran into, now fixed: each test states the documented
-behaviour (in_commit in a branch; a commit and a claim on dropped connections)."""
+"""Engine gaps the chaos suite ran into: each test states the documented behaviour.
+Fixed: in_commit in a branch; a commit and a claim on dropped connections; two branch
+commits of one group deadlocked when one of them failed (fail_fast cancelled its
+siblings' rows while a sibling held its row and waited for the group row): every final
+branch commit now locks the group row first."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 
@@ -84,3 +89,48 @@ def test_a_claim_survives_dropped_idle_connections(pg_template):
 
     # Then it claims on a fresh connection and runs the step
     assert result.result == "committed", result
+
+
+def test_a_failing_branch_and_a_committing_one_do_not_deadlock(pg_template):
+    # Given a run forked into two branches: keep completes, drop fails (fail_fast)
+    with scratch_engine(pg_template) as engine:
+        run_id = engine.start(workflows.split, {})
+        group_id = engine.runner.run_step(run_id, 1).fork.group_id
+        inside, go = threading.Event(), threading.Event()
+        workflows.IN_KEEP_COMMIT.append(lambda: (inside.set(), go.wait(15)))
+        outcome: dict[int, object] = {}
+
+        def run(idx: int) -> None:
+            try:
+                outcome[idx] = engine.runner.run_branch(group_id, idx).result
+            except Exception as exc:
+                outcome[idx] = exc
+
+        # When keep's commit is inside its transaction (its branch row written), drop
+        # fails meanwhile (it closes the group, then waits to cancel keep's row), and
+        # keep's commit goes on to count itself on the group row
+        keeper = threading.Thread(target=run, args=(0,))
+        dropper = threading.Thread(target=run, args=(1,))
+        try:
+            keeper.start()
+            assert inside.wait(15), "keep's commit never reached its in_commit callback"
+            dropper.start()
+            eventually(
+                lambda: engine.conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND application_name = 'chaos-inprocess'"
+                ).fetchone()[0],
+                timeout=15,
+                message="drop's commit waiting for the group row keep holds",
+            )
+        finally:
+            go.set()
+            keeper.join(30)
+            dropper.join(30)
+            workflows.IN_KEEP_COMMIT.clear()
+        run = engine.conn.execute("SELECT status, error_code FROM lf_runs").fetchone()
+
+    # Then the two commits serialise: neither dies of a deadlock, and the run fails
+    # with E-BRANCH-FAILED (keep's result committed first, or keep cancelled)
+    assert not any(isinstance(v, Exception) for v in outcome.values()), outcome
+    assert run == ("failed", "E-BRANCH-FAILED")

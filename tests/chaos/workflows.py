@@ -1,13 +1,21 @@
-"""The chaos mix: four small workflows whose every state records its effect.
+"""The chaos mix: five small workflows whose every state records its effect.
 
 - ``chaos_linear``: a -> b -> c -> d, quick states.
 - ``chaos_slow``: enter -> slow -> leave; ``slow`` sleeps ``ctx.data.slow`` seconds
   (the state a fault hits in the middle: kill, SIGSTOP, clock jump).
+- ``chaos_inline``: enter -> hop -> slow -> leave, every state after ``enter`` declared
+  ``inline=True``: one task runs the chain (inline continuation), its ``slow`` state
+  sleeping like ``chaos_slow``'s, so process faults hit inline chains too.
 - ``chaos_flaky``: enter -> flaky -> leave; ``flaky`` raises a transient
   ``ConnectionError`` with probability ``ctx.data.p`` on its first two attempts (decided
   by a hash of run id and attempt, so a run's luck is reproducible), which leaves
   three of its five attempts to the faults.
 - ``chaos_fan``: fork -> (``width`` x leg, a Parallel) -> gather -> leave.
+
+A run's input can steer one state into misbehaving (:data:`SABOTAGE`, for F-14,
+F-17 and F-18): raise a transient or a permanent error, or put a value that is not
+JSON, or too large, in its output or context. A :class:`Job` pairs a workflow and
+such an input with the error code the run must then fail with.
 
 Each state (not the branches: ``ctx.in_commit`` belongs to transitions) writes one
 row into the application table ``chaos_effects`` through ``ctx.in_commit``: the row
@@ -21,12 +29,16 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 from psycopg.types.json import Jsonb
 from pydantic import BaseModel
 
-from leaseflow import Complete, Parallel, Retry, Workflow
+from leaseflow import Complete, Parallel, Retry, Workflow, errors
 
 EFFECTS_DDL = """
 CREATE TABLE IF NOT EXISTS chaos_effects (
@@ -41,10 +53,34 @@ CREATE TABLE IF NOT EXISTS chaos_effects (
 )
 """
 
+#: Errors worth retrying: a transient failure, or the database dropping an
+#: ``in_commit`` write (F-7, F-9). Anything else (a ``ValueError``) fails the run at once.
+TRANSIENT = (ConnectionError, psycopg.Error)
 #: Every state and branch: five attempts, short backoff (faults eat attempts too).
-RETRY = Retry(max_attempts=5, backoff=0.05, max_delay=0.2, jitter=0)
-#: The flaky state fails at random on these first attempts only.
+RETRY = Retry(max_attempts=5, backoff=0.05, max_delay=0.2, jitter=0, retry_on=TRANSIENT)
+#: The flaky state fails at random on these first attempts only; a state steered to
+#: ``transient`` fails on exactly these.
 FLAKY_ATTEMPTS = 2
+#: Over ``LEASEFLOW_MAX_CHECKPOINT_BYTES`` (1 MiB by default).
+HUGE = 3 << 20
+#: What a steered state puts in its output (``output:<kind>``) or context
+#: (``context:<kind>``).
+BAD_VALUES: dict[str, Callable[[], Any]] = {
+    "set": lambda: {1, 2},
+    "nan": lambda: float("nan"),
+    "datetime": lambda: datetime.now(UTC),
+    "object": object,
+    "huge": lambda: "x" * HUGE,
+}
+#: The sabotage a run's input may ask of one state (``sabotage_at``): ``transient``
+#: (``ConnectionError`` on the first two attempts), ``permanent`` (``ValueError``),
+#: ``output:<kind>`` (a final state's output, a branch's result) or ``context:<kind>``
+#: (of :data:`BAD_VALUES`).
+SABOTAGE = (
+    "transient",
+    "permanent",
+    *(f"{w}:{k}" for w in ("output", "context") for k in BAD_VALUES),
+)
 
 
 def create_effects_table(conn: Any) -> None:
@@ -57,6 +93,9 @@ class Chaos(BaseModel):
     p: float = 0.3  # probability of a transient error in the flaky state
     width: int = 3  # branches of the fan-out
     trail: list[str] = []
+    sabotage_at: str | None = None  # the state that misbehaves (None: none)
+    sabotage: str = ""  # how: one of SABOTAGE
+    extra: Any = None  # where context sabotage puts its value
 
 
 def _record(ctx: Any, detail: Any = None) -> None:
@@ -72,13 +111,34 @@ def _record(ctx: Any, detail: Any = None) -> None:
     ctx.in_commit(write)
 
 
+def _sabotage(ctx: Any) -> Any:
+    """Misbehave as the input asks, if this is the state: raise, or return the bad
+    value meant for the output (``None`` otherwise)."""
+    if ctx.state != ctx.data.sabotage_at:
+        return None
+    how, _, kind = ctx.data.sabotage.partition(":")
+    if how == "transient" and ctx.attempt <= FLAKY_ATTEMPTS:
+        raise ConnectionError(f"steered transient failure on attempt {ctx.attempt}")
+    if how == "permanent":
+        raise ValueError(f"steered permanent failure in {ctx.state}")
+    if how == "context":
+        ctx.data.extra = BAD_VALUES[kind]()
+    if how == "output":
+        return BAD_VALUES[kind]()
+    return None
+
+
 def _step(ctx: Any, target: str | None = None) -> Any:
     """The body shared by the plain states: pause, record, move on (or complete)."""
     time.sleep(ctx.data.pause)
+    bad = _sabotage(ctx)
     ctx.data.trail.append(ctx.state)
     _record(ctx)
     if target is None:
-        return Complete(output={"trail": ctx.data.trail})
+        output: dict[str, Any] = {"trail": ctx.data.trail}
+        if bad is not None:
+            output["bad"] = bad
+        return Complete(output=output)
     return target
 
 
@@ -134,6 +194,32 @@ def slow_leave(ctx: Any) -> Any:
     return _step(ctx)
 
 
+# -- inline chain --------------------------------------------------------------------------
+
+inline = Workflow("chaos_inline", context=Chaos)
+
+
+@inline.state(initial=True, to=["hop"], retry=RETRY, name="enter")
+def inline_enter(ctx: Any) -> Any:
+    return _step(ctx, "hop")
+
+
+@inline.state(to=["slow"], retry=RETRY, inline=True)
+def hop(ctx: Any) -> Any:
+    return _step(ctx, "slow")
+
+
+@inline.state(to=["leave"], retry=RETRY, inline=True, name="slow")
+def inline_slow(ctx: Any) -> Any:
+    time.sleep(ctx.data.slow)  # as chaos_slow's: a zombie tries to commit
+    return _step(ctx, "leave")
+
+
+@inline.state(retry=RETRY, inline=True, name="leave")
+def inline_leave(ctx: Any) -> Any:
+    return _step(ctx)
+
+
 # -- flaky ---------------------------------------------------------------------------------
 
 flaky = Workflow("chaos_flaky", context=Chaos)
@@ -171,7 +257,11 @@ def fork(ctx: Any) -> Parallel:
 @fan.state(branch=True, retry=RETRY)
 def leg(ctx: Any) -> Any:
     time.sleep(ctx.data.pause)
-    return {"index": ctx.index}
+    result = {"index": ctx.index}
+    bad = _sabotage(ctx)  # output sabotage: the branch's result
+    if bad is not None:
+        result["bad"] = bad
+    return result
 
 
 @fan.state(to=["leave"], retry=RETRY)
@@ -187,9 +277,58 @@ def fan_leave(ctx: Any) -> Any:
     return _step(ctx)
 
 
-WORKFLOWS = (linear, slow, flaky, fan)
-#: The submitted mix, in rotation: the slow and fan-out runs keep leases in flight.
-MIX = (linear, slow, flaky, fan, slow)
+WORKFLOWS = (linear, slow, flaky, fan, inline)
+#: The submitted mix, in rotation: the slow, inline and fan-out runs keep leases in flight.
+MIX = (linear, slow, flaky, fan, inline)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One kind of run: a workflow, its input, and the error code it must fail with
+    (``None``: it must complete)."""
+
+    wf: Workflow
+    input: dict[str, Any] = field(default_factory=dict)
+    expect: str | None = None
+
+
+def steered(wf: Workflow, at: str, how: str, expect: str | None = None, **data: Any) -> Job:
+    """A run of ``wf`` whose state ``at`` misbehaves as ``how`` (one of :data:`SABOTAGE`);
+    ``data``: more of its input."""
+    if how not in SABOTAGE:
+        raise ValueError(f"sabotage {how!r}: one of {SABOTAGE}")
+    return Job(wf, {"sabotage_at": at, "sabotage": how, **data}, expect)
+
+
+#: A fan-out whose one branch fails: with more, two failing at once can deadlock the
+#: engine (test_engine_gaps.py::test_a_failing_branch_and_a_committing_one_do_not_deadlock).
+ONE_LEG = {"width": 1}
+
+
+#: F-14: transient errors are retried to success; a permanent one fails the run at once.
+RAISING = (
+    steered(linear, "c", "transient"),
+    steered(inline, "hop", "transient"),  # the retry leaves the chain, then rejoins it
+    steered(linear, "b", "permanent", errors.STATE_ERROR),
+    steered(inline, "slow", "permanent", errors.STATE_ERROR),  # in an inlined state
+    steered(fan, "leg", "transient"),  # every branch retried twice
+    steered(fan, "leg", "permanent", errors.BRANCH_FAILED, **ONE_LEG),
+)
+#: F-17: outputs and contexts that are not JSON.
+NOT_JSON = (
+    steered(inline, "leave", "output:set", errors.STATE_ERROR),
+    steered(linear, "d", "output:nan", errors.STATE_ERROR),
+    steered(slow, "leave", "output:datetime", errors.STATE_ERROR),
+    steered(inline, "hop", "context:object", errors.CONTEXT_INVALID),
+    steered(fan, "leg", "output:set", errors.BRANCH_FAILED, **ONE_LEG),  # a branch result
+)
+#: F-18: an output and a context over the size limit.
+OVERSIZED = (
+    steered(inline, "leave", "output:huge", errors.PAYLOAD_TOO_LARGE),
+    steered(linear, "b", "context:huge", errors.PAYLOAD_TOO_LARGE),
+    steered(inline, "hop", "context:huge", errors.PAYLOAD_TOO_LARGE),
+    steered(fan, "leg", "output:huge", errors.BRANCH_FAILED, **ONE_LEG),  # a branch result
+)
 
 
 # -- a branch that records its effect (not in the mix: see test_engine_gaps.py) ------------
@@ -210,4 +349,36 @@ def mark(ctx: Any) -> Any:
 
 @marked.state(retry=RETRY)
 def tally(ctx: Any) -> Complete:
+    return Complete(output={"results": ctx.branch_results})
+
+
+# -- one branch fails while another commits (not in the mix: see test_engine_gaps.py) ------
+
+split = Workflow("chaos_split_fate", context=Chaos)
+#: Called inside the transaction of ``keep``'s commit: a test holds that transaction open.
+IN_KEEP_COMMIT: list[Callable[[], None]] = []
+
+
+@split.state(initial=True, to=["settle"], retry=RETRY)
+def part(ctx: Any) -> Parallel:
+    return Parallel(branches=["keep", "drop"], join="settle")
+
+
+@split.state(branch=True, retry=RETRY)
+def keep(ctx: Any) -> Any:
+    def hold(conn: Any) -> None:
+        for hook in IN_KEEP_COMMIT:
+            hook()
+
+    ctx.in_commit(hold)
+    return ctx.index
+
+
+@split.state(branch=True, retry=RETRY)
+def drop(ctx: Any) -> Any:
+    return {"bad": {1}}  # not JSON: the branch fails, and fail_fast fails the run
+
+
+@split.state(retry=RETRY)
+def settle(ctx: Any) -> Complete:
     return Complete(output={"results": ctx.branch_results})
