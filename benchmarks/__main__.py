@@ -10,6 +10,7 @@ import sys
 WORKLOADS = {
     "calibrate": "benchmarks.calibrate",
     "linear": "benchmarks.linear",
+    "hotpath": "benchmarks.hotpath",
     "fanout": "benchmarks.fanout",
     "recovery": "benchmarks.recovery",
     "backlog": "benchmarks.backlog",

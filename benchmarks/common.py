@@ -469,10 +469,11 @@ class CpuMeter:
 
 # -- open-loop load (W2 latency, soak) -------------------------------------------------
 
-#: leaseflow's W1 throughput on this class of machine (benchmarks/RESULTS.md, W1 full
-#: profile, prefork -c 2: 142.8 states/s): the default base of the open-loop rates
-#: (W2: 50% of it, the soak: 70%). Pass ``--w1-states-per-s`` with a figure of the day.
-W1_STATES_PER_S = 142.8
+#: leaseflow's W1 throughput on this class of machine (benchmarks/RESULTS.md, session 2
+#: W1, prefork -c 2, median of 3 rounds: 216.9 states/s): the default base of the
+#: open-loop rates (W2: 50% of it, the soak: 70%). Pass ``--w1-states-per-s`` with a
+#: figure of the day.
+W1_STATES_PER_S = 216.9
 
 
 def distribution(values: Sequence[float], digits: int = 2) -> dict[str, float | int | None]:
