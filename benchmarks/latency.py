@@ -19,7 +19,7 @@ scheduled within the first ``--warmup-s`` are sent but not measured. After the l
 send, the benchmark waits up to ``--drain-timeout`` s for every run to finish.
 
 Rate: ``--rate`` runs/s, else ``--load`` (default 0.5: W2's 50% point) x
-``--w1-states-per-s`` (default 142.8, leaseflow's W1 figure in RESULTS.md) / 5 states,
+``--w1-states-per-s`` (default 216.9, leaseflow's W1 figure in RESULTS.md) / 5 states,
 i.e. 14.3 runs/s (71 states/s). The rate used is printed and in the JSON.
 
 Metrics (per system; ms):

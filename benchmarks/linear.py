@@ -332,8 +332,34 @@ class LeaseflowInlineDrain(LeaseflowDrain):
     inline = True
 
 
-class NaiveDrain(Drain):
+class TableDrain(Drain):
+    """A baseline whose runs and steps live in ``<prefix>_runs`` and ``<prefix>_steps``."""
+
+    prefix: str
+
+    def done(self) -> int:
+        self.polls += 1
+        row = self.conn.execute(
+            f"SELECT count(*) FROM {self.prefix}_runs WHERE status = 'completed'"
+        ).fetchone()
+        return int(row[0])
+
+    def states_done(self) -> int:
+        self.polls += 1
+        row = self.conn.execute(f"SELECT count(*) FROM {self.prefix}_steps").fetchone()
+        return int(row[0])
+
+    def span(self) -> tuple[int, float | None]:
+        row = self.conn.execute(
+            "SELECT count(*), extract(epoch FROM max(finished_at) - min(started_at))::float8"
+            f" FROM {self.prefix}_steps"
+        ).fetchone()
+        return int(row[0]), row[1]
+
+
+class NaiveDrain(TableDrain):
     name = "naive"
+    prefix = "naive"
 
     def enqueue(self, runs: int) -> None:
         import psycopg
@@ -369,29 +395,12 @@ class NaiveDrain(Drain):
     def start_worker(self) -> CeleryWorker:
         return self.worker("benchmarks.chains", self.env)
 
-    def done(self) -> int:
-        self.polls += 1
-        row = self.conn.execute(
-            "SELECT count(*) FROM naive_runs WHERE status = 'completed'"
-        ).fetchone()
-        return int(row[0])
 
-    def states_done(self) -> int:
-        self.polls += 1
-        return int(self.conn.execute("SELECT count(*) FROM naive_steps").fetchone()[0])
-
-    def span(self) -> tuple[int, float | None]:
-        row = self.conn.execute(
-            "SELECT count(*), extract(epoch FROM max(finished_at) - min(started_at))::float8"
-            " FROM naive_steps"
-        ).fetchone()
-        return int(row[0]), row[1]
-
-
-class FloorDrain(Drain):
+class FloorDrain(TableDrain):
     """One fenced statement per state, token carried in the message, no start check."""
 
     name = "floor"
+    prefix = "floor"
 
     def enqueue(self, runs: int) -> None:
         import uuid
@@ -427,24 +436,6 @@ class FloorDrain(Drain):
 
     def start_worker(self) -> CeleryWorker:
         return self.worker("benchmarks.floor", self.env)
-
-    def done(self) -> int:
-        self.polls += 1
-        row = self.conn.execute(
-            "SELECT count(*) FROM floor_runs WHERE status = 'completed'"
-        ).fetchone()
-        return int(row[0])
-
-    def states_done(self) -> int:
-        self.polls += 1
-        return int(self.conn.execute("SELECT count(*) FROM floor_steps").fetchone()[0])
-
-    def span(self) -> tuple[int, float | None]:
-        row = self.conn.execute(
-            "SELECT count(*), extract(epoch FROM max(finished_at) - min(started_at))::float8"
-            " FROM floor_steps"
-        ).fetchone()
-        return int(row[0]), row[1]
 
 
 class PlainDrain(Drain):

@@ -11,7 +11,7 @@ after ``--dispatch-timeout`` (10 s). Workflow ``linear_bench`` (5 no-op states).
 
 Load: Poisson arrivals (seeded, precomputed; one sender thread, ``Client.start`` at each
 scheduled time, never waiting) at ``--rate`` runs/s, else ``--load`` (default 0.7: W7's
-70%) x ``--w1-states-per-s`` (default 142.8, leaseflow's W1 figure in RESULTS.md) / 5
+70%) x ``--w1-states-per-s`` (default 216.9, leaseflow's W1 figure in RESULTS.md) / 5
 states = 20.0 runs/s, for ``--minutes`` (full 10, quick 1).
 
 Restarts: ``--restart-every`` s (full 60, quick 20) after it was started, the worker's
