@@ -75,6 +75,10 @@ class Fault:
     trigger: Callable[[Harness], Any] = slow_state_claimed
     check: Callable[[Harness], list[str]] = _no_check  # extra, fault-specific problems
     xfail: str | None = None  # an engine bug this scenario reproduces (strict xfail)
+    #: The fault takes every lease in flight past its TTL (a stall, a clock jump), so each
+    #: round costs its victims an attempt: in the long profile a run hit in round after
+    #: round may use up its attempts and fail E-LEASE-EXPIRED, as designed (I7).
+    exhausts: bool = False
     mix: tuple[workflows.Job, ...] = ()  # runs added to the rotation of the standard mix
     settings: dict[str, Any] = field(default_factory=dict)  # overrides for this scenario
     snapshot_first: bool = False  # inject is slow, or blocks reads: snapshot just before
@@ -633,13 +637,16 @@ FAULTS: dict[str, Fault] = {
             settings={"statement_timeout_ms": F9_STATEMENT_TIMEOUT_MS},
             snapshot_first=True,
             check=statements_timed_out,
+            exhausts=True,
         ),
         Fault(
             "F-10",
             "guard: no worker transaction open while slow states run",
             watch_open_transactions,
         ),
-        Fault("F-11", "database clock jump past every lease", clock_jump, fenced=True),
+        Fault(
+            "F-11", "database clock jump past every lease", clock_jump, fenced=True, exhausts=True
+        ),
         Fault("F-12", "every in-flight message duplicated", duplicate_messages),
         Fault(
             "F-13",

@@ -364,6 +364,7 @@ class Harness:
             "submitted": self.submitted,
             "budgets": invariants.budgets(),
             "expected": [f"{run_id}|{code}" for run_id, code in self.expected.items()],
+            "exhausts": False,  # run_scenario sets the fault's own
         }
 
     def unfinished(self) -> int:
@@ -586,6 +587,7 @@ def run_scenario(h: Harness, fault: Fault) -> Result:
     problems.extend(fault.check(h))
     h.stop_all()  # nothing writes any more: the ledger is final
     params = h.params()
+    params["exhausts"] = fault.exhausts
     numbers = invariants.stats(h.db, params)
     return Result(
         fault=fault.id,

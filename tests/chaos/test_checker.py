@@ -40,7 +40,12 @@ def ledger(pg_template: str) -> Iterator[tuple[psycopg.Connection, list[str]]]:
 
 
 def _params(ids: list[str], expected: list[str] | None = None) -> dict[str, object]:
-    return {"submitted": ids, "budgets": invariants.budgets(), "expected": expected or []}
+    return {
+        "submitted": ids,
+        "budgets": invariants.budgets(),
+        "expected": expected or [],
+        "exhausts": False,
+    }
 
 
 def test_a_clean_ledger_violates_nothing(ledger):
