@@ -567,8 +567,9 @@ class Runner:
         handoff: bool = False,
     ) -> StepResult:
         faults.point("before_commit", run_id=tr.run_id, state=tr.state, step_seq=tr.step_seq)
-        next_token = str(uuid.uuid4()) if handoff else None
-        if next_token is not None:
+        next_token = str(uuid.uuid4()) if handoff else ""
+        next_started = None  # set when the commit handed the next state's lease to us
+        if handoff:
             next_started = self.store.commit_handoff(
                 tr, callbacks, next_token=next_token, ttl=self.ttl
             )
@@ -592,7 +593,7 @@ class Runner:
         faults.point(
             "after_commit_before_enqueue", run_id=tr.run_id, state=tr.state, step_seq=tr.step_seq
         )
-        if next_token is not None and next_started is not None and tr.next_state is not None:
+        if next_started is not None and tr.next_state is not None:
             metrics.CLAIMS.labels("inline").inc()
             return StepResult(
                 "committed",

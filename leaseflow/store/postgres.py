@@ -218,18 +218,7 @@ class PostgresStore:
         ``IdempotencyConflict`` when its input differs).
         """
         self.register_workflow(wf)
-        params = {
-            "id": run_id,
-            "workflow": wf.name,
-            "version": wf.version,
-            "state": wf.initial.name,
-            "max_attempts": wf.initial.retry.max_attempts,
-            "checkpoint": checkpoint,
-            "context_version": wf.context_version,
-            "input": Jsonb(input),
-            "idempotency_key": idempotency_key,
-            "dispatch_timeout": self.dispatch_timeout,
-        }
+        params = self._new_run_params(wf, run_id, checkpoint, input, idempotency_key)
 
         def insert(conn: psycopg.Connection[Any]) -> tuple[str, bool]:
             row = conn.execute(queries.CREATE_RUN, params).fetchone()
@@ -254,27 +243,35 @@ class PostgresStore:
         if not runs:
             return
         self.register_workflow(wf)
-        params = [
-            {
-                "id": run_id,
-                "workflow": wf.name,
-                "version": wf.version,
-                "state": wf.initial.name,
-                "max_attempts": wf.initial.retry.max_attempts,
-                "checkpoint": blob,
-                "context_version": wf.context_version,
-                "input": Jsonb(payload),
-                "idempotency_key": None,
-                "dispatch_timeout": self.dispatch_timeout,
-            }
-            for run_id, blob, payload in runs
-        ]
+        params = [self._new_run_params(wf, *run, None) for run in runs]
 
         def insert(conn: psycopg.Connection[Any]) -> None:
             with conn.transaction(), conn.cursor() as cur:
                 cur.executemany(queries.CREATE_RUN, params)
 
         self._with_retry(insert)
+
+    def _new_run_params(
+        self,
+        wf: Workflow,
+        run_id: str,
+        checkpoint: bytes,
+        input: dict[str, Any],
+        idempotency_key: str | None,
+    ) -> dict[str, Any]:
+        """The parameters of ``CREATE_RUN``."""
+        return {
+            "id": run_id,
+            "workflow": wf.name,
+            "version": wf.version,
+            "state": wf.initial.name,
+            "max_attempts": wf.initial.retry.max_attempts,
+            "checkpoint": checkpoint,
+            "context_version": wf.context_version,
+            "input": Jsonb(input),
+            "idempotency_key": idempotency_key,
+            "dispatch_timeout": self.dispatch_timeout,
+        }
 
     def claim(self, run_id: str, seq: int, *, owner: str, ttl: float) -> Claim | None:
         """Take the lease of ``run_id`` at ``seq`` if it is pending and due; else None."""
@@ -328,14 +325,7 @@ class PostgresStore:
         """
         sql = queries.COMMIT_STAY if tr.next_state is None else queries.COMMIT_MOVE
         params = self._commit_params(tr, dispatch_timeout)
-        try:
-            return self._commit_once(sql, params, tr.run_id, callbacks) is not None
-        except errors.StoreUnavailable:
-            # The connection broke: did our COMMIT land before it did? If not, the
-            # lease may still hold: the fenced commit is safe to send once more.
-            if self._committed_by(tr.run_id, tr.lease_token):  # on checked connections
-                return True
-            return self._commit_once(sql, params, tr.run_id, callbacks) is not None
+        return self._fenced_commit(sql, params, tr, callbacks) is not None
 
     def commit_handoff(
         self,
@@ -355,16 +345,26 @@ class PostgresStore:
         params = self._commit_params(tr)
         params["next_token"] = next_token
         params["ttl"] = ttl
-        sql = queries.COMMIT_HANDOFF
+        row = self._fenced_commit(queries.COMMIT_HANDOFF, params, tr, callbacks)
+        if row is None:
+            return None
+        # An empty row: it landed but its reply was lost with the connection; the next
+        # state is leased to us and its start time is close enough to now.
+        return row[0] if row else datetime.now(UTC)
+
+    def _fenced_commit(
+        self, sql: str, params: dict[str, Any], tr: Transition, callbacks: Sequence[InCommit]
+    ) -> tuple[Any, ...] | None:
+        """The fenced commit's row; None when fenced out; ``()`` when it landed but the
+        connection broke before its reply came back."""
         try:
-            row = self._commit_once(sql, params, tr.run_id, callbacks)
+            return self._commit_once(sql, params, tr.run_id, callbacks)
         except errors.StoreUnavailable:
-            if self._committed_by(tr.run_id, tr.lease_token):
-                # It landed, but its reply was lost with the connection: the next
-                # state is leased to us; its start time is close enough to now.
-                return datetime.now(UTC)
-            row = self._commit_once(sql, params, tr.run_id, callbacks)
-        return None if row is None else row[0]
+            # The connection broke: did our COMMIT land before it did? If not, the
+            # lease may still hold: the fenced commit is safe to send once more.
+            if self._committed_by(tr.run_id, tr.lease_token):  # on checked connections
+                return ()
+            return self._commit_once(sql, params, tr.run_id, callbacks)
 
     def _commit_once(
         self, sql: str, params: dict[str, Any], run_id: str, callbacks: Sequence[InCommit]
