@@ -219,13 +219,7 @@ def run(args: Any) -> int:
                 tps = _pgbench(db.url, n, seconds, str(script))
                 out[f"pgbench_tps_{n}"] = None if tps is None else round(tps, 1)
                 log(f"pgbench -c {n}: {tps} tps")
-        redis = ScratchRedis(db=args.redis_db)
-
-        def clean_redis() -> None:
-            with ignoring_sigint():
-                log(f"removed {redis.cleanup()} Redis keys from db {redis.db}")
-
-        scratch.defer("Redis keys", clean_redis)
+        redis = scratch.redis(args.redis_db)
         out["celery_noop"] = _celery_noop(scratch, redis, tasks, args.concurrency, deadline)
         log(f"plain Celery no-op: {out['celery_noop']}")
         with ignoring_sigint():

@@ -375,6 +375,43 @@ class Scratch(contextlib.ExitStack):
 
         self.callback(guarded)
 
+    def redis(self, db: int | None = None) -> ScratchRedis:
+        """A scratch Redis db whose keys are deleted on the way out."""
+        redis = ScratchRedis(db=db)
+
+        def clean() -> None:
+            with ignoring_sigint():
+                log(f"removed {redis.cleanup()} Redis keys from db {redis.db}")
+
+        self.defer("Redis keys", clean)
+        return redis
+
+    def database(self, *, migrate: bool = False) -> ScratchDatabase:
+        """A scratch database dropped on the way out (migrated to head if asked)."""
+        db = ScratchDatabase()
+        self.defer(f"drop database {db.name}", db.drop)
+        if migrate:
+            db.migrate()
+        return db
+
+    def worker(
+        self, app: str, *, name: str, queue: str, env: dict[str, str], args: Any
+    ) -> CeleryWorker:
+        """A ``celery -A app worker`` with ``args.pool``/``concurrency``/``loglevel``,
+        stopped on the way out."""
+        w = CeleryWorker(
+            app,
+            name=name,
+            queue=queue,
+            env=env,
+            log_dir=self.log_dir,
+            pool=args.pool,
+            concurrency=args.concurrency,
+            loglevel=args.loglevel,
+        )
+        self.defer(f"stop worker {name}", w.stop)
+        return w
+
     def __exit__(self, *exc: Any) -> bool:
         try:
             return bool(super().__exit__(*exc))

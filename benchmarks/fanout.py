@@ -366,13 +366,7 @@ def run(args: Any) -> int:
     deadline = Deadline(args.budget, "fanout benchmark")
     results: dict[str, Any] = {}
     with Scratch() as scratch:
-        redis = ScratchRedis(db=args.redis_db)
-
-        def clean_redis() -> None:
-            with ignoring_sigint():
-                log(f"removed {redis.cleanup()} Redis keys from db {redis.db}")
-
-        scratch.defer("Redis keys", clean_redis)
+        redis = scratch.redis(args.redis_db)
         log(f"Redis db {redis.db}; starting {len(args.systems)} workers")
         systems = [_make_system(name, scratch, redis, args) for name in args.systems]
         ready = False

@@ -180,18 +180,9 @@ class System:
         self.db: ScratchDatabase | None = None
 
     def worker(self, app: str, env: dict[str, str]) -> CeleryWorker:
-        w = CeleryWorker(
-            app,
-            name=f"{self.name}-{self.queue[-4:]}",
-            queue=self.queue,
-            env=env,
-            log_dir=self.scratch.log_dir,
-            pool=self.args.pool,
-            concurrency=self.args.concurrency,
-            loglevel=self.args.loglevel,
+        return self.scratch.worker(
+            app, name=f"{self.name}-{self.queue[-4:]}", queue=self.queue, env=env, args=self.args
         )
-        self.scratch.defer(f"stop worker {self.name}", w.stop)
-        return w
 
     def setup(self) -> None:
         raise NotImplementedError
@@ -429,13 +420,7 @@ def run(args: Any) -> int:
     deadline = Deadline(args.budget, "latency benchmark")
     rounds: list[dict[str, Any]] = []
     with Scratch() as scratch:
-        redis = ScratchRedis(db=args.redis_db)
-
-        def clean_redis() -> None:
-            with ignoring_sigint():
-                log(f"removed {redis.cleanup()} Redis keys from db {redis.db}")
-
-        scratch.defer("Redis keys", clean_redis)
+        redis = scratch.redis(args.redis_db)
         for r in range(args.rounds):
             offsets = poisson_offsets(rate, args.seconds, args.seed + r)
             per: dict[str, Any] = {}

@@ -156,18 +156,9 @@ class Drain:
         self.polls = 0
 
     def worker(self, app: str, env: dict[str, str]) -> CeleryWorker:
-        w = CeleryWorker(
-            app,
-            name=f"{self.name}-{self.queue[-4:]}",
-            queue=self.queue,
-            env=env,
-            log_dir=self.scratch.log_dir,
-            pool=self.args.pool,
-            concurrency=self.args.concurrency,
-            loglevel=self.args.loglevel,
+        return self.scratch.worker(
+            app, name=f"{self.name}-{self.queue[-4:]}", queue=self.queue, env=env, args=self.args
         )
-        self.scratch.defer(f"stop worker {self.name}", w.stop)
-        return w
 
     def new_db(self) -> ScratchDatabase:
         db = ScratchDatabase()
@@ -499,13 +490,7 @@ def run(args: Any) -> int:
     deadline = Deadline(args.budget, "linear benchmark")
     rounds: list[dict[str, Any]] = []
     with Scratch() as scratch:
-        redis = ScratchRedis(db=args.redis_db)
-
-        def clean_redis() -> None:
-            with ignoring_sigint():
-                log(f"removed {redis.cleanup()} Redis keys from db {redis.db}")
-
-        scratch.defer("Redis keys", clean_redis)
+        redis = scratch.redis(args.redis_db)
         for r in range(args.rounds):
             per: dict[str, Any] = {}
             for name in rotated(args.systems, r):

@@ -40,8 +40,6 @@ from benchmarks.common import (
     CeleryWorker,
     Deadline,
     Scratch,
-    ScratchDatabase,
-    ScratchRedis,
     clean_env,
     fingerprint,
     fingerprint_line,
@@ -139,16 +137,8 @@ def run(args: Any) -> int:
     deadline = Deadline(args.budget, "recovery benchmark")
     trials: list[dict[str, Any]] = []
     with Scratch() as scratch:
-        redis = ScratchRedis(db=args.redis_db)
-
-        def clean_redis() -> None:
-            with ignoring_sigint():
-                log(f"removed {redis.cleanup()} Redis keys from db {redis.db}")
-
-        scratch.defer("Redis keys", clean_redis)
-        db = ScratchDatabase()
-        scratch.defer(f"drop database {db.name}", db.drop)
-        db.migrate()
+        redis = scratch.redis(args.redis_db)
+        db = scratch.database(migrate=True)
         queue = f"lfbench-recovery-{redis.token}"
         knobs = {
             "LEASEFLOW_LEASE_TTL": str(args.ttl),

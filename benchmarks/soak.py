@@ -63,8 +63,6 @@ from benchmarks.common import (
     Deadline,
     OpenLoopSender,
     Scratch,
-    ScratchDatabase,
-    ScratchRedis,
     clean_env,
     distribution,
     fingerprint,
@@ -220,16 +218,8 @@ def run(args: Any) -> int:
     periods: list[Period] = []
     snapshots: list[dict[str, Any]] = []
     with Scratch() as scratch:
-        redis = ScratchRedis(db=args.redis_db)
-
-        def clean_redis() -> None:
-            with ignoring_sigint():
-                log(f"removed {redis.cleanup()} Redis keys from db {redis.db}")
-
-        scratch.defer("Redis keys", clean_redis)
-        db = ScratchDatabase()
-        scratch.defer(f"drop database {db.name}", db.drop)
-        db.migrate()
+        redis = scratch.redis(args.redis_db)
+        db = scratch.database(migrate=True)
         queue = f"lfbench-soak-{redis.token}"
         knobs = {
             "lease_ttl": args.ttl,
