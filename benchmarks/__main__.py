@@ -16,6 +16,7 @@ WORKLOADS = {
     "backlog": "benchmarks.backlog",
     "latency": "benchmarks.latency",
     "soak": "benchmarks.soak",
+    "publish": "benchmarks.publish",
 }
 
 
