@@ -54,13 +54,7 @@ def _round(variant: str, app: Any, messages: int) -> dict[str, float]:
     t0, c0 = time.perf_counter(), time.process_time()
     for d in todo:
         if variant == "celery":
-            app.send_task(
-                dispatch.task_name(d.workflow, d.state),
-                args=d.args,
-                task_id=d.task_id,
-                queue=app.conf.task_default_queue,
-                ignore_result=True,
-            )
+            dispatch.publish(app, d)  # plain send_task from the app's own producer pool
         else:
             dispatch.publish_all(app, (d,))
     return {
