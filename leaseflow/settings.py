@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     compress_min_bytes: int = Field(256, ge=0)
     statement_timeout_ms: int = Field(30_000, ge=0)
     pool_max_size: int = Field(4, gt=0)
+    #: Claims commit with ``synchronous_commit=off`` (on their own connections): no
+    #: WAL flush wait per claim. A server crash can only undo a claim, never a commit.
+    async_claims: bool = True
     #: Inline continuation budget of one task: at most this many states after the
     #: first, and no new state once this many seconds have passed since it started.
     inline_max_states: int = Field(100, ge=0)

@@ -473,3 +473,55 @@ def test_claim_commit_and_heartbeat_are_hot_updates(client, db):
             " pg_stat_get_xact_tuples_updated('lf_runs'::regclass)"
         ).fetchone()
     assert (hot, updated) == (3, 3)
+
+
+@pytest.mark.parametrize("async_claims", [True, False])
+def test_only_claims_skip_the_wal_flush_wait(settings, async_claims):
+    """Claims run on their own connections with ``synchronous_commit=off`` (unless
+    ``async_claims`` is off); every other write waits for its flush."""
+    from leaseflow.store.postgres import CLAIMS, MAIN
+    from leaseflow.tasks import runtime
+
+    store = runtime.make_store(settings.model_copy(update={"async_claims": async_claims}))
+    try:
+        modes = {}
+        for kind in (CLAIMS, MAIN):
+            with store.connection(kind) as conn:
+                modes[kind] = conn.execute("SHOW synchronous_commit").fetchone()[0]
+    finally:
+        store.close()
+    assert modes == {CLAIMS: "off" if async_claims else "on", MAIN: "on"}
+
+
+def test_a_claim_undone_by_a_crash_only_costs_a_rerun(client, runner, db):
+    """An unflushed claim lost in a database crash leaves the run as it was before the
+    claim: the worker's commit is fenced out, the state is claimed again and its
+    transition commits once."""
+    d = start(client, basic.linear)
+    before = db.execute(
+        "SELECT status, attempt, lease_token, lease_owner, lease_expires_at, claimed_at"
+        " FROM lf_runs WHERE id = %s",
+        (d.run_id,),
+    ).fetchone()
+
+    def crash_undoes_the_claim(info):
+        db.execute(
+            "UPDATE lf_runs SET status = %s, attempt = %s, lease_token = %s,"
+            " lease_owner = %s, lease_expires_at = %s, claimed_at = %s WHERE id = %s",
+            (*before, d.run_id),
+        )
+
+    faults.arm("before_commit", crash_undoes_the_claim)
+    assert runner.run_step(d.run_id, d.step_seq).result == "lease_lost"
+    faults.disarm()
+    assert drive(runner, d) == ["committed"] * 5
+    run = client.get(d.run_id)
+    assert run.status == "completed"
+    assert [(s.seq, s.state, s.attempt) for s in run.steps] == [
+        (1, "s1", 1),
+        (2, "s2", 1),
+        (3, "s3", 1),
+        (4, "s4", 1),
+        (5, "s5", 1),
+    ]
+    assert run.output["trail"] == ["s1", "s2", "s3", "s4", "s5"]

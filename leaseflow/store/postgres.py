@@ -46,6 +46,10 @@ T = TypeVar("T")
 HOSTNAME = socket.gethostname()
 CONNECT_TIMEOUT = 5  # seconds to open one connection
 POOL_TIMEOUT = 10.0  # seconds to wait for a pooled connection
+MAIN = "main"
+#: Claims have their own connections: with ``async_claims`` they commit with
+#: ``synchronous_commit=off`` (see ``PostgresStore.claim``).
+CLAIMS = "claims"
 
 
 def _libpq(url: str) -> str:
@@ -66,13 +70,15 @@ class PostgresStore:
         max_size: int = 4,
         statement_timeout_ms: int = 30_000,
         dispatch_timeout: float = 60.0,
+        async_claims: bool = True,
     ) -> None:
         self.conninfo = _libpq(database_url)
         self.application_name = application_name
         self.max_size = max_size
         self.statement_timeout_ms = statement_timeout_ms
         self.dispatch_timeout = dispatch_timeout
-        self._pool: ConnectionPool | None = None
+        self.async_claims = async_claims
+        self._pools: dict[str, ConnectionPool] = {}
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._registered: set[tuple[str, int]] = set()
@@ -82,15 +88,20 @@ class PostgresStore:
     def _configure(self, conn: psycopg.Connection[Any]) -> None:
         conn.autocommit = True
 
-    def _get_pool(self) -> ConnectionPool:
+    def _get_pool(self, kind: str = MAIN) -> ConnectionPool:
+        """The ``kind`` pool of this process (``MAIN``, or ``CLAIMS`` for claims)."""
         with self._lock:
-            if self._pool is not None and self._pid != os.getpid():
+            if self._pid != os.getpid():
                 # Inherited across fork: never touch the parent's sockets.
-                self._pool = None
+                self._pools = {}
                 self._registered.clear()
-            if self._pool is None:
+                self._pid = os.getpid()
+            pool = self._pools.get(kind)
+            if pool is None:
                 options = f"-c statement_timeout={self.statement_timeout_ms}"
-                self._pool = ConnectionPool(
+                if kind == CLAIMS and self.async_claims:
+                    options += " -c synchronous_commit=off"
+                pool = self._pools[kind] = ConnectionPool(
                     self.conninfo,
                     kwargs={
                         "application_name": self.application_name,
@@ -103,42 +114,42 @@ class PostgresStore:
                     min_size=1,
                     max_size=self.max_size,
                     open=True,
-                    name=f"leaseflow-{os.getpid()}",
+                    name=f"leaseflow-{kind}-{os.getpid()}",
                 )
-                self._pid = os.getpid()
-            return self._pool
+            return pool
 
     @contextmanager
-    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+    def connection(self, kind: str = MAIN) -> Iterator[psycopg.Connection[Any]]:
         """A pooled autocommit connection; driver errors come out as leaseflow errors."""
         try:
-            with self._get_pool().connection() as conn:
+            with self._get_pool(kind).connection() as conn:
                 yield conn
         except psycopg.OperationalError as exc:
             raise errors.StoreUnavailable(str(exc)) from exc
 
-    def _with_retry(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
+    def _with_retry(self, fn: Callable[[psycopg.Connection[Any]], T], kind: str = MAIN) -> T:
         """Run an idempotent ``fn(conn)``, once more on a fresh connection if it broke.
 
         A pool timeout (no connection to be had) is not retried: it already waited.
         """
         try:
-            with self.connection() as conn:
+            with self.connection(kind) as conn:
                 return fn(conn)
         except errors.StoreUnavailable as exc:
             if isinstance(exc.__cause__, PoolTimeout):
                 raise
             # The server may have dropped every idle connection (a restart, a
             # terminated backend): test them all and replace the broken ones.
-            self._get_pool().check()
-            with self.connection() as conn:
+            self._get_pool(kind).check()
+            with self.connection(kind) as conn:
                 return fn(conn)
 
     def close(self) -> None:
         with self._lock:
-            if self._pool is not None and self._pid == os.getpid():
-                self._pool.close()
-            self._pool = None
+            if self._pid == os.getpid():
+                for pool in self._pools.values():
+                    pool.close()
+            self._pools = {}
 
     # -- definitions --------------------------------------------------------------
 
@@ -274,7 +285,16 @@ class PostgresStore:
         }
 
     def claim(self, run_id: str, seq: int, *, owner: str, ttl: float) -> Claim | None:
-        """Take the lease of ``run_id`` at ``seq`` if it is pending and due; else None."""
+        """Take the lease of ``run_id`` at ``seq`` if it is pending and due; else None.
+
+        With ``async_claims`` the claim commits without waiting for its WAL flush
+        (``synchronous_commit=off``): it is visible at once, and every later
+        synchronous commit (this lease's heartbeat or fenced commit, anyone's) flushes
+        it too, the WAL being one sequence. Only a server crash in between can undo
+        it, and that is a crashed worker's case: the run is pending again, this
+        lease's commit is fenced out, and the state runs again. A transition is
+        never undone: commits stay synchronous.
+        """
 
         def do(conn: psycopg.Connection[Any]) -> Claim | None:
             row = conn.execute(
@@ -302,7 +322,7 @@ class PostgresStore:
         # connection the server closed). If the first claim did land and only its
         # reply was lost, the retry finds the run running and claims nothing: the
         # orphaned lease expires and the reaper hands the run on.
-        return self._with_retry(do)
+        return self._with_retry(do, CLAIMS)
 
     def peek(self, run_id: str) -> Peek | None:
         def do(conn: psycopg.Connection[Any]) -> Peek | None:
@@ -509,7 +529,7 @@ class PostgresStore:
         def do(conn: psycopg.Connection[Any]) -> tuple[Any, ...] | None:
             return conn.execute(queries.CLAIM_BRANCH, params).fetchone()
 
-        row = self._with_retry(do)  # as claim(): a lost reply only orphans a lease
+        row = self._with_retry(do, CLAIMS)  # as claim(): a lost reply orphans a lease
         if row is None:
             return None
         return BranchClaim(

@@ -44,6 +44,7 @@ def make_store(settings: Settings, *, application_name: str = "leaseflow") -> Po
         max_size=settings.pool_max_size,
         statement_timeout_ms=settings.statement_timeout_ms,
         dispatch_timeout=settings.dispatch_timeout,
+        async_claims=settings.async_claims,
     )
 
 
