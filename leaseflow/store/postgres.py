@@ -79,6 +79,8 @@ class PostgresStore:
         self.dispatch_timeout = dispatch_timeout
         self.async_claims = async_claims
         self._pools: dict[str, ConnectionPool] = {}
+        #: (kind, thread id) -> that thread's own cursor; None while it is in use.
+        self._pinned: dict[tuple[str, int], psycopg.Cursor[Any] | None] = {}
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._registered: set[tuple[str, int]] = set()
@@ -88,27 +90,35 @@ class PostgresStore:
     def _configure(self, conn: psycopg.Connection[Any]) -> None:
         conn.autocommit = True
 
+    def _connect_kwargs(self, kind: str) -> dict[str, Any]:
+        options = f"-c statement_timeout={self.statement_timeout_ms}"
+        if kind == CLAIMS and self.async_claims:
+            options += " -c synchronous_commit=off"
+        return {
+            "application_name": self.application_name,
+            "options": options,
+            "autocommit": True,
+            "connect_timeout": CONNECT_TIMEOUT,
+        }
+
+    def _forked(self) -> None:
+        """Called with the lock held: forget what the parent process opened (never
+        touch its sockets: psycopg does not close a connection it inherited)."""
+        if self._pid != os.getpid():
+            self._pools = {}
+            self._pinned = {}
+            self._registered.clear()
+            self._pid = os.getpid()
+
     def _get_pool(self, kind: str = MAIN) -> ConnectionPool:
         """The ``kind`` pool of this process (``MAIN``, or ``CLAIMS`` for claims)."""
         with self._lock:
-            if self._pid != os.getpid():
-                # Inherited across fork: never touch the parent's sockets.
-                self._pools = {}
-                self._registered.clear()
-                self._pid = os.getpid()
+            self._forked()
             pool = self._pools.get(kind)
             if pool is None:
-                options = f"-c statement_timeout={self.statement_timeout_ms}"
-                if kind == CLAIMS and self.async_claims:
-                    options += " -c synchronous_commit=off"
                 pool = self._pools[kind] = ConnectionPool(
                     self.conninfo,
-                    kwargs={
-                        "application_name": self.application_name,
-                        "options": options,
-                        "autocommit": True,
-                        "connect_timeout": CONNECT_TIMEOUT,
-                    },
+                    kwargs=self._connect_kwargs(kind),
                     timeout=POOL_TIMEOUT,
                     configure=self._configure,
                     min_size=1,
@@ -119,6 +129,74 @@ class PostgresStore:
             return pool
 
     @contextmanager
+    def _hot(self, kind: str) -> Iterator[psycopg.Cursor[Any]]:
+        """A cursor on this thread's own ``kind`` connection, for the per-state
+        statements (claims, commits): no pool check-out per statement.
+
+        At most ``max_size`` threads per kind get one (a thread pool's threads);
+        others, and a nested use, fall back to the pool. A connection that breaks is
+        closed and replaced on next use; driver errors come out as leaseflow errors.
+        """
+        key = (kind, threading.get_ident())
+        with self._lock:
+            self._forked()
+            cur = self._pinned.get(key)
+            if cur is not None:
+                self._pinned[key] = None  # in use: a nested call takes the pool
+            elif key not in self._pinned and self._room_to_pin(kind):
+                self._pinned[key] = None  # reserved while connecting
+                try:
+                    cur = self._pin(kind)
+                except BaseException:
+                    del self._pinned[key]
+                    raise
+        if cur is None:
+            with self.connection(kind) as conn, conn.cursor() as pooled:
+                yield pooled
+            return
+        try:
+            yield cur
+        except psycopg.OperationalError as exc:
+            with self._lock:
+                self._pinned.pop(key, None)
+            cur.connection.close()
+            raise errors.StoreUnavailable(str(exc)) from exc
+        except BaseException:
+            if cur.connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                with self._lock:
+                    self._pinned.pop(key, None)
+                cur.connection.close()
+                raise
+            with self._lock:
+                if key in self._pinned:
+                    self._pinned[key] = cur
+            raise
+        with self._lock:
+            closed = key not in self._pinned  # close() ran meanwhile
+            if not closed:
+                self._pinned[key] = cur
+        if closed:
+            cur.connection.close()
+
+    def _room_to_pin(self, kind: str) -> bool:
+        """Lock held. Drop the connections of finished threads; is one more allowed?"""
+        alive = {t.ident for t in threading.enumerate()}
+        for key, cur in list(self._pinned.items()):
+            if key[1] not in alive:
+                del self._pinned[key]
+                if cur is not None:
+                    cur.connection.close()
+        return sum(k[0] == kind for k in self._pinned) < self.max_size
+
+    def _pin(self, kind: str) -> psycopg.Cursor[Any]:
+        try:
+            conn = psycopg.connect(self.conninfo, **self._connect_kwargs(kind))
+        except psycopg.OperationalError as exc:
+            raise errors.StoreUnavailable(str(exc)) from exc
+        self._configure(conn)
+        return conn.cursor()
+
+    @contextmanager
     def connection(self, kind: str = MAIN) -> Iterator[psycopg.Connection[Any]]:
         """A pooled autocommit connection; driver errors come out as leaseflow errors."""
         try:
@@ -127,29 +205,43 @@ class PostgresStore:
         except psycopg.OperationalError as exc:
             raise errors.StoreUnavailable(str(exc)) from exc
 
-    def _with_retry(self, fn: Callable[[psycopg.Connection[Any]], T], kind: str = MAIN) -> T:
+    def _with_retry(self, fn: Callable[[Any], T], kind: str = MAIN, *, hot: bool = False) -> T:
         """Run an idempotent ``fn(conn)``, once more on a fresh connection if it broke.
+        With ``hot``, ``fn`` gets a cursor of the thread's own connection (``_hot``).
 
         A pool timeout (no connection to be had) is not retried: it already waited.
         """
-        try:
+
+        def attempt() -> T:
+            if hot:
+                with self._hot(kind) as cur:
+                    return fn(cur)
             with self.connection(kind) as conn:
                 return fn(conn)
+
+        try:
+            return attempt()
         except errors.StoreUnavailable as exc:
             if isinstance(exc.__cause__, PoolTimeout):
                 raise
             # The server may have dropped every idle connection (a restart, a
             # terminated backend): test them all and replace the broken ones.
-            self._get_pool(kind).check()
-            with self.connection(kind) as conn:
-                return fn(conn)
+            with self._lock:
+                pool = self._pools.get(kind)
+            if pool is not None:
+                pool.check()
+            return attempt()
 
     def close(self) -> None:
         with self._lock:
             if self._pid == os.getpid():
                 for pool in self._pools.values():
                     pool.close()
+                for cur in self._pinned.values():
+                    if cur is not None:
+                        cur.connection.close()
             self._pools = {}
+            self._pinned = {}
 
     # -- definitions --------------------------------------------------------------
 
@@ -296,8 +388,8 @@ class PostgresStore:
         never undone: commits stay synchronous.
         """
 
-        def do(conn: psycopg.Connection[Any]) -> Claim | None:
-            row = conn.execute(
+        def do(cur: psycopg.Cursor[Any]) -> Claim | None:
+            row = cur.execute(
                 queries.CLAIM, {"run_id": run_id, "seq": seq, "owner": owner, "ttl": ttl}
             ).fetchone()
             if row is None:
@@ -322,7 +414,7 @@ class PostgresStore:
         # connection the server closed). If the first claim did land and only its
         # reply was lost, the retry finds the run running and claims nothing: the
         # orphaned lease expires and the reaper hands the run on.
-        return self._with_retry(do, CLAIMS)
+        return self._with_retry(do, CLAIMS, hot=True)
 
     def peek(self, run_id: str) -> Peek | None:
         def do(conn: psycopg.Connection[Any]) -> Peek | None:
@@ -391,11 +483,12 @@ class PostgresStore:
     ) -> tuple[Any, ...] | None:
         """Run the fenced commit; its returned row, or None when it was fenced out."""
         try:
-            with self.connection() as conn:
+            with self._hot(MAIN) as cur:
                 if not callbacks:
-                    return conn.execute(sql, params).fetchone()
+                    return cur.execute(sql, params).fetchone()
+                conn = cur.connection
                 with conn.transaction():
-                    row = conn.execute(sql, params).fetchone()
+                    row = cur.execute(sql, params).fetchone()
                     if row is None:
                         raise _Rollback
                     _run_callbacks(conn, run_id, callbacks)
@@ -526,10 +619,10 @@ class PostgresStore:
     ) -> BranchClaim | None:
         params = {"group_id": group_id, "idx": idx, "owner": owner, "ttl": ttl}
 
-        def do(conn: psycopg.Connection[Any]) -> tuple[Any, ...] | None:
-            return conn.execute(queries.CLAIM_BRANCH, params).fetchone()
+        def do(cur: psycopg.Cursor[Any]) -> tuple[Any, ...] | None:
+            return cur.execute(queries.CLAIM_BRANCH, params).fetchone()
 
-        row = self._with_retry(do, CLAIMS)  # as claim(): a lost reply orphans a lease
+        row = self._with_retry(do, CLAIMS, hot=True)  # as claim(): a lost reply orphans a lease
         if row is None:
             return None
         return BranchClaim(
