@@ -47,7 +47,7 @@ def _assert_joined_once(db, runs: int, width: int) -> None:
     assert all(o[0]["results"] == expected for o in outputs)
 
 
-@pytest.mark.parametrize(("runs", "width"), [(100, 10), (10, 100)])
+@pytest.mark.parametrize(("runs", "width"), [(50, 10), (5, 100)])
 def test_every_join_fires_once_with_all_results_in_order(
     fan_settings, app, db, tmp_path, runs, width
 ):
