@@ -30,6 +30,10 @@ Metrics:
                 before the worker starts to just after it stopped (its backends exit, which
                 flushes their statistics), minus the benchmark's own polling transactions,
                 minus the idle rate measured for ``--idle-s`` beforehand, ÷ states.
+  WAL flushes/state  Δ ``pg_stat_wal.wal_sync`` over the same window, minus the idle
+                rate, ÷ states: the commits that waited for a disk flush (claims commit
+                with ``synchronous_commit=off`` and are flushed by the next commit).
+                ``pg_stat_wal`` is cluster-wide: run nothing else meanwhile.
   statements/state  Δ ``pg_stat_statements.calls`` when that extension is loaded
                 (``shared_preload_libraries``); otherwise reported as unavailable.
 """
@@ -106,6 +110,15 @@ def _xact_commit(dbname: str) -> int:
         row = conn.execute(
             "SELECT xact_commit FROM pg_stat_database WHERE datname = %s", (dbname,)
         ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _wal_syncs() -> int:
+    """The cluster's WAL flushes so far (``pg_stat_wal.wal_sync``, PostgreSQL 14+)."""
+    import psycopg
+
+    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+        row = conn.execute("SELECT wal_sync FROM pg_stat_wal").fetchone()
     return int(row[0]) if row else 0
 
 
@@ -190,10 +203,11 @@ class Drain:
         idle = None
         stmts0 = None
         if self.db is not None:
-            c0 = _xact_commit(self.db.name)
+            c0, w0 = _xact_commit(self.db.name), _wal_syncs()
             time.sleep(self.args.idle_s)
-            c1 = _xact_commit(self.db.name)
+            c1, w1 = _xact_commit(self.db.name), _wal_syncs()
             idle = max(0, c1 - c0) / self.args.idle_s
+            idle_wal = max(0, w1 - w0) / self.args.idle_s
             stmts0 = _statements(self.db.url)
         log(f"{self.name}: {runs} runs enqueued in {enqueue_s:.1f}s; starting the worker")
         started = time.monotonic()
@@ -218,7 +232,7 @@ class Drain:
 
             self.conn.close()  # its polls' statistics are flushed when the backend exits
             time.sleep(0.6)  # the exited backends' statistics reach pg_stat_database
-            c2 = _xact_commit(self.db.name)
+            c2, w2 = _xact_commit(self.db.name), _wal_syncs()
             stmts1 = _statements(self.db.url) if stmts0 is not None else None
             self.conn = psycopg.connect(self.db.url, autocommit=True)
             self.scratch.defer("close connection", self.conn.close)
@@ -247,6 +261,10 @@ class Drain:
             out["benchmark_polls"] = self.polls
             out["idle_commits_per_s"] = round(idle or 0.0, 2)
             out["commits_per_state"] = round((delta - idle_part) / states, 3) if states else None
+            out["wal_sync_delta"] = w2 - w1
+            out["wal_flushes_per_state"] = (
+                round((w2 - w1 - idle_wal * drain_wall) / states, 3) if states else None
+            )
             out["statements_per_state"] = (
                 round((stmts1 - stmts0 - self.polls) / states, 3)
                 if stmts0 is not None and stmts1 is not None and states
@@ -530,6 +548,7 @@ def _report(
             "states_per_s": _median([x["states_per_s"] for x in results]),
             "states_per_s_all": [x["states_per_s"] for x in results],
             "commits_per_state": _median([x.get("commits_per_state") for x in results]),
+            "wal_flushes_per_state": _median([x.get("wal_flushes_per_state") for x in results]),
             "statements_per_state": _median([x.get("statements_per_state") for x in results]),
             "cpu_ms_per_state": {
                 part: _median([(x.get("cpu_ms_per_state") or {}).get(part) for x in results])
@@ -579,6 +598,10 @@ def _report(
                 systems.get("leaseflow_inline", {}).get("commits_per_state") or 99, 2
             )
             <= 1.0,
+            "inline_wal_flushes_per_state_le_1": round(
+                systems.get("leaseflow_inline", {}).get("wal_flushes_per_state") or 99, 2
+            )
+            <= 1.0,
             # to two decimals: worker start-up and lf_workers heartbeats add ~0.003
             "commits_per_state_le_2": round(lf.get("commits_per_state") or 99, 2) <= 2.0,
         },
@@ -614,6 +637,7 @@ def _print_table(report: dict[str, Any]) -> None:
         "states/s (median)",
         "states/s (rounds)",
         "commits/state",
+        "WAL flushes/state",
         "statements/state",
         "CPU ms/state main+pool+pg+redis",
         "drain s",
@@ -625,6 +649,7 @@ def _print_table(report: dict[str, Any]) -> None:
             _fmt(f["states_per_s"]),
             ", ".join(_fmt(v) for v in f["states_per_s_all"]),
             "-" if f["commits_per_state"] is None else f"{f['commits_per_state']:.3f}",
+            "-" if f["wal_flushes_per_state"] is None else f"{f['wal_flushes_per_state']:.3f}",
             _fmt(f["statements_per_state"]) if f["statements_per_state"] is not None else "n/a",
             _cpu(f["cpu_ms_per_state"]),
             ", ".join(_fmt(x["drain_s"]) for x in f["rounds"]),
