@@ -102,3 +102,33 @@ def test_publish_all_uses_one_round_trip(app, redis_url, queue_name, monkeypatch
     assert single == []  # no command went out on its own
     assert executed == [2 * n]  # n LPUSH + n PUBLISH (task-sent) in one pipeline
     assert len(_queued(redis_url, queue_name)) == 1 + n
+
+
+def test_the_worker_acks_and_sends_task_events_through_reused_clients(
+    client, inline_worker, monkeypatch
+):
+    """The worker's consumer channel (acks) and event channel (task events) reuse one
+    Redis client each, instead of building one per ack and per event."""
+    from tests.workflows import basic
+
+    consumer = inline_worker.consumer
+    channels = {
+        "acks": consumer.task_consumer.channel,
+        "events": consumer.event_dispatcher.producer.channel,
+    }
+    for name, channel in channels.items():
+        assert getattr(channel.Client, "reuses_clients", False), name
+
+    client.wait_for(client.start(basic.linear, {"n": 1}), timeout=20)  # warm every path
+    built: list[int] = []
+    original = redis.Redis.__init__
+
+    def counting(self: redis.Redis, *args: object, **kwargs: object) -> None:
+        built.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis.Redis, "__init__", counting)
+    done = client.wait_for(client.start(basic.linear, {"n": 2}), timeout=20)
+    assert done.status == "completed", done
+    # Five states: five acks and fifteen task events in the worker, five publishes.
+    assert built == [], f"{len(built)} Redis clients built for one five-state run"
