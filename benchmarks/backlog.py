@@ -8,9 +8,13 @@ to the next) the benchmark
      ``linear_bench`` whose transitions are registered; the load runs with
      ``session_replication_role = replica`` when allowed, so the transition trigger is
      skipped for the bulk rows only), plus ``--pending`` (+50 warm-up) pending runs at state ``s1``;
-  2. ``VACUUM ANALYZE lf_runs``;
+  2. ``VACUUM ANALYZE lf_runs`` and, when allowed, ``CHECKPOINT``: the bulk load's WAL
+     would otherwise set off a checkpoint during the timing, and the first change to
+     each page after a checkpoint writes the whole page to the WAL (checkpoints that
+     still overlap the timing are counted in the report);
   3. times ``PostgresStore.claim`` (``leaseflow.store.queries.CLAIM``, one statement by
-     primary key, through the store's pool) once for every pending run, in random order;
+     primary key, on the store's own claim connection) once for every pending run, in
+     random order;
   4. times the beat statements through the store ``--scans`` times each with nothing to
      do (``REAP``: no expired lease; ``DUE``: nothing overdue), then once each with work:
      a reap of the ``--pending`` claims after their leases were moved into the past,
@@ -102,6 +106,26 @@ def _ms(seconds: list[float]) -> dict[str, float | int | None]:
     }
 
 
+def _checkpoint(conn: Any) -> bool:
+    """``CHECKPOINT`` now, if this role may (superuser or ``pg_checkpoint``)."""
+    import psycopg
+
+    try:
+        conn.execute("CHECKPOINT")
+    except psycopg.Error as exc:
+        log(f"CHECKPOINT not allowed ({exc}); a checkpoint may overlap the timing")
+        return False
+    return True
+
+
+def _checkpoints(conn: Any) -> int:
+    """Checkpoints started so far (timed + requested), cluster-wide."""
+    row = conn.execute(
+        "SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter"
+    ).fetchone()
+    return int(row[0])
+
+
 def _timed(fn: Any) -> tuple[float, Any]:
     t0 = time.perf_counter()
     out = fn()
@@ -159,6 +183,8 @@ def run(args: Any) -> int:
             warm, pending = loaded[:WARMUP], loaded[WARMUP:]
             rows += finished + len(loaded)
             conn.execute("VACUUM ANALYZE lf_runs")
+            checkpointed = _checkpoint(conn)
+            checkpoints0 = _checkpoints(conn)
             total = conn.execute("SELECT count(*) FROM lf_runs").fetchone()[0]
             size = conn.execute(
                 "SELECT pg_total_relation_size('lf_runs'), pg_indexes_size('lf_runs')"
@@ -187,6 +213,7 @@ def run(args: Any) -> int:
                 reap_empty.append(dt_s)
                 dt_s, _ = _timed(lambda: store.due_for_dispatch(limit=1000))
                 due_empty.append(dt_s)
+            checkpoints_during = _checkpoints(conn) - checkpoints0
             conn.execute(  # the leases run out
                 "UPDATE lf_runs SET lease_expires_at = now() - interval '1 second'"
                 " WHERE id = ANY(%s::uuid[])",
@@ -220,6 +247,8 @@ def run(args: Any) -> int:
                 "reap_batch": {"rows": len(reaped), "ms": round(reap_s * 1000, 2)},
                 "due_batch": {"rows": len(due), "ms": round(due_s * 1000, 2)},
                 "claim_plan": " / ".join(r[0].strip() for r in explain),
+                "checkpoint_before_timing": checkpointed,
+                "checkpoints_during_timing": checkpoints_during,
             }
             log(f"depth {depth}: {json.dumps(results[str(depth)])}")
         with ignoring_sigint():
@@ -271,7 +300,7 @@ def _report(
             "pending_per_depth": args.pending,
             "empty_scans": args.scans,
             "bulk_load_replica_role": replica,
-            "claim_via": "PostgresStore.claim (pool, autocommit, one statement)",
+            "claim_via": "PostgresStore.claim (own claim connection, autocommit, one statement)",
         },
         "depths": results,
         "ratios_vs_first_depth": ratios,

@@ -10,6 +10,11 @@ the broker's db) and stamps ``key:first`` (its start) when it is the first and
 ``key:last`` (its end) when it is the ``total``-th. Chains are links of immutable
 ``tick`` signatures; the calibration drains independent ``tick`` tasks.
 
+With ``LFBENCH_REUSE_REDIS_CLIENTS=1`` every kombu Redis channel of the process reuses
+one ``redis.Redis`` client per connection pool, as leaseflow's workers do on their own
+channels (acks, task events, publishes): the ``plain_reuse`` baseline, plain Celery
+with that fix, to tell the fix's share of leaseflow's ratio from the rest.
+
 ``naive_step(run_id, seq, states)``: bare Celery task over raw psycopg, one connection
 per pool process, autocommit:
 
@@ -138,6 +143,28 @@ def make_app(broker_url: str, queue: str, database_url: str | None = None) -> Ce
 
     return app
 
+
+def reuse_redis_clients_everywhere() -> None:
+    """Every kombu Redis channel made from now on in this process (consumer, event
+    dispatcher, producers) reuses one client per pool (``dispatch.reuse_redis_client``)."""
+    from kombu.transport import redis as kombu_redis
+
+    from leaseflow.tasks.dispatch import reuse_redis_client
+
+    init = kombu_redis.Channel.__init__
+    if getattr(init, "reuses_clients", False):
+        return
+
+    def reusing_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        reuse_redis_client(self)
+
+    reusing_init.reuses_clients = True  # type: ignore[attr-defined]
+    kombu_redis.Channel.__init__ = reusing_init  # type: ignore[method-assign]
+
+
+if os.environ.get("LFBENCH_REUSE_REDIS_CLIENTS") == "1":
+    reuse_redis_clients_everywhere()
 
 app = make_app(
     os.environ.get("LFBENCH_BROKER_URL", "memory://"),

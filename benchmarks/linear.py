@@ -1,7 +1,7 @@
 """W1 linear throughput (backlog drain): leaseflow vs a plain Celery chain vs a
 "naive durable" Celery chain, 5 no-op states per run.
 
-Three systems, each drained by its own real ``celery worker`` subprocess (prefork -c 2,
+Each system is drained by its own real ``celery worker`` subprocess (prefork -c 2,
 JSON, acks_late, prefetch 1, no result backend) on the same Redis server and scratch db,
 back to back (the order rotated every round). For each system and round: all runs are
 enqueued first, then the worker is started; it is stopped once every run is finished.
@@ -20,6 +20,9 @@ enqueued first, then the worker is started; it is stopped once every run is fini
                 chain with one task per state can do.
   plain         ``benchmarks/chains.py``: ``chain(tick.si() x 5)``, no database; each
                 ``tick`` is one Redis ``INCR`` (to find the first start and last end).
+  plain_reuse   ``plain`` with every kombu Redis channel reusing one client per pool,
+                as leaseflow's workers do (``ReuseRedisClients``): leaseflow vs this
+                is the cost of durability alone, without that Celery-side fix.
 
 Metrics:
   states/s      states ÷ (last state end - first state start). leaseflow: ``lf_steps``
@@ -69,10 +72,12 @@ HELP = "W1: leaseflow 5-state runs vs plain Celery chain vs naive durable chain"
 
 STATES = 5
 PROFILES = {"full": 2000, "quick": 300}
-SYSTEMS = ("leaseflow", "leaseflow_inline", "naive", "floor", "plain")
+SYSTEMS = ("leaseflow", "leaseflow_inline", "naive", "floor", "plain", "plain_reuse")
 PAIRS = (
     ("leaseflow", "plain"),
     ("leaseflow_inline", "plain"),
+    ("leaseflow", "plain_reuse"),
+    ("plain_reuse", "plain"),
     ("leaseflow", "naive"),
     ("naive", "plain"),
     ("floor", "plain"),
@@ -486,12 +491,22 @@ class PlainDrain(Drain):
         return states, float(last) - float(first)
 
 
+class PlainReuseDrain(PlainDrain):
+    """Plain Celery whose Redis channels reuse their client, as leaseflow's do."""
+
+    name = "plain_reuse"
+
+    def start_worker(self) -> CeleryWorker:
+        return self.worker("benchmarks.chains", {**self.env, "LFBENCH_REUSE_REDIS_CLIENTS": "1"})
+
+
 DRAINS = {
     "leaseflow": LeaseflowDrain,
     "leaseflow_inline": LeaseflowInlineDrain,
     "naive": NaiveDrain,
     "floor": FloorDrain,
     "plain": PlainDrain,
+    "plain_reuse": PlainReuseDrain,
 }
 
 
