@@ -12,6 +12,9 @@ STEPS = Counter("leaseflow_steps_total", "Committed steps by outcome", ["outcome
 LEASES_LOST = Counter("leaseflow_leases_lost_total", "Commits refused because the lease was lost")
 REAPED = Counter("leaseflow_runs_reaped_total", "Runs whose lease expired, by result", ["result"])
 REDISPATCHED = Counter("leaseflow_runs_redispatched_total", "Pending runs re-published by beat")
+QUEUE_PROBES = Counter(
+    "leaseflow_queue_probes_total", "Probes sent through a queue before re-publishing"
+)
 STEP_SECONDS = Histogram(
     "leaseflow_step_duration_seconds", "Time a state function ran", ["workflow", "state"]
 )

@@ -341,17 +341,80 @@ def test_database_refuses_illegal_transition_from_raw_sql(client, runner, db):
         db.execute("UPDATE lf_runs SET workflow = 'slow3' WHERE id = %s", (first.run_id,))
 
 
-def test_dispatcher_republishes_overdue_pending_runs(client, store, db):
-    # Given a pending run whose message was lost (overdue)
+def _queue_of(workflow: str, state: str) -> str:
+    return "q"
+
+
+def test_dispatcher_republishes_a_lost_message_once_a_probe_came_through(client, store, db):
+    # Given a pending run whose message is overdue
     first = start(client, basic.linear)
-    assert jobs.dispatch_overdue(store) == []  # not overdue yet
+    assert jobs.dispatch_overdue(store, _queue_of).dispatches == []  # not overdue yet
     db.execute("UPDATE lf_runs SET redispatch_at = now() - interval '1 second'")
-    # When the dispatcher runs twice (two beats)
-    found = jobs.dispatch_overdue(store)
-    again = jobs.dispatch_overdue(store)
-    # Then it re-publishes the run once
-    assert [(d.run_id, d.state, d.step_seq) for d in found] == [(first.run_id, "s1", 1)]
-    assert again == []
+    # When the dispatcher runs twice (two beats) before anything came through the queue
+    found = jobs.dispatch_overdue(store, _queue_of)
+    again = jobs.dispatch_overdue(store, _queue_of)
+    # Then it re-publishes nothing yet (the message may be waiting in a backlog) and
+    # sends one probe through the run's queue
+    assert found.dispatches == [] and again.dispatches == []
+    assert [p.queue for p in found.probes] == ["q"] and again.probes == []
+    # And once a worker consumed that probe, the run's message is known lost: the
+    # dispatcher re-publishes it, once across two beats
+    store.probe_passed("q", found.probes[0].sent_at)
+    found = jobs.dispatch_overdue(store, _queue_of)
+    again = jobs.dispatch_overdue(store, _queue_of)
+    assert [(d.run_id, d.state, d.step_seq) for d in found.dispatches] == [
+        (first.run_id, "s1", 1)
+    ]
+    assert (found.probes, again.dispatches, again.probes) == ([], [], [])
+
+
+def test_dispatcher_does_not_republish_a_backlog(client, store, db):
+    """Messages waiting behind a backlog longer than the dispatch timeout are not lost:
+    copies would queue behind the same backlog and be re-published again, so the
+    backlog would feed itself. Only what was published before a probe came through
+    is re-published."""
+    # Given 50 runs whose messages wait in the queue past the dispatch timeout
+    runs = [start(client, basic.linear).run_id for _ in range(50)]
+    db.execute("UPDATE lf_runs SET redispatch_at = now() - interval '1 second'")
+    # When the dispatcher runs ten times while nothing comes through the queue
+    rounds = [jobs.dispatch_overdue(store, _queue_of) for _ in range(10)]
+    # Then it re-publishes none of them, and sends one probe
+    assert [d for r in rounds for d in r.dispatches] == []
+    probes = [p for r in rounds for p in r.probes]
+    assert [p.queue for p in probes] == ["q"]
+    # And when the probe comes through while the backlog is being worked off (half
+    # the runs were claimed since, and one was published again after the probe was
+    # sent: with a 0.5 s timeout, redispatch_at = probe time means published 0.5 s
+    # before it, within the publish slack)
+    sent = probes[0].sent_at
+    store.dispatch_timeout = 0.5
+    db.execute("UPDATE lf_runs SET not_before = now() WHERE id = ANY(%s::uuid[])", (runs,))
+    for run_id in runs[:25]:
+        assert store.claim(run_id, 1, owner="w:1", ttl=60) is not None
+    db.execute(
+        "UPDATE lf_runs SET redispatch_at = %s - interval '5 seconds' WHERE id = ANY(%s::uuid[])",
+        (sent, runs[25:-1]),
+    )
+    db.execute("UPDATE lf_runs SET redispatch_at = %s WHERE id = %s", (sent, runs[-1]))
+    store.probe_passed("q", sent)
+    found = jobs.dispatch_overdue(store, _queue_of)
+    # Then only the runs still pending from before the probe go out again
+    assert sorted(d.run_id for d in found.dispatches) == sorted(runs[25:-1])
+    # And the one published since waits for a probe of its own
+    assert [p.queue for p in found.probes] == ["q"] and found.probes[0].sent_at > sent
+
+
+def test_dispatcher_probes_again_when_a_probe_is_lost(client, store, db):
+    # Given a probe sent longer ago than the dispatch timeout that never came through
+    start(client, basic.linear)
+    db.execute("UPDATE lf_runs SET redispatch_at = now() - interval '1 second'")
+    first = jobs.dispatch_overdue(store, _queue_of).probes
+    assert jobs.dispatch_overdue(store, _queue_of).probes == []  # still on its way
+    db.execute("UPDATE lf_queue_marks SET probe_sent_at = probe_sent_at - interval '1 minute'")
+    # When the dispatcher runs again
+    again = jobs.dispatch_overdue(store, _queue_of).probes
+    # Then it presumes the probe lost (a broker restart) and sends another
+    assert len(first) == 1 and [p.queue for p in again] == ["q"]
 
 
 def test_heartbeat_extends_leases_and_reports_lost_ones(client, runner, store, db):

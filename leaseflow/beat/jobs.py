@@ -7,6 +7,10 @@ job twice) still act once per expired lease or overdue run.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
 from leaseflow import errors, logs, metrics
 from leaseflow.runner import Dispatch, branch_dispatches
 from leaseflow.store.postgres import PostgresStore
@@ -77,19 +81,75 @@ def reap_branches(store: PostgresStore, *, limit: int = 1000) -> list[Dispatch]:
     return out
 
 
-def dispatch_overdue(store: PostgresStore, *, limit: int = 1000) -> list[Dispatch]:
-    """Pending runs whose wake-up message is overdue (lost after commit, or by the broker)."""
-    out: list[Dispatch] = []
-    for row in store.due_for_dispatch(limit=limit):
+#: A message leaves a moment after the commit that made it due; a probe sent within
+#: this slack of a run's last publish does not count as having overtaken it.
+PUBLISH_SLACK = timedelta(seconds=1)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A probe message to send through ``queue``: the worker that consumes it records
+    ``sent_at`` as the queue's mark (everything published before it was delivered)."""
+
+    queue: str
+    sent_at: datetime
+
+
+@dataclass
+class Overdue:
+    """What the dispatcher must publish: lost messages again, and probes."""
+
+    dispatches: list[Dispatch] = field(default_factory=list)
+    probes: list[Probe] = field(default_factory=list)
+
+
+def dispatch_overdue(
+    store: PostgresStore, queue_of: Callable[[str, str], str], *, limit: int = 1000
+) -> Overdue:
+    """Pending runs and branches whose message is overdue: lost after the commit, or by
+    the broker, or only waiting behind a backlog.
+
+    Only a message published before a probe that has come through its queue (queues
+    are FIFO) is gone; re-publishing the others would queue a copy behind the same
+    backlog, to be re-published again. For the rest, a probe is sent, one per queue
+    at a time. ``queue_of(workflow, state)`` names a state's queue.
+    """
+    runs = store.overdue_runs(limit=limit)
+    branches = store.overdue_branches(limit=limit)
+    queues = {row[1:3]: queue_of(*row[1:3]) for row in runs}
+    queues.update({row[2:4]: queue_of(*row[2:4]) for row in branches})
+    marks = store.queue_marks(sorted(set(queues.values())))
+    unproven: set[str] = set()
+
+    def gone(workflow: str, state: str, published_by: datetime) -> bool:
+        queue = queues[workflow, state]
+        passed = marks.get(queue)
+        if passed is not None and published_by < passed - PUBLISH_SLACK:
+            return True
+        unproven.add(queue)
+        return False
+
+    out = Overdue()
+    lost_runs = [run_id for run_id, wf, state, by in runs if gone(wf, state, by)]
+    for row in store.redispatch_runs(lost_runs):
         metrics.REDISPATCHED.inc()
         logs.event(
             "run_redispatched", 20, run_id=row.run_id, state=row.state, step_seq=row.step_seq
         )
-        out.append(Dispatch(row.run_id, row.workflow, row.state, row.step_seq, row.countdown))
-    for run_id, group_id, idx, workflow, state, wait in store.due_branches(limit=limit):
+        out.dispatches.append(
+            Dispatch(row.run_id, row.workflow, row.state, row.step_seq, row.countdown)
+        )
+    lost_branches = [(g, i) for g, i, wf, state, by in branches if gone(wf, state, by)]
+    for run_id, group_id, idx, workflow, state, wait in store.redispatch_branches(lost_branches):
         metrics.REDISPATCHED.inc()
         logs.event(
             "branch_redispatched", 20, run_id=run_id, group_id=group_id, branch=idx, state=state
         )
-        out.append(Dispatch(run_id, workflow, state, 0, wait, branch=(group_id, idx)))
+        out.dispatches.append(Dispatch(run_id, workflow, state, 0, wait, branch=(group_id, idx)))
+    for queue in sorted(unproven):
+        sent_at = store.send_probe(queue)
+        if sent_at is not None:
+            metrics.QUEUE_PROBES.inc()
+            logs.event("queue_probe_sent", 20, queue=queue)
+            out.probes.append(Probe(queue, sent_at))
     return out

@@ -757,11 +757,27 @@ class PostgresStore:
         with self.connection() as conn:
             return conn.execute(queries.EXPIRED_BRANCHES, {"limit": limit}).fetchall()
 
-    def due_branches(self, *, limit: int = 1000) -> list[tuple[Any, ...]]:
-        """Overdue pending branches: ``(run_id, group_id, idx, workflow, state, wait)``."""
+    def overdue_branches(self, *, limit: int = 1000) -> list[tuple[Any, ...]]:
+        """Overdue pending branches: ``(group_id, idx, workflow, state, published_by)``."""
         with self.connection() as conn:
             return conn.execute(
-                queries.DUE_BRANCHES, {"limit": limit, "dispatch_timeout": self.dispatch_timeout}
+                queries.OVERDUE_BRANCHES,
+                {"limit": limit, "dispatch_timeout": self.dispatch_timeout},
+            ).fetchall()
+
+    def redispatch_branches(self, keys: Sequence[tuple[int, int]]) -> list[tuple[Any, ...]]:
+        """Mark overdue branches ``(group_id, idx)`` re-published; returns those this call
+        got: ``(run_id, group_id, idx, workflow, state, wait)``."""
+        if not keys:
+            return []
+        with self.connection() as conn:
+            return conn.execute(
+                queries.REDISPATCH_BRANCHES,
+                {
+                    "group_ids": [k[0] for k in keys],
+                    "idxs": [k[1] for k in keys],
+                    "dispatch_timeout": self.dispatch_timeout,
+                },
             ).fetchall()
 
     def _groups_txn(self, conn: psycopg.Connection[Any], run_id: str) -> list[dict[str, Any]]:
@@ -809,15 +825,49 @@ class PostgresStore:
         with self.connection() as conn:
             return do(conn)
 
-    def due_for_dispatch(self, *, limit: int = 1000) -> list[Due]:
-        def do(conn: psycopg.Connection[Any]) -> list[Due]:
-            rows = conn.execute(
-                queries.DUE, {"limit": limit, "dispatch_timeout": self.dispatch_timeout}
-            ).fetchall()
-            return [Due(*row) for row in rows]
-
+    def overdue_runs(self, *, limit: int = 1000) -> list[tuple[str, str, str, datetime]]:
+        """Overdue pending runs: ``(run_id, workflow, state, published_by)``."""
         with self.connection() as conn:
-            return do(conn)
+            rows = conn.execute(
+                queries.OVERDUE, {"limit": limit, "dispatch_timeout": self.dispatch_timeout}
+            ).fetchall()
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+    def redispatch_runs(self, run_ids: Sequence[str]) -> list[Due]:
+        """Mark overdue runs re-published; returns those this call got (two dispatchers
+        at once: each run goes to one of them)."""
+        if not run_ids:
+            return []
+        with self.connection() as conn:
+            rows = conn.execute(
+                queries.REDISPATCH,
+                {"ids": list(run_ids), "dispatch_timeout": self.dispatch_timeout},
+            ).fetchall()
+        return [Due(*row) for row in rows]
+
+    def queue_marks(self, queues: Sequence[str]) -> dict[str, datetime]:
+        """``{queue: send time of the newest probe that came through it}``."""
+        if not queues:
+            return {}
+        with self.connection() as conn:
+            rows = conn.execute(queries.QUEUE_MARKS, {"queues": list(queues)}).fetchall()
+        return {queue: passed for queue, passed in rows}
+
+    def send_probe(self, queue: str) -> datetime | None:
+        """Start a probe of ``queue``: its send time, or None if one is already on its way."""
+        with self.connection() as conn:
+            row = conn.execute(
+                queries.SEND_PROBE, {"queue": queue, "dispatch_timeout": self.dispatch_timeout}
+            ).fetchone()
+        return None if row is None else row[0]
+
+    def probe_passed(self, queue: str, sent_at: datetime) -> None:
+        """The probe of ``queue`` sent at ``sent_at`` came through."""
+
+        def do(conn: psycopg.Connection[Any]) -> None:
+            conn.execute(queries.PROBE_PASSED, {"queue": queue, "sent_at": sent_at})
+
+        self._with_retry(do)
 
     # -- reading ------------------------------------------------------------------
 

@@ -178,14 +178,25 @@ WITH expired AS (
 SELECT id::text, workflow, version, state, step_seq, status, attempt, owner FROM reaped
 """
 
-#: Pending runs whose message is overdue (lost between commit and publish, or
-#: dropped by the broker). Marks them so that a second dispatcher skips them.
-DUE = """
+#: Pending runs whose message is overdue: lost between commit and publish, dropped by
+#: the broker, or still waiting behind a backlog. ``published_by`` bounds the time of
+#: the run's last publish (every publish sets ``redispatch_at`` to at least that time
+#: plus the timeout); the dispatcher re-publishes only what a probe has shown gone.
+OVERDUE = """
+SELECT id::text, workflow, state,
+       redispatch_at - %(dispatch_timeout)s * interval '1 second' AS published_by
+  FROM lf_runs
+ WHERE finished_at IS NULL AND status = 'pending' AND redispatch_at <= now()
+ ORDER BY redispatch_at
+ LIMIT %(limit)s
+"""
+
+#: Marks the chosen overdue runs re-published; a second dispatcher skips them.
+REDISPATCH = """
 WITH due AS (
     SELECT id FROM lf_runs
-     WHERE finished_at IS NULL AND status = 'pending' AND redispatch_at <= now()
-     ORDER BY redispatch_at
-     LIMIT %(limit)s
+     WHERE id = ANY(%(ids)s::uuid[])
+       AND finished_at IS NULL AND status = 'pending' AND redispatch_at <= now()
        FOR UPDATE SKIP LOCKED
 )
 UPDATE lf_runs r
@@ -194,6 +205,32 @@ UPDATE lf_runs r
  WHERE r.id = due.id
 RETURNING r.id::text, r.workflow, r.version, r.state, r.step_seq,
           greatest(0, extract(epoch FROM r.not_before - now()))::float8
+"""
+
+#: The queues' marks: the send time of the newest probe that came through each.
+QUEUE_MARKS = """
+SELECT queue, passed_at FROM lf_queue_marks
+ WHERE queue = ANY(%(queues)s::text[]) AND passed_at IS NOT NULL
+"""
+
+#: Starts a probe of a queue unless one is on its way (sent, not yet through, and not
+#: older than the dispatch timeout, after which it is presumed lost). Two dispatchers:
+#: the second finds the first's probe on its way and sends none.
+SEND_PROBE = """
+INSERT INTO lf_queue_marks AS m (queue, probe_sent_at) VALUES (%(queue)s, now())
+ON CONFLICT (queue) DO UPDATE SET probe_sent_at = now()
+ WHERE m.probe_sent_at IS NULL
+    OR m.probe_sent_at <= coalesce(m.passed_at, '-infinity')
+    OR m.probe_sent_at < now() - %(dispatch_timeout)s * interval '1 second'
+RETURNING probe_sent_at
+"""
+
+#: A worker consumed the probe sent at ``sent_at``: everything published before it has
+#: been delivered.
+PROBE_PASSED = """
+UPDATE lf_queue_marks
+   SET passed_at = greatest(coalesce(passed_at, '-infinity'), %(sent_at)s)
+ WHERE queue = %(queue)s
 """
 
 CREATE_RUN = """
@@ -398,12 +435,20 @@ SELECT b.group_id, b.idx, b.lease_token::text, b.lease_owner, b.attempt, b.max_a
  LIMIT %(limit)s
 """
 
-DUE_BRANCHES = """
+OVERDUE_BRANCHES = """
+SELECT b.group_id, b.idx, r.workflow, b.state,
+       b.redispatch_at - %(dispatch_timeout)s * interval '1 second' AS published_by
+  FROM lf_branches b JOIN lf_runs r ON r.id = b.run_id
+ WHERE b.finished_at IS NULL AND b.status = 'pending' AND b.redispatch_at <= now()
+ ORDER BY b.redispatch_at
+ LIMIT %(limit)s
+"""
+
+REDISPATCH_BRANCHES = """
 WITH due AS (
     SELECT group_id, idx FROM lf_branches
-     WHERE finished_at IS NULL AND status = 'pending' AND redispatch_at <= now()
-     ORDER BY redispatch_at
-     LIMIT %(limit)s
+     WHERE (group_id, idx) IN (SELECT * FROM unnest(%(group_ids)s::bigint[], %(idxs)s::int[]))
+       AND finished_at IS NULL AND status = 'pending' AND redispatch_at <= now()
        FOR UPDATE SKIP LOCKED
 )
 UPDATE lf_branches b

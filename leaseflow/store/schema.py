@@ -187,6 +187,19 @@ branches = Table(
     Index("ix_lf_branches_unfinished", "group_id", postgresql_where=text("finished_at IS NULL")),
 )
 
+#: One row per broker queue the dispatcher has probed. A probe message sent at
+#: ``probe_sent_at`` travels the queue behind every message published before it; the
+#: worker that consumes it raises ``passed_at`` to that time. Only an overdue message
+#: published before ``passed_at`` is known to be gone rather than waiting in a backlog.
+queue_marks = Table(
+    "lf_queue_marks",
+    metadata,
+    Column("queue", Text, nullable=False),
+    Column("probe_sent_at", _ts),
+    Column("passed_at", _ts),
+    PrimaryKeyConstraint("queue"),
+)
+
 workers = Table(
     "lf_workers",
     metadata,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery, Task, bootsteps, signals
@@ -18,6 +18,7 @@ from leaseflow.tasks import dispatch, runtime
 
 REAP_TASK = "leaseflow.beat.reap"
 DISPATCH_TASK = "leaseflow.beat.dispatch"
+PROBE_TASK = dispatch.PROBE_TASK
 #: Extra seconds between a state's soft time limit and the hard kill of its process.
 HARD_LIMIT_GRACE = 10.0
 
@@ -186,9 +187,23 @@ def _register_beat_tasks(app: Celery) -> None:
     @app.task(name=DISPATCH_TASK, ignore_result=True, shared=False)
     def redispatch() -> int:
         engine = runtime.get()
-        found = jobs.dispatch_overdue(engine.store, limit=engine.settings.dispatch_batch)
-        dispatch.publish_all(app, found)
-        return len(found)
+        default = app.conf.task_default_queue
+        found = jobs.dispatch_overdue(
+            engine.store,
+            lambda workflow, state: dispatch.queue_for(workflow, state, default),
+            limit=engine.settings.dispatch_batch,
+        )
+        dispatch.publish_all(app, found.dispatches)
+        for probe in found.probes:
+            dispatch.publish_probe(app, probe.queue, probe.sent_at)
+        return len(found.dispatches)
+
+    @app.task(name=PROBE_TASK, ignore_result=True, shared=False)
+    def queue_probe(queue: str, sent_at: str) -> str:
+        """Came through ``queue``: everything published there before ``sent_at`` has
+        been delivered (see ``jobs.dispatch_overdue``)."""
+        runtime.get().store.probe_passed(queue, datetime.fromisoformat(sent_at))
+        return queue
 
 
 def prepare_worker() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+from datetime import datetime
 from typing import Any
 
 from celery import Celery, chord, group
@@ -44,6 +45,20 @@ def publish(app: Celery, d: Dispatch, producer: Any = None) -> None:
         producer=producer,
     )
     logs.event("step_published", 10, run_id=d.run_id, state=d.state, step_seq=d.step_seq)
+
+
+PROBE_TASK = "leaseflow.queue_probe"
+
+
+def publish_probe(app: Celery, queue: str, sent_at: datetime) -> None:
+    """Send a probe through ``queue``; the worker that consumes it records its mark."""
+    app.send_task(
+        PROBE_TASK,
+        args=(queue, sent_at.isoformat()),
+        queue=queue,
+        ignore_result=True,
+    )
+    logs.event("queue_probe_published", 10, queue=queue)
 
 
 def publish_all(
