@@ -85,6 +85,7 @@ SELECT gen_random_uuid(), 'linear_bench', %(version)s, 's5', 's4', 'completed', 
   FROM generate_series(1, %(n)s) g
 """
 
+
 def _redispatch_overdue(store: Any, limit: int) -> list[Any]:
     """The dispatcher's database work for overdue runs whose queue mark shows them lost:
     find them, then mark them re-published."""

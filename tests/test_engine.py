@@ -362,9 +362,7 @@ def test_dispatcher_republishes_a_lost_message_once_a_probe_came_through(client,
     store.probe_passed("q", found.probes[0].sent_at)
     found = jobs.dispatch_overdue(store, _queue_of)
     again = jobs.dispatch_overdue(store, _queue_of)
-    assert [(d.run_id, d.state, d.step_seq) for d in found.dispatches] == [
-        (first.run_id, "s1", 1)
-    ]
+    assert [(d.run_id, d.state, d.step_seq) for d in found.dispatches] == [(first.run_id, "s1", 1)]
     assert (found.probes, again.dispatches, again.probes) == ([], [], [])
 
 

@@ -1,8 +1,8 @@
 """The beat jobs as plain functions over a store; they return what must be published.
 
-Each job is one short statement that locks the rows it acts on with
-``FOR UPDATE SKIP LOCKED``, so two beat processes (two schedulers sending every
-job twice) still act once per expired lease or overdue run.
+Each job's writes are short statements that lock the rows they act on with
+``FOR UPDATE SKIP LOCKED`` and re-check them, so two beat processes (two schedulers
+sending every job twice) still act once per expired lease, overdue run or probe.
 """
 
 from __future__ import annotations
