@@ -104,7 +104,11 @@ class Overdue:
 
 
 def dispatch_overdue(
-    store: PostgresStore, queue_of: Callable[[str, str], str], *, limit: int = 1000
+    store: PostgresStore,
+    queue_of: Callable[[str, str], str],
+    *,
+    limit: int = 1000,
+    probe: bool = True,
 ) -> Overdue:
     """Pending runs and branches whose message is overdue: lost after the commit, or by
     the broker, or only waiting behind a backlog.
@@ -112,7 +116,9 @@ def dispatch_overdue(
     Only a message published before a probe that has come through its queue (queues
     are FIFO) is gone; re-publishing the others would queue a copy behind the same
     backlog, to be re-published again. For the rest, a probe is sent, one per queue
-    at a time. ``queue_of(workflow, state)`` names a state's queue.
+    at a time (none with ``probe=False``: the arriving probe's own call, which
+    re-publishes what it has just shown lost without waiting for the next beat).
+    ``queue_of(workflow, state)`` names a state's queue.
     """
     runs = store.overdue_runs(limit=limit)
     branches = store.overdue_branches(limit=limit)
@@ -146,7 +152,7 @@ def dispatch_overdue(
             "branch_redispatched", 20, run_id=run_id, group_id=group_id, branch=idx, state=state
         )
         out.dispatches.append(Dispatch(run_id, workflow, state, 0, wait, branch=(group_id, idx)))
-    for queue in sorted(unproven):
+    for queue in sorted(unproven) if probe else ():
         sent_at = store.send_probe(queue)
         if sent_at is not None:
             metrics.QUEUE_PROBES.inc()

@@ -186,24 +186,29 @@ def _register_beat_tasks(app: Celery) -> None:
 
     @app.task(name=DISPATCH_TASK, ignore_result=True, shared=False)
     def redispatch() -> int:
+        return _redispatch(probe=True)
+
+    @app.task(name=PROBE_TASK, ignore_result=True, shared=False)
+    def queue_probe(queue: str, sent_at: str) -> int:
+        """Came through ``queue``: everything published there before ``sent_at`` has
+        been delivered, so what is still pending from before it is lost; re-publish it
+        now (see ``jobs.dispatch_overdue``)."""
+        runtime.get().store.probe_passed(queue, datetime.fromisoformat(sent_at))
+        return _redispatch(probe=False)
+
+    def _redispatch(*, probe: bool) -> int:
         engine = runtime.get()
         default = app.conf.task_default_queue
         found = jobs.dispatch_overdue(
             engine.store,
             lambda workflow, state: dispatch.queue_for(workflow, state, default),
             limit=engine.settings.dispatch_batch,
+            probe=probe,
         )
         dispatch.publish_all(app, found.dispatches)
-        for probe in found.probes:
-            dispatch.publish_probe(app, probe.queue, probe.sent_at)
+        for sent in found.probes:
+            dispatch.publish_probe(app, sent.queue, sent.sent_at)
         return len(found.dispatches)
-
-    @app.task(name=PROBE_TASK, ignore_result=True, shared=False)
-    def queue_probe(queue: str, sent_at: str) -> str:
-        """Came through ``queue``: everything published there before ``sent_at`` has
-        been delivered (see ``jobs.dispatch_overdue``)."""
-        runtime.get().store.probe_passed(queue, datetime.fromisoformat(sent_at))
-        return queue
 
 
 def prepare_worker() -> None:
