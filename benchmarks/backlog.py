@@ -89,7 +89,7 @@ SELECT gen_random_uuid(), 'linear_bench', %(version)s, 's5', 's4', 'completed', 
 def _redispatch_overdue(store: Any, limit: int) -> list[Any]:
     """The dispatcher's database work for overdue runs whose queue mark shows them lost:
     find them, then mark them re-published."""
-    return store.redispatch_runs([row[0] for row in store.overdue_runs(limit=limit)])
+    return store.redispatch_runs([run.run_id for run in store.overdue_runs(limit=limit)])
 
 
 LOAD_PENDING = """

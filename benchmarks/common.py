@@ -196,7 +196,9 @@ class ScratchDatabase:
 
     @property
     def sqlalchemy_url(self) -> str:
-        return self.url.replace("postgresql://", "postgresql+psycopg://", 1)
+        from leaseflow import settings
+
+        return settings.sqlalchemy_url(self.url)
 
     def migrate(self) -> None:
         """Alembic to head, then ``VACUUM ANALYZE`` and a ``CHECKPOINT`` (BENCHMARKS.md)."""

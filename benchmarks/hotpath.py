@@ -58,13 +58,16 @@ def _handoff_commit() -> str:
     fence = """
  WHERE id = %(run_id)s AND lease_token = %(token)s AND step_seq = %(seq)s
    AND (status = 'pending' OR (status = 'running' AND lease_expires_at > now()))
-RETURNING id, step_seq
 """
-    setting = queries._COMMIT_SET.replace("lease_token = NULL,", "lease_token = %(next)s,")
-    return (
-        "WITH moved AS (UPDATE lf_runs SET state = %(next_state)s, prev_state = state,"
-        " group_id = NULL," + setting + fence + ")" + queries._COMMIT_STEP
-    )
+    # the next token is issued with the commit; the run stays pending, unleased
+    lease = """
+       status = %(status)s,
+       attempt = %(attempt)s,
+       lease_token = %(next)s,
+       lease_owner = NULL,
+       lease_expires_at = NULL,
+       claimed_at = NULL,"""
+    return queries.fenced_commit(queries.MOVE_TO, lease, fence=fence)
 
 
 def _commit_params(run_id: str, seq: int, token: str, started: Any) -> dict[str, Any]:
@@ -126,6 +129,7 @@ def _variant(name: str, runs: int) -> dict[str, float]:
     from leaseflow.heartbeat import LeaseKeeper
     from leaseflow.runner import Runner
     from leaseflow.store import queries
+    from leaseflow.store.base import NewRun
     from leaseflow.store.postgres import PostgresStore
 
     db = ScratchDatabase()
@@ -140,7 +144,8 @@ def _variant(name: str, runs: int) -> dict[str, float]:
         )
         wf = workflows.linear_bench
         blob = checkpoint.encode(wf.context().model_dump(mode="json"), limit=1 << 20)
-        store.create_runs(wf=wf, runs=[(str(uuid.uuid4()), blob, {}) for _ in range(runs)])
+        new = [NewRun(str(uuid.uuid4()), blob, {}) for _ in range(runs)]
+        store.create_runs(wf=wf, runs=new)
         with psycopg.connect(db.url, autocommit=True) as conn:
             ids = [r[0] for r in conn.execute("SELECT id::text FROM lf_runs").fetchall()]
             tokens = {i: str(uuid.uuid4()) for i in ids}

@@ -11,6 +11,9 @@ enqueued first, then the worker is started; it is stopped once every run is fini
   leaseflow_inline  the same five states with s2..s5 declared ``inline=True``: the
                 commit of each state hands the next one's lease to the same task (inline
                 continuation), so a run is one Celery task and one statement per state.
+  leaseflow_ref the default mode on the code of ``--ref <commit>`` (a git worktree on the
+                worker's PYTHONPATH): ``--systems leaseflow,leaseflow_ref,plain --ref X``
+                is the A/B of a change, old and new code in one run.
   naive         ``benchmarks/chains.py`` ``naive_step``: a bare Celery task per state over
                 raw psycopg: claim UPDATE (1 commit), a lease-gated UPDATE + step INSERT
                 (1 transaction), then publish the next task. Its own fresh database.
@@ -47,11 +50,15 @@ import argparse
 import datetime as dt
 import json
 import os
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
     ADMIN_URL,
+    ROOT,
     CeleryWorker,
     CpuMeter,
     Deadline,
@@ -72,9 +79,21 @@ HELP = "W1: leaseflow 5-state runs vs plain Celery chain vs naive durable chain"
 
 STATES = 5
 PROFILES = {"full": 2000, "quick": 300}
-SYSTEMS = ("leaseflow", "leaseflow_inline", "naive", "floor", "plain", "plain_reuse")
+SYSTEMS = (
+    "leaseflow",
+    "leaseflow_inline",
+    "leaseflow_ref",
+    "naive",
+    "floor",
+    "plain",
+    "plain_reuse",
+)
+#: Run by default: ``leaseflow_ref`` needs ``--ref``.
+DEFAULT_SYSTEMS = tuple(s for s in SYSTEMS if s != "leaseflow_ref")
 PAIRS = (
     ("leaseflow", "plain"),
+    ("leaseflow", "leaseflow_ref"),
+    ("leaseflow_ref", "plain"),
     ("leaseflow_inline", "plain"),
     ("leaseflow", "plain_reuse"),
     ("plain_reuse", "plain"),
@@ -96,7 +115,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, help="runs per system and round (full 2000, quick 300)")
     p.add_argument("--quick", action="store_true", help="quick profile: 300 runs, 1 round")
     p.add_argument("--rounds", type=int, default=1, help="rounds (order rotated); default 1")
-    p.add_argument("--systems", type=_systems, default=list(SYSTEMS), help=",".join(SYSTEMS))
+    p.add_argument(
+        "--systems", type=_systems, default=list(DEFAULT_SYSTEMS), help=",".join(SYSTEMS)
+    )
+    p.add_argument(
+        "--ref",
+        help="a git commit whose leaseflow the leaseflow_ref system runs (the A/B of a "
+        "change: old and new code in one run, same databases, same Redis)",
+    )
     p.add_argument("--concurrency", type=int, default=2, help="worker -c (default 2)")
     p.add_argument("--pool", default="prefork", help="worker -P (default prefork)")
     p.add_argument("--idle-s", type=float, default=3.0, help="idle-rate window before a drain")
@@ -339,6 +365,51 @@ class LeaseflowDrain(Drain):
         return int(row[0]), row[1]
 
 
+class LeaseflowRefDrain(LeaseflowDrain):
+    """The default mode on the code of ``--ref``: its worker imports leaseflow from a
+    git worktree of that commit (runs are created by this code: the schema and the
+    messages are the same)."""
+
+    name = "leaseflow_ref"
+
+    def start_worker(self) -> CeleryWorker:
+        tree = ref_worktree(self.scratch, self.args.ref)
+        return self.worker("leaseflow.tasks", {**self.env, "PYTHONPATH": str(tree)})
+
+
+_worktrees: dict[str, Path] = {}
+
+
+def ref_worktree(scratch: Scratch, ref: str | None) -> Path:
+    """A detached git worktree of ``ref`` (made once per run, removed at the end)."""
+    if not ref:
+        raise SystemExit("leaseflow_ref needs --ref <commit>")
+    if ref not in _worktrees:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--verify", f"{ref}^{{commit}}"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        tree = Path(tempfile.mkdtemp(prefix=f"lfbench-ref-{sha[:10]}-"))
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", str(tree), sha],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+        scratch.defer(
+            f"remove worktree {tree}",
+            lambda: subprocess.run(
+                ["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False
+            ),
+        )
+        log(f"leaseflow_ref: {ref} = {sha[:10]} at {tree}")
+        _worktrees[ref] = tree
+    return _worktrees[ref]
+
+
 class LeaseflowInlineDrain(LeaseflowDrain):
     """The same five states declared ``inline=True``: one Celery task per run."""
 
@@ -503,6 +574,7 @@ class PlainReuseDrain(PlainDrain):
 DRAINS = {
     "leaseflow": LeaseflowDrain,
     "leaseflow_inline": LeaseflowInlineDrain,
+    "leaseflow_ref": LeaseflowRefDrain,
     "naive": NaiveDrain,
     "floor": FloorDrain,
     "plain": PlainDrain,

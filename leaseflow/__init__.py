@@ -20,7 +20,7 @@ from leaseflow.types import RunStatus
 
 if TYPE_CHECKING:
     from leaseflow.client import Client, RunView
-    from leaseflow.runner import StateContext as Context
+    from leaseflow.context import StateContext as Context
 
 __version__ = "0.1.0"
 
@@ -53,7 +53,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(client, name)
     if name == "Context":
-        from leaseflow import runner
+        from leaseflow import context
 
-        return runner.StateContext
+        return context.StateContext
     raise AttributeError(f"module 'leaseflow' has no attribute {name!r}")

@@ -1,9 +1,9 @@
 """The ``leaseflow`` command line (click).
 
-Commands import the engine lazily: importing ``leaseflow.tasks`` builds the Celery
-app and imports ``LEASEFLOW_WORKFLOWS``, which ``leaseflow --help`` must not need.
+Commands import the engine lazily: building the Celery app imports
+``LEASEFLOW_WORKFLOWS``, which ``leaseflow --help`` must not need.
 Without ``LEASEFLOW_DATABASE_URL`` the commands that read or write runs use the
-embedded PostgreSQL under ``LEASEFLOW_HOME`` (``leaseflow.embedded``): started, or
+embedded PostgreSQL under ``LEASEFLOW_HOME`` (``leaseflow.local``): started, or
 reused when a worker already runs it.
 Every ``LeaseflowError`` (and a malformed environment) becomes a message on stderr
 and exit code 1, never a traceback; a malformed argument exits 2.
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
     from leaseflow.client import Client
     from leaseflow.fsm.definition import Workflow
-    from leaseflow.store.records import RunRecord
+    from leaseflow.store.records import GroupRecord, RunRecord
 
 #: Width of tables written to a pipe or file, so ids and timestamps never wrap.
 PIPE_WIDTH = 200
@@ -85,15 +85,13 @@ def _workflow(name: str, version: int | None) -> Workflow:
 
 @contextmanager
 def _celery_app(settings: Settings) -> Iterator[Celery]:
-    """The process's Celery app, or a new one if the environment changed since import.
-
-    ``leaseflow.tasks.app`` is built from the environment at import time; a process
-    that changes ``LEASEFLOW_*`` afterwards (tests, embedding) must not publish to
-    the broker or queue of the old environment.
+    """The process's Celery app, or a new one if the environment changed since it was
+    built: a process that changes ``LEASEFLOW_*`` afterwards (tests, embedding) must
+    not publish to the broker or queue of the old environment.
     """
     from leaseflow.tasks import celery_app
 
-    app = celery_app.app
+    app = celery_app.get_app()
     if celery_app.same_broker(app, settings):
         yield app
         return
@@ -223,7 +221,7 @@ def worker(
         argv += ["-c", str(concurrency)]
     if pool is not None:
         argv += ["--pool", pool]
-    _exit_with(celery_app.app.worker_main([*argv, *celery_args]))
+    _exit_with(celery_app.get_app().worker_main([*argv, *celery_args]))
 
 
 def default_schedule() -> Path:
@@ -253,7 +251,7 @@ def beat(loglevel: str, schedule: Path | None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise click.BadParameter(str(exc), param_hint="'--schedule'") from exc
-    _exit_with(celery_app.app.start(["beat", "-l", loglevel, "-s", str(path)]))
+    _exit_with(celery_app.get_app().start(["beat", "-l", loglevel, "-s", str(path)]))
 
 
 # -- runs -------------------------------------------------------------------------
@@ -266,7 +264,7 @@ def beat(loglevel: str, schedule: Path | None) -> None:
 @click.option("--version", type=click.IntRange(min=1), help="[default: the newest]")
 def start(workflow: str, input_json: str, idempotency_key: str | None, version: int | None) -> None:
     """Start a run of WORKFLOW and print its id."""
-    from leaseflow import embedded
+    from leaseflow import local
     from leaseflow.client import Client
 
     try:
@@ -274,7 +272,7 @@ def start(workflow: str, input_json: str, idempotency_key: str | None, version: 
     except ValueError as exc:
         raise click.BadParameter(f"not valid JSON: {exc}", param_hint="'--input'") from exc
     wf = _workflow(workflow, version)
-    settings = embedded.resolve(get_settings())
+    settings = local.resolve(get_settings())
     with _celery_app(settings) as app, Client(settings=settings, app=app) as client:
         run_id = client.start(wf, payload, idempotency_key=idempotency_key)
     click.echo(run_id)
@@ -391,21 +389,21 @@ def _print_run(run: RunRecord) -> None:
         console.print(_group_table(group))
 
 
-def _group_table(group: dict[str, Any]) -> Any:
+def _group_table(group: GroupRecord) -> Any:
     """One Parallel/Map group: its counters and each branch's state, result or error."""
     from rich.table import Table
 
     title = (
-        f"{group['kind']} group {group['id']} (step {group['parent_seq']}): "
-        f"{group['done']} done, {group['failed']} failed of {group['width']}, "
-        f"{group['status']}, join {group['join_state']!r}, {group['on_branch_error']}"
+        f"{group.kind} group {group.id} (step {group.parent_seq}): "
+        f"{group.done} done, {group.failed} failed of {group.width}, "
+        f"{group.status}, join {group.join_state!r}, {group.on_branch_error}"
     )
     table = Table(title=title, title_justify="left")
     for column in ("branch", "state", "status", "result / error"):
         table.add_column(column)
-    for branch in group["branches"]:
-        shown = branch["error"] if branch["error"] else json.dumps(branch["result"], default=str)
-        table.add_row(str(branch["idx"]), branch["state"], branch["status"], _summary(shown))
+    for branch in group.branches:
+        shown = branch.error if branch.error else json.dumps(branch.result, default=str)
+        table.add_row(str(branch.idx), branch.state, branch.status, _summary(shown))
     return table
 
 
@@ -426,9 +424,9 @@ def demo(runs: int, crash: bool, concurrency: int, timeout: float) -> None:
     from rich.console import Console
 
     from leaseflow import demo as demo_mod
-    from leaseflow import embedded
+    from leaseflow import local
 
-    settings = embedded.resolve(get_settings())
+    settings = local.resolve(get_settings())  # run_demo gives its processes local.child_env
     try:
         report = demo_mod.run_demo(
             settings,

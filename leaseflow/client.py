@@ -7,15 +7,13 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
-import pydantic
-import pydantic_core
 from celery import Celery
 
-from leaseflow import embedded, errors, logs
-from leaseflow.fsm import checkpoint, registry
+from leaseflow import errors, local, logs, messages
+from leaseflow.fsm import registry, rules
 from leaseflow.fsm.definition import Workflow
-from leaseflow.runner import Dispatch
 from leaseflow.settings import Settings, get_settings
+from leaseflow.store import base
 from leaseflow.store.records import RunRecord
 from leaseflow.tasks import dispatch, runtime
 from leaseflow.types import RunStatus
@@ -43,7 +41,7 @@ class Client:
             updates["broker_url"] = broker_url
         chosen = Settings(**{**base.model_dump(), **updates}) if updates else base
         # No database URL: the embedded PostgreSQL under LEASEFLOW_HOME (started or reused).
-        self.settings = embedded.resolve(chosen)
+        self.settings = local.resolve(chosen)  # leaves os.environ alone
         self.store = runtime.make_store(self.settings, application_name="leaseflow-client")
         self._app = app
         self._own_app = False
@@ -58,8 +56,8 @@ class Client:
         if self._app is None:
             from leaseflow.tasks import celery_app
 
-            if celery_app.same_broker(celery_app.app, self.settings):
-                self._app = celery_app.app
+            if celery_app.same_broker(celery_app.get_app(), self.settings):
+                self._app = celery_app.get_app()
             else:
                 self._app = celery_app.make_app(self.settings)
                 self._own_app = True
@@ -97,16 +95,16 @@ class Client:
         """
         wf = self._workflow(workflow)
         blob, payload = self._initial_checkpoint(wf, input)
-        run_id, created = self.store.create_run(
+        found = self.store.create_run(
             run_id=str(uuid.uuid4()),
             wf=wf,
             checkpoint=blob,
             input=payload,
             idempotency_key=idempotency_key,
         )
-        if created:
-            self._publish_first(wf, [run_id])
-        return run_id
+        if found.created:
+            self._publish_first(wf, [found.run_id])
+        return found.run_id
 
     def start_many(
         self, workflow: Workflow | str, inputs: Iterable[dict[str, Any] | None]
@@ -124,9 +122,9 @@ class Client:
                 prepared.append(self._initial_checkpoint(wf, payload))
             except errors.InvalidInput as exc:
                 raise errors.InvalidInput(wf.name, f"input #{position}: {exc.detail}") from exc
-        runs = [(str(uuid.uuid4()), blob, payload) for blob, payload in prepared]
+        runs = [base.NewRun(str(uuid.uuid4()), blob, payload) for blob, payload in prepared]
         self.store.create_runs(wf=wf, runs=runs)
-        run_ids = [run[0] for run in runs]
+        run_ids = [run.run_id for run in runs]
         self._publish_first(wf, run_ids)
         return run_ids
 
@@ -139,39 +137,19 @@ class Client:
         self, wf: Workflow, input: dict[str, Any] | None
     ) -> tuple[bytes, dict[str, Any]]:
         """The validated input and the run's first checkpoint; ``InvalidInput`` if bad."""
-        payload = {} if input is None else input
-        if not isinstance(payload, dict):
-            raise errors.InvalidInput(
-                wf.name, f"input must be a JSON object, not {type(payload).__name__}"
-            )
-        try:
-            checkpoint.dumps(payload, what="input", limit=self.settings.max_checkpoint_bytes)
-        except (TypeError, ValueError) as exc:
-            raise errors.InvalidInput(wf.name, f"input is not JSON-serialisable: {exc}") from exc
-        try:
-            data = wf.context.model_validate(payload)
-        except pydantic.ValidationError as exc:
-            raise errors.InvalidInput(wf.name, str(exc)) from exc
-        try:
-            blob = checkpoint.encode(
-                data.model_dump(mode="json"),
-                limit=self.settings.max_checkpoint_bytes,
-                compress_min=self.settings.compress_min_bytes,
-            )
-        except (TypeError, ValueError, pydantic_core.PydanticSerializationError) as exc:
-            raise errors.InvalidInput(wf.name, f"context is not JSON-serialisable: {exc}") from exc
-        return blob, payload
+        return rules.first_checkpoint(wf, input, runtime.limits(self.settings))
 
     def _publish_first(self, wf: Workflow, run_ids: list[str]) -> None:
         """Publish the first step of new runs; a failure is left to the dispatcher."""
         for run_id in run_ids:
-            logs.event("run_started", 20, run_id=run_id, workflow=wf.name, version=wf.version)
+            logs.info("run_started", run_id=run_id, workflow=wf.name, version=wf.version)
         try:
             dispatch.publish_all(
-                self.app, [Dispatch(run_id, wf.name, wf.initial.name, 1) for run_id in run_ids]
+                self.app,
+                [messages.StateStep(run_id, wf.name, wf.initial.name, 1) for run_id in run_ids],
             )
         except Exception as exc:  # the runs are durable: the dispatcher will publish them
-            logs.event("publish_failed", 30, runs=len(run_ids), error=repr(exc))
+            logs.warning("publish_failed", runs=len(run_ids), error=repr(exc))
 
     # -- reading --------------------------------------------------------------------
 

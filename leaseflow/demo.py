@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from leaseflow import local
 from leaseflow.client import Client
 from leaseflow.examples import agent_workflow
 from leaseflow.settings import Settings
@@ -145,6 +146,8 @@ def demo_settings(base: Settings, *, crash: bool) -> Settings:
 
 
 def _env(settings: Settings) -> dict[str, str]:
+    """The environment of a worker or beat: ``settings``, and the embedded server's
+    marker when it is the database, so that they register as its owners."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LEASEFLOW_")}
     for key, value in settings.model_dump().items():
         if value is None:
@@ -152,6 +155,7 @@ def _env(settings: Settings) -> dict[str, str]:
         if isinstance(value, list):
             value = ",".join(value)
         env[f"LEASEFLOW_{key.upper()}"] = str(value)
+    env.update(local.child_env(settings))
     return env
 
 

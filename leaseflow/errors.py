@@ -1,7 +1,7 @@
 """The one exception tree of leaseflow, and the stable error codes runs fail with.
 
 Every exception rebuilds from its ``args`` so that it survives pickling across
-Celery processes.
+Celery processes. Codes are added here as the engine learns to fail with them.
 """
 
 from __future__ import annotations
@@ -11,30 +11,10 @@ ILLEGAL_TRANSITION = "E-ILLEGAL-TRANSITION"
 UNKNOWN_STATE = "E-UNKNOWN-STATE"
 STATE_ERROR = "E-STATE-ERROR"
 BRANCH_FAILED = "E-BRANCH-FAILED"
-WAIT_TIMEOUT = "E-WAIT-TIMEOUT"
-RUN_TIMEOUT = "E-RUN-TIMEOUT"
 CONTEXT_INVALID = "E-CONTEXT-INVALID"
 CHECKPOINT_CORRUPT = "E-CHECKPOINT-CORRUPT"
 CHECKPOINT_STALE = "E-CHECKPOINT-STALE"
 PAYLOAD_TOO_LARGE = "E-PAYLOAD-TOO-LARGE"
-CANCELLED = "E-CANCELLED"
-
-ERROR_CODES = frozenset(
-    {
-        LEASE_EXPIRED,
-        ILLEGAL_TRANSITION,
-        UNKNOWN_STATE,
-        STATE_ERROR,
-        BRANCH_FAILED,
-        WAIT_TIMEOUT,
-        RUN_TIMEOUT,
-        CONTEXT_INVALID,
-        CHECKPOINT_CORRUPT,
-        CHECKPOINT_STALE,
-        PAYLOAD_TOO_LARGE,
-        CANCELLED,
-    }
-)
 
 
 class LeaseflowError(Exception):
@@ -132,6 +112,17 @@ class IdempotencyConflict(LeaseflowError):
         )
 
 
+class RunExists(LeaseflowError):
+    """A new run was given an id that another run has (or that is no UUID)."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(run_id)
+        self.run_id = run_id
+
+    def __str__(self) -> str:
+        return f"cannot create run {self.run_id!r}: the id is taken or is not a UUID"
+
+
 class RunNotFound(LeaseflowError):
     def __init__(self, run_id: str) -> None:
         super().__init__(run_id)
@@ -163,6 +154,22 @@ class CheckpointError(LeaseflowError):
 
     def __str__(self) -> str:
         return f"{self.code}: {self.detail}"
+
+
+class IllegalTransition(LeaseflowError):
+    """The store refused a write along an edge the workflow does not declare."""
+
+    def __init__(self, run_id: str, from_state: str, to_state: str) -> None:
+        super().__init__(run_id, from_state, to_state)
+        self.run_id = run_id
+        self.from_state = from_state
+        self.to_state = to_state
+
+    def __str__(self) -> str:
+        return (
+            f"run {self.run_id}: {self.from_state!r} -> {self.to_state!r} is not a "
+            "registered transition"
+        )
 
 
 class StoreUnavailable(LeaseflowError):

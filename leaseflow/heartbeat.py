@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from leaseflow import errors, faults, logs
-from leaseflow.store.postgres import PostgresStore
+from leaseflow.store import base
 
 
 @dataclass
@@ -23,17 +23,35 @@ class _Lease:
     deadline: float | None  # time.monotonic() after which the lease is no longer extended
     branch: tuple[int, int] | None = None  # (group_id, idx) for a branch lease
     lost: bool = False
-    cancel_requested: bool = False
+
+    @property
+    def ref(self) -> base.LeaseRef:
+        if self.branch is None:
+            return base.LeaseRef(self.run_id, self.token)
+        return base.LeaseRef(self.run_id, self.token, *self.branch)
 
 
 class LeaseKeeper:
-    """Holds the leases of this process and keeps them alive."""
+    """Holds the leases of this process and keeps them alive.
 
-    def __init__(self, store: PostgresStore, *, worker: str, ttl: float, interval: float) -> None:
+    With ``background=False`` no thread is started: leases are extended only by
+    ``beat()`` and ``ctx.heartbeat()`` (``leaseflow.testing`` moves time by hand).
+    """
+
+    def __init__(
+        self,
+        store: base.RunStore,
+        *,
+        worker: str,
+        ttl: float,
+        interval: float,
+        background: bool = True,
+    ) -> None:
         self.store = store
         self.worker = worker
         self.ttl = ttl
         self.interval = interval
+        self.background = background
         self._leases: dict[str, _Lease] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -63,29 +81,19 @@ class LeaseKeeper:
             lease = self._leases.get(token)
             return lease is not None and lease.lost
 
-    def cancel_requested(self, token: str) -> bool:
-        with self._lock:
-            lease = self._leases.get(token)
-            return lease is not None and lease.cancel_requested
-
     def beat_now(self, token: str) -> None:
         """Extend one lease at once (``ctx.heartbeat()``); raise ``LeaseLost`` if gone."""
         with self._lock:
             lease = self._leases.get(token)
         if lease is None or lease.lost:
             raise errors.LeaseLost(lease.run_id if lease else "?", token)
-        alive = self._extend([lease])
-        if token not in alive:
+        if token not in self._extend([lease]):
             lease.lost = True
             raise errors.LeaseLost(lease.run_id, token)
-        lease.cancel_requested = alive[token]
 
-    def _extend(self, leases: list[_Lease]) -> dict[str, bool]:
+    def _extend(self, leases: list[_Lease]) -> frozenset[str]:
         return self.store.heartbeat(
-            [(lease.run_id, lease.token) for lease in leases if lease.branch is None],
-            branches=[(*lease.branch, lease.token) for lease in leases if lease.branch is not None],
-            worker=self.worker,
-            ttl=self.ttl,
+            [lease.ref for lease in leases], worker=self.worker, ttl=self.ttl
         )
 
     def stop(self) -> None:
@@ -93,6 +101,8 @@ class LeaseKeeper:
         self._wake.set()
 
     def _ensure_thread(self) -> None:
+        if not self.background:
+            return
         if self._pid != os.getpid():  # forked: the parent's thread does not exist here
             self._pid = os.getpid()
             self._thread = None
@@ -111,7 +121,7 @@ class LeaseKeeper:
             try:
                 self.beat()
             except Exception as exc:  # keep beating; the next interval may succeed
-                logs.event("heartbeat_failed", 30, worker=self.worker, error=repr(exc))
+                logs.warning("heartbeat_failed", worker=self.worker, error=repr(exc))
 
     def beat(self) -> None:
         """Extend every lease whose state is within its deadline; mark the lost ones."""
@@ -125,13 +135,10 @@ class LeaseKeeper:
         faults.point("during_heartbeat", worker=self.worker)
         alive = self._extend(due)
         for lease in due:
-            if lease.token in alive:
-                lease.cancel_requested = alive[lease.token]
-            elif lease.token in self._leases:  # not released meanwhile
+            if lease.token not in alive and lease.token in self._leases:  # not released
                 lease.lost = True
-                logs.event(
+                logs.warning(
                     "lease_expired_in_heartbeat",
-                    30,
                     run_id=lease.run_id,
                     lease_token=lease.token,
                     worker=self.worker,

@@ -18,3 +18,19 @@ def event(action: str, level: int = logging.INFO, /, **fields: Any) -> None:
         return
     pairs = " ".join(f"{key}={value}" for key, value in fields.items() if value is not None)
     logger.log(level, "action=%s %s", action, pairs, extra={"action": action, **fields})
+
+
+def debug(action: str, /, **fields: Any) -> None:
+    event(action, logging.DEBUG, **fields)
+
+
+def info(action: str, /, **fields: Any) -> None:
+    event(action, logging.INFO, **fields)
+
+
+def warning(action: str, /, **fields: Any) -> None:
+    event(action, logging.WARNING, **fields)
+
+
+def error(action: str, /, **fields: Any) -> None:
+    event(action, logging.ERROR, **fields)

@@ -9,13 +9,35 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+#: The schemes a PostgreSQL URL may come with, and the two forms leaseflow uses.
+_POSTGRES_SCHEMES = ("postgresql+psycopg://", "postgres+psycopg://", "postgresql://", "postgres://")
+SQLALCHEMY_SCHEME = "postgresql+psycopg://"
+LIBPQ_SCHEME = "postgresql://"
+
+
+def _with_scheme(url: str, scheme: str) -> str:
+    for prefix in _POSTGRES_SCHEMES:
+        if url.startswith(prefix):
+            return scheme + url[len(prefix) :]
+    return url
+
+
+def sqlalchemy_url(url: str) -> str:
+    """A PostgreSQL URL in the form SQLAlchemy and Alembic want (psycopg 3, explicit)."""
+    return _with_scheme(url, SQLALCHEMY_SCHEME)
+
+
+def libpq_url(url: str) -> str:
+    """A PostgreSQL URL in the form libpq (psycopg) wants."""
+    return _with_scheme(url, LIBPQ_SCHEME)
+
 
 class Settings(BaseSettings):
     """Every knob of leaseflow; durations are seconds and accept fractions."""
 
     model_config = SettingsConfigDict(env_prefix="LEASEFLOW_", extra="ignore")
 
-    #: ``None``: the embedded PostgreSQL under ``home`` (see ``leaseflow.embedded``).
+    #: ``None``: the embedded PostgreSQL under ``home`` (see ``leaseflow.local``).
     database_url: str | None = None
     #: ``None``: the filesystem broker under ``home`` (needs no server).
     broker_url: str | None = None
@@ -58,12 +80,7 @@ class Settings(BaseSettings):
     @classmethod
     def _explicit_driver(cls, value: str | None) -> str | None:
         """Accept ``postgres://`` and ``postgresql://``; store the psycopg 3 form."""
-        if value is None:
-            return None
-        for prefix in ("postgres://", "postgresql://"):
-            if value.startswith(prefix):
-                return "postgresql+psycopg://" + value[len(prefix) :]
-        return value
+        return None if value is None else sqlalchemy_url(value)
 
     @property
     def maintenance_queue(self) -> str:
@@ -72,8 +89,7 @@ class Settings(BaseSettings):
     @property
     def libpq_url(self) -> str:
         """The database URL as libpq (psycopg) wants it."""
-        url = self.require_database_url()
-        return url.replace("postgresql+psycopg://", "postgresql://", 1)
+        return libpq_url(self.require_database_url())
 
     def require_database_url(self) -> str:
         from leaseflow import errors

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from leaseflow import migrations
-from leaseflow.settings import Settings
+from leaseflow.settings import Settings, sqlalchemy_url
 
 CI = os.environ.get("CI", "").lower() == "true"
 ADMIN_URL = os.environ.get(
@@ -52,7 +52,7 @@ def pg_template() -> Iterator[str]:
     with conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
         conn.execute(f'CREATE DATABASE "{name}"')
-    migrations.upgrade(_url_for(name).replace("postgresql://", "postgresql+psycopg://", 1))
+    migrations.upgrade(sqlalchemy_url(_url_for(name)))
     yield name
     with _admin() as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -64,7 +64,7 @@ def database_url(pg_template: str) -> Iterator[str]:
     name = f"lf_test_{uuid.uuid4().hex[:12]}"
     with _admin() as conn:
         conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}"')
-    yield _url_for(name).replace("postgresql://", "postgresql+psycopg://", 1)
+    yield sqlalchemy_url(_url_for(name))
     with _admin() as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
@@ -192,6 +192,7 @@ def store(settings: Settings):
 
 def make_runner(store, settings: Settings, worker: str):
     """A Celery-free runner for one simulated worker process."""
+    from leaseflow.fsm import rules
     from leaseflow.heartbeat import LeaseKeeper
     from leaseflow.runner import Runner
 
@@ -203,7 +204,7 @@ def make_runner(store, settings: Settings, worker: str):
         keeper,
         worker=worker,
         ttl=settings.lease_ttl,
-        max_checkpoint_bytes=settings.max_checkpoint_bytes,
+        limits=rules.Limits(settings.max_checkpoint_bytes),
         rand=lambda: 0.5,
     )
 

@@ -11,20 +11,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from leaseflow import errors, logs, metrics
-from leaseflow.runner import Dispatch, branch_dispatches
-from leaseflow.store.postgres import PostgresStore
-from leaseflow.store.records import BranchOutcome
+from leaseflow import logs, messages, metrics, runner
+from leaseflow.fsm import rules
+from leaseflow.store import base
 
 
-def reap(store: PostgresStore, *, limit: int = 1000) -> list[Dispatch]:
+def reap(store: base.RunStore, *, limit: int = 1000) -> list[messages.Message]:
     """Expired leases: back to pending while attempts remain (re-published), else failed."""
-    out: list[Dispatch] = []
+    out: list[messages.Message] = []
     for row in store.reap(limit=limit):
         metrics.REAPED.labels(row.status).inc()
-        logs.event(
+        logs.warning(
             "lease_reaped",
-            30,
             run_id=row.run_id,
             state=row.state,
             step_seq=row.step_seq - 1,
@@ -33,51 +31,37 @@ def reap(store: PostgresStore, *, limit: int = 1000) -> list[Dispatch]:
             result="requeued" if row.status == "pending" else "failed",
         )
         if row.status == "pending":
-            out.append(Dispatch(row.run_id, row.workflow, row.state, row.step_seq))
+            out.append(messages.StateStep(row.run_id, row.workflow, row.state, row.step_seq))
     out.extend(reap_branches(store, limit=limit))
     return out
 
 
-def reap_branches(store: PostgresStore, *, limit: int = 1000) -> list[Dispatch]:
+def reap_branches(store: base.RunStore, *, limit: int = 1000) -> list[messages.Message]:
     """Expired branch leases: retried while attempts remain, else the branch fails
     (and its group's policy decides: fail the run, or count it toward the join).
 
     Each branch is finished by a commit fenced with its expired token, so two
     reapers finish it once.
     """
-    out: list[Dispatch] = []
-    for (
-        group_id,
-        idx,
-        token,
-        owner,
-        attempt,
-        max_attempts,
-        state,
-        workflow,
-    ) in store.expired_branches(limit=limit):
-        retry = attempt < max_attempts
-        reason = (
-            f"{errors.LEASE_EXPIRED}: lease of {owner or 'unknown worker'} expired "
-            f"on attempt {attempt} of {max_attempts}"
-        )
-        outcome = BranchOutcome(group_id, idx, token, "retry" if retry else "failed", error=reason)
-        done = store.commit_branch(outcome, expired=True)
+    out: list[messages.Message] = []
+    for b in store.expired_branches(limit=limit):
+        decision = rules.reap_branch(b.attempt, b.max_attempts, b.lease_owner)
+        done = store.commit_branch(b.group_id, b.idx, b.lease_token, decision, expired=True)
         if done is None:
             continue  # another reaper got it, or its owner committed just in time
+        retry = decision.status == "retry"
         metrics.REAPED.labels("pending" if retry else "failed").inc()
-        logs.event(
+        logs.warning(
             "branch_reaped",
-            30,
             run_id=done.run_id,
-            state=state,
-            group_id=group_id,
-            branch=idx,
-            attempt=attempt,
-            lease_owner=owner,
+            state=b.state,
+            group_id=b.group_id,
+            branch=b.idx,
+            attempt=b.attempt,
+            lease_owner=b.lease_owner,
             result="requeued" if retry else "failed",
         )
-        out.extend(branch_dispatches(workflow, done, group_id, idx))
+        out.extend(runner.branch_messages(b.workflow, done, b.group_id, b.idx))
     return out
 
 
@@ -99,12 +83,12 @@ class Probe:
 class Overdue:
     """What the dispatcher must publish: lost messages again, and probes."""
 
-    dispatches: list[Dispatch] = field(default_factory=list)
+    wakeups: list[messages.Message] = field(default_factory=list)
     probes: list[Probe] = field(default_factory=list)
 
 
 def dispatch_overdue(
-    store: PostgresStore,
+    store: base.RunStore,
     queue_of: Callable[[str, str], str],
     *,
     limit: int = 1000,
@@ -122,8 +106,8 @@ def dispatch_overdue(
     """
     runs = store.overdue_runs(limit=limit)
     branches = store.overdue_branches(limit=limit)
-    queues = {row[1:3]: queue_of(*row[1:3]) for row in runs}
-    queues.update({row[2:4]: queue_of(*row[2:4]) for row in branches})
+    states = {(r.workflow, r.state) for r in runs} | {(b.workflow, b.state) for b in branches}
+    queues = {(workflow, state): queue_of(workflow, state) for workflow, state in states}
     marks = store.queue_marks(sorted(set(queues.values())))
     unproven: set[str] = set()
 
@@ -136,26 +120,34 @@ def dispatch_overdue(
         return False
 
     out = Overdue()
-    lost_runs = [run_id for run_id, wf, state, by in runs if gone(wf, state, by)]
+    lost_runs = [r.run_id for r in runs if gone(r.workflow, r.state, r.published_by)]
     for row in store.redispatch_runs(lost_runs):
         metrics.REDISPATCHED.inc()
-        logs.event(
-            "run_redispatched", 20, run_id=row.run_id, state=row.state, step_seq=row.step_seq
+        logs.info("run_redispatched", run_id=row.run_id, state=row.state, step_seq=row.step_seq)
+        out.wakeups.append(
+            messages.StateStep(row.run_id, row.workflow, row.state, row.step_seq, row.countdown)
         )
-        out.dispatches.append(
-            Dispatch(row.run_id, row.workflow, row.state, row.step_seq, row.countdown)
-        )
-    lost_branches = [(g, i) for g, i, wf, state, by in branches if gone(wf, state, by)]
-    for run_id, group_id, idx, workflow, state, wait in store.redispatch_branches(lost_branches):
+    lost_branches = [
+        (b.group_id, b.idx) for b in branches if gone(b.workflow, b.state, b.published_by)
+    ]
+    for due in store.redispatch_branches(lost_branches):
         metrics.REDISPATCHED.inc()
-        logs.event(
-            "branch_redispatched", 20, run_id=run_id, group_id=group_id, branch=idx, state=state
+        logs.info(
+            "branch_redispatched",
+            run_id=due.run_id,
+            group_id=due.group_id,
+            branch=due.idx,
+            state=due.state,
         )
-        out.dispatches.append(Dispatch(run_id, workflow, state, 0, wait, branch=(group_id, idx)))
+        out.wakeups.append(
+            messages.BranchStep(
+                due.run_id, due.workflow, due.state, due.group_id, due.idx, due.countdown
+            )
+        )
     for queue in sorted(unproven) if probe else ():
         sent_at = store.send_probe(queue)
         if sent_at is not None:
             metrics.QUEUE_PROBES.inc()
-            logs.event("queue_probe_sent", 20, queue=queue)
+            logs.info("queue_probe_sent", queue=queue)
             out.probes.append(Probe(queue, sent_at))
     return out

@@ -6,18 +6,16 @@ from alembic import context
 from sqlalchemy import create_engine, pool
 
 from leaseflow.migrations import VERSION_TABLE
-from leaseflow.settings import get_settings
+from leaseflow.settings import get_settings, sqlalchemy_url
 from leaseflow.store.schema import metadata
 
 cfg = context.config
 
 
 def _url() -> str:
-    url = cfg.get_main_option("sqlalchemy.url") or get_settings().require_database_url()
-    for prefix in ("postgres://", "postgresql://"):
-        if url.startswith(prefix):
-            url = "postgresql+psycopg://" + url[len(prefix) :]
-    return url
+    return sqlalchemy_url(
+        cfg.get_main_option("sqlalchemy.url") or get_settings().require_database_url()
+    )
 
 
 def run_offline() -> None:

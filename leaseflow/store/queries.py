@@ -1,4 +1,5 @@
-"""The SQL of the hot path, one statement per operation.
+"""All the SQL of the PostgreSQL store. Composite statements are built here from named
+fragments; error codes and every value are parameters.
 
 Each write that must be fenced carries ``lease_token = %(token)s AND
 status = 'running'`` in its own WHERE clause: the lease check and the write are
@@ -28,15 +29,10 @@ SELECT status, step_seq, workflow, state,
   FROM lf_runs WHERE id = %(run_id)s
 """
 
+#: The columns every fenced commit of a run writes, whoever holds the lease next.
 _COMMIT_SET = """
-       status = %(status)s,
        step_seq = step_seq + 1,
-       attempt = %(attempt)s,
        max_attempts = %(max_attempts)s,
-       lease_token = NULL,
-       lease_owner = NULL,
-       lease_expires_at = NULL,
-       claimed_at = NULL,
        not_before = now() + %(delay)s * interval '1 second',
        redispatch_at = now() + (%(delay)s + %(dispatch_timeout)s) * interval '1 second',
        checkpoint = coalesce(%(checkpoint)s, checkpoint),
@@ -48,6 +44,37 @@ _COMMIT_SET = """
        updated_at = now()
 """
 
+# -- where the run goes: the state columns of a commit --------------------------------
+
+#: Move to another state: the transition guard trigger checks the (from, to) pair.
+MOVE_TO = "state = %(next_state)s, prev_state = state, group_id = NULL,"
+#: Stay in the same state (retry, completion, failure): the state column is not written.
+STAY = "group_id = NULL,"
+#: The fork of a run: it waits on its group.
+WAIT_ON_GROUP = "group_id = %(group_id)s,"
+
+# -- who holds the lease after the commit ----------------------------------------------
+
+#: Nobody: the lease ends with the commit.
+RELEASE_LEASE = """
+       status = %(status)s, attempt = %(attempt)s,
+       lease_token = NULL, lease_owner = NULL, lease_expires_at = NULL, claimed_at = NULL,"""
+
+#: Inline continuation: the same commit hands the lease of the next state to the
+#: committing worker (a fresh token, attempt 1), so the next state needs no claim and
+#: no broker hop.
+HAND_OFF_LEASE = """
+       status = 'running', attempt = 1, lease_token = %(next_token)s, lease_owner = %(worker)s,
+       lease_expires_at = now() + %(ttl)s * interval '1 second', claimed_at = clock_timestamp(),"""
+
+#: A lease counts only while it is unexpired by database time, whether or not the
+#: reaper has reached it yet.
+FENCE = """
+ WHERE id = %(run_id)s AND lease_token = %(token)s AND status = 'running'
+   AND lease_expires_at > now()
+"""
+
+#: The step-log row of the commit, for the run the fenced update moved.
 _COMMIT_STEP = """
 INSERT INTO lf_steps (run_id, seq, state, attempt, lease_token, worker, started_at,
                       finished_at, duration_ms, outcome, next_state, error)
@@ -56,49 +83,29 @@ SELECT id, step_seq - 1, %(state)s, %(step_attempt)s, %(token)s, %(worker)s, %(s
        (extract(epoch FROM clock_timestamp() - %(started_at)s) * 1000)::int,
        %(outcome)s, %(next_state)s, %(step_error)s
   FROM moved
-RETURNING seq
 """
 
-#: A lease counts only while it is unexpired by database time, whether or not the
-#: reaper has reached it yet.
-_FENCE = """
- WHERE id = %(run_id)s AND lease_token = %(token)s AND status = 'running'
-   AND lease_expires_at > now()
-RETURNING id, step_seq
-"""
+#: What the fenced update hands to the step-log insert, and what the statement returns.
+MOVED = "RETURNING id, step_seq"
+RETURN_SEQ = "RETURNING seq"
+_MOVED_HANDED = "RETURNING id, step_seq, claimed_at"
+_RETURN_STARTED = "RETURNING (SELECT claimed_at FROM moved)"
 
-#: Move to another state: the transition guard trigger checks the (from, to) pair.
-COMMIT_MOVE = (
-    "WITH moved AS (UPDATE lf_runs SET state = %(next_state)s, prev_state = state,"
-    " group_id = NULL," + _COMMIT_SET + _FENCE + ")" + _COMMIT_STEP
-)
 
-#: Stay in the same state (retry, completion, failure): the state column is not written.
-COMMIT_STAY = (
-    "WITH moved AS (UPDATE lf_runs SET group_id = NULL," + _COMMIT_SET + _FENCE + ")" + _COMMIT_STEP
-)
+def fenced_commit(
+    target: str, lease: str, *, fence: str = FENCE, moved: str = MOVED, returns: str = RETURN_SEQ
+) -> str:
+    """One statement: the fenced update of the run (``target`` state columns, ``lease``
+    columns, the common columns, ``fence``) and its step-log row. No row back: fenced out."""
+    update = "WITH moved AS (UPDATE lf_runs SET " + target + lease + _COMMIT_SET + fence + moved
+    return update + ")" + _COMMIT_STEP + returns
 
-#: Inline continuation: the same commit hands the lease of the next state to the
-#: committing worker (a fresh token, attempt 1), so the next state needs no claim
-#: and no broker hop. The step-log row is written as for any move.
-_HANDOFF_SET = (
-    _COMMIT_SET.replace("status = %(status)s,", "status = 'running',")
-    .replace("attempt = %(attempt)s,", "attempt = 1,")
-    .replace("lease_token = NULL,", "lease_token = %(next_token)s,")
-    .replace("lease_owner = NULL,", "lease_owner = %(worker)s,")
-    .replace(
-        "lease_expires_at = NULL,", "lease_expires_at = now() + %(ttl)s * interval '1 second',"
-    )
-    .replace("claimed_at = NULL,", "claimed_at = clock_timestamp(),")
-)
 
-COMMIT_HANDOFF = (
-    "WITH moved AS (UPDATE lf_runs SET state = %(next_state)s, prev_state = state,"
-    " group_id = NULL,"
-    + _HANDOFF_SET
-    + _FENCE.replace("RETURNING id, step_seq", "RETURNING id, step_seq, claimed_at")
-    + ")"
-    + _COMMIT_STEP.replace("RETURNING seq", "RETURNING (SELECT claimed_at FROM moved)")
+COMMIT_MOVE = fenced_commit(MOVE_TO, RELEASE_LEASE)
+COMMIT_STAY = fenced_commit(STAY, RELEASE_LEASE)
+#: The next state's start time comes back (the step-log row is written as for any move).
+COMMIT_HANDOFF = fenced_commit(
+    MOVE_TO, HAND_OFF_LEASE, moved=_MOVED_HANDED, returns=_RETURN_STARTED
 )
 
 #: Did a commit by this token land? (the connection broke after COMMIT was sent)
@@ -115,7 +122,7 @@ WITH seen AS (
        AND lease_token = ANY(%(tokens)s::uuid[])
        AND status = 'running'
        AND lease_expires_at > now()
-    RETURNING lease_token::text AS token, cancel_requested
+    RETURNING lease_token::text AS token
 ), branches AS (
     UPDATE lf_branches
        SET lease_expires_at = now() + %(ttl)s * interval '1 second'
@@ -123,11 +130,11 @@ WITH seen AS (
        AND lease_token = ANY(%(branch_tokens)s::uuid[])
        AND status = 'running'
        AND lease_expires_at > now()
-    RETURNING lease_token::text AS token, false AS cancel_requested
+    RETURNING lease_token::text AS token
 )
-SELECT token, cancel_requested FROM runs
+SELECT token FROM runs
 UNION ALL
-SELECT token, cancel_requested FROM branches
+SELECT token FROM branches
 """
 
 COUNT_LEASE_LOST = """
@@ -151,7 +158,7 @@ WITH expired AS (
     UPDATE lf_runs r
        SET status = CASE WHEN r.attempt < r.max_attempts THEN 'pending' ELSE 'failed' END,
            error_code = CASE WHEN r.attempt < r.max_attempts THEN NULL
-                             ELSE 'E-LEASE-EXPIRED' END,
+                             ELSE %(code)s END,
            error = CASE WHEN r.attempt < r.max_attempts THEN NULL
                         ELSE format('lease expired on attempt %%s of %%s in state %%s',
                                     r.attempt, r.max_attempts, r.state) END,
@@ -253,7 +260,20 @@ lease_owner, lease_expires_at, not_before, input, output, error_code, error, ide
 created_at, updated_at, finished_at
 """
 
-GET_RUN = f"SELECT {RUN_COLUMNS} FROM lf_runs WHERE id = %(run_id)s"
+GET_RUN = "SELECT " + RUN_COLUMNS + " FROM lf_runs WHERE id = %(run_id)s"
+
+
+_NEWEST_FIRST = " ORDER BY created_at DESC, id LIMIT %(limit)s"
+
+
+def list_runs(*, status: bool, workflow: bool) -> str:
+    """Runs newest first, filtered on ``%(status)s`` and ``%(workflow)s`` when asked:
+    the clauses are fixed text chosen here, the values always parameters."""
+    clauses = [("status = %(status)s", status), ("workflow = %(workflow)s", workflow)]
+    filters = " AND ".join(clause for clause, wanted in clauses if wanted)
+    where = " WHERE " + filters if filters else ""
+    return "SELECT " + RUN_COLUMNS + " FROM lf_runs" + where + _NEWEST_FIRST
+
 
 STEPS = """
 SELECT seq, state, attempt, outcome, next_state, started_at, finished_at, duration_ms, worker,
@@ -274,8 +294,21 @@ REGISTERED_DIGEST = (
     "SELECT digest FROM lf_workflows WHERE name = %(name)s AND version = %(version)s"
 )
 
+#: Two processes registering the same definition at once take turns.
+LOCK_DEFINITION = "SELECT pg_advisory_xact_lock(hashtext(%(name)s), %(version)s)"
+
+DELETE_TRANSITIONS = (
+    "DELETE FROM lf_transitions WHERE workflow = %(name)s AND version = %(version)s"
+)
+
+INSERT_TRANSITION = """
+INSERT INTO lf_transitions (workflow, version, from_state, to_state)
+VALUES (%(name)s, %(version)s, %(from_state)s, %(to_state)s)
+"""
+
 # -- Parallel / Map groups -----------------------------------------------------------
 
+#: A group for this step already exists: that fork committed, so this lease is spent.
 CREATE_GROUP = """
 INSERT INTO lf_groups (run_id, parent_seq, parent_state, join_state, join_max_attempts, kind,
                        width, on_branch_error, max_concurrency, chord, checkpoint,
@@ -283,17 +316,12 @@ INSERT INTO lf_groups (run_id, parent_seq, parent_state, join_state, join_max_at
 VALUES (%(run_id)s, %(step_seq)s, %(state)s, %(join_state)s, %(join_max_attempts)s, %(kind)s,
         %(width)s, %(on_branch_error)s, %(max_concurrency)s, %(chord)s, %(checkpoint)s,
         %(context_version)s)
+ON CONFLICT (run_id, parent_seq) DO NOTHING
 RETURNING id
 """
 
 #: The fork of a run: fenced like any commit; the run waits on its group.
-COMMIT_FORK = (
-    "WITH moved AS (UPDATE lf_runs SET group_id = %(group_id)s,"
-    + _COMMIT_SET
-    + _FENCE
-    + ")"
-    + _COMMIT_STEP
-)
+COMMIT_FORK = fenced_commit(WAIT_ON_GROUP, RELEASE_LEASE)
 
 CREATE_BRANCHES = """
 INSERT INTO lf_branches (group_id, idx, run_id, state, status, max_attempts, item,
@@ -323,7 +351,7 @@ RETURNING b.run_id::text, r.workflow, r.version, b.state, b.attempt, b.max_attem
 """
 
 PEEK_BRANCH = """
-SELECT b.status, b.state, r.workflow,
+SELECT b.status, b.run_id::text, r.workflow, b.state,
        greatest(0, extract(epoch FROM b.not_before - now()))::float8
   FROM lf_branches b JOIN lf_runs r ON r.id = b.run_id
  WHERE b.group_id = %(group_id)s AND b.idx = %(idx)s
@@ -409,7 +437,7 @@ RETURNING workflow, step_seq
 FAIL_PARENT = """
 WITH failed AS (
     UPDATE lf_runs
-       SET status = 'failed', error_code = 'E-BRANCH-FAILED', error = %(error)s,
+       SET status = 'failed', error_code = %(code)s, error = %(error)s,
            step_seq = step_seq + 1, finished_at = now(), updated_at = now()
      WHERE id = %(run_id)s AND status = 'waiting' AND group_id = %(group_id)s
     RETURNING id, step_seq, state
@@ -423,8 +451,6 @@ BRANCH_RESULTS = """
 SELECT idx, state, status, result, error FROM lf_branches
  WHERE group_id = %(group_id)s ORDER BY idx
 """
-
-GROUP_OF_RUN = "SELECT group_id FROM lf_runs WHERE id = %(run_id)s"
 
 EXPIRED_BRANCHES = """
 SELECT b.group_id, b.idx, b.lease_token::text, b.lease_owner, b.attempt, b.max_attempts,

@@ -1,12 +1,16 @@
-"""Frozen records that cross the store boundary."""
+"""Frozen records that cross the store boundary: every store method returns these,
+never bare tuples."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
+from leaseflow.fsm.rules import Transition
+
+#: A ``ctx.in_commit`` callback: ``fn(conn)`` inside the transition's transaction.
 InCommit = Callable[[Any], None]
 
 
@@ -27,6 +31,33 @@ class Claim:
     context_version: int
     input: dict[str, Any]
     group_id: int | None = None  # set when this state is the join of a group
+
+    def handed_off(self, tr: Transition, *, token: str, started_at: datetime) -> Claim:
+        """The claim of the next state that the commit of ``tr`` leased to the same
+        worker (inline continuation): attempt 1 under ``token``."""
+        return replace(
+            self,
+            state=tr.next_state or self.state,
+            step_seq=self.step_seq + 1,
+            attempt=1,
+            max_attempts=tr.max_attempts,
+            lease_token=token,
+            started_at=started_at,
+            checkpoint=self.checkpoint if tr.checkpoint is None else tr.checkpoint,
+            context_version=self.context_version
+            if tr.context_version is None
+            else tr.context_version,
+            group_id=None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """A fenced commit that landed: the run's new step, and what else it started."""
+
+    step_seq: int  # the run's step_seq after the commit
+    group_id: int | None = None  # the group a fork created
+    handoff: Claim | None = None  # inline continuation: the next state, leased to us
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,33 +82,20 @@ class BranchClaim:
 
 
 @dataclass(frozen=True, slots=True)
-class Fork:
-    """The group a forking step creates, written in the same transaction as its step."""
+class JoinDue:
+    """The run moved to its join state: wake it at ``step_seq``."""
 
-    kind: str  # parallel | map
-    join_state: str
-    states: tuple[str, ...]  # one per branch, in order
-    max_attempts: tuple[int, ...]
-    items: tuple[Any, ...] | None  # map items, in order
-    on_branch_error: str
-    max_concurrency: int | None
-    chord: bool
-    checkpoint: bytes
-    context_version: int
-    join_max_attempts: int = 1
+    workflow: str
+    state: str
+    step_seq: int
 
 
 @dataclass(frozen=True, slots=True)
-class BranchOutcome:
-    """How one attempt of a branch ended."""
+class BranchRef:
+    """A branch of a group to publish: its index and state."""
 
-    group_id: int
     idx: int
-    lease_token: str
-    status: str  # completed | failed | retry
-    result: Any = None
-    error: str | None = None
-    delay: float = 0.0
+    state: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,14 +103,16 @@ class BranchCommit:
     """What a branch commit decided: the join to wake, branches released, run failed."""
 
     run_id: str
-    join: tuple[str, str, int] | None = None  # (workflow, join_state, step_seq)
-    released: tuple[tuple[int, str], ...] = ()  # (idx, state)
+    join: JoinDue | None = None
+    released: tuple[BranchRef, ...] = ()  # held branches that now start (Map window)
     parent_failed: bool = False
-    retry_state: str | None = None
+    retry_state: str | None = None  # the branch runs again (after its delay)
 
 
 @dataclass(frozen=True, slots=True)
 class BranchResult:
+    """A branch as the join and ``runs show`` see it: its result or error."""
+
     idx: int
     state: str
     status: str
@@ -101,32 +121,23 @@ class BranchResult:
 
 
 @dataclass(frozen=True, slots=True)
-class Transition:
-    """Everything one commit writes: the run row update and its step-log row."""
+class GroupRecord:
+    """A Parallel or Map group of a run, with its branches."""
 
-    run_id: str
-    lease_token: str
-    state: str  # the state that ran
-    step_seq: int
-    step_attempt: int
-    started_at: datetime
-    worker: str
-    outcome: str  # a types.StepOutcome
-    status: str  # the run's new status
-    next_state: str | None = None  # None: stay in ``state``
-    attempt: int = 0  # the run's new attempt counter
-    max_attempts: int = 1
-    delay: float = 0.0  # not_before = now() + delay
-    checkpoint: bytes | None = None  # None: unchanged
-    context_version: int | None = None
-    output: Any = None
-    error_code: str | None = None
-    error: str | None = None
-    step_error: str | None = None  # the traceback for the step log
+    id: int
+    kind: str
+    join_state: str
+    width: int
+    done: int
+    failed: int
+    status: str
+    on_branch_error: str
+    max_concurrency: int | None
+    parent_seq: int
+    branches: tuple[BranchResult, ...] = ()
 
-    @property
-    def terminal(self) -> bool:
-        return self.status in ("completed", "failed", "cancelled", "timed_out")
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +149,72 @@ class Peek:
     workflow: str
     state: str
     wait_seconds: float  # not_before - now(), when positive
+
+
+@dataclass(frozen=True, slots=True)
+class BranchPeek:
+    """Why a branch claim found nothing: the branch as it is now."""
+
+    status: str
+    run_id: str
+    workflow: str
+    state: str
+    wait_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class OverdueRun:
+    """A pending run whose message is overdue; it was last published by ``published_by``."""
+
+    run_id: str
+    workflow: str
+    state: str
+    published_by: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class OverdueBranch:
+    """A pending branch whose message is overdue."""
+
+    group_id: int
+    idx: int
+    workflow: str
+    state: str
+    published_by: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class DueBranch:
+    """A branch whose message must be re-published."""
+
+    run_id: str
+    group_id: int
+    idx: int
+    workflow: str
+    state: str
+    countdown: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ExpiredBranch:
+    """A branch whose lease ran out (for the reaper, fenced by the expired token)."""
+
+    group_id: int
+    idx: int
+    lease_token: str
+    lease_owner: str | None
+    attempt: int
+    max_attempts: int
+    state: str
+    workflow: str
+
+
+@dataclass(frozen=True, slots=True)
+class Created:
+    """A run ``start`` asked for: new, or the one its idempotency key already named."""
+
+    run_id: str
+    created: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,7 +283,7 @@ class RunRecord:
     finished_at: datetime | None
     steps: tuple[StepRecord, ...] = field(default=())
     #: Parallel/Map groups of the run, each with its branches (status, result, error).
-    groups: tuple[dict[str, Any], ...] = field(default=())
+    groups: tuple[GroupRecord, ...] = field(default=())
 
     @property
     def terminal(self) -> bool:
@@ -215,7 +292,7 @@ class RunRecord:
     def to_dict(self) -> dict[str, Any]:
         data = _jsonable({k: v for k, v in asdict(self).items() if k not in ("steps", "groups")})
         data["steps"] = [step.to_dict() for step in self.steps]
-        data["groups"] = [dict(group) for group in self.groups]
+        data["groups"] = [group.to_dict() for group in self.groups]
         return data
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import nullcontext
 from datetime import datetime
 from typing import Any
@@ -9,9 +10,8 @@ from typing import Any
 from celery import Celery, chord, group
 from kombu.transport import redis as kombu_redis
 
-from leaseflow import errors, faults, logs
+from leaseflow import errors, faults, logs, messages
 from leaseflow.fsm import registry
-from leaseflow.runner import Dispatch, ForkDispatch
 
 
 def task_name(workflow: str, state: str) -> str:
@@ -27,14 +27,8 @@ def queue_for(workflow: str, state: str, default: str) -> str:
     return (spec.queue if spec is not None else None) or default
 
 
-def publish(app: Celery, d: Dispatch, producer: Any = None) -> None:
-    """Publish the wake-up message for ``d``: ``(run_id, step_seq)`` for a state,
-    ``(group_id, idx)`` for a branch.
-
-    The task id is ``<run_id>:<step_seq>`` (``<run_id>:g<group>:<idx>`` for a branch),
-    so Flower shows one task per step and a re-published message is recognisably
-    the same step.
-    """
+def publish(app: Celery, d: messages.Message, producer: Any = None) -> None:
+    """Publish the wake-up message ``d`` as the task of its state (see ``messages``)."""
     app.send_task(
         task_name(d.workflow, d.state),
         args=d.args,
@@ -44,7 +38,7 @@ def publish(app: Celery, d: Dispatch, producer: Any = None) -> None:
         ignore_result=True,
         producer=producer,
     )
-    logs.event("step_published", 10, run_id=d.run_id, state=d.state, step_seq=d.step_seq)
+    logs.debug("step_published", run_id=d.run_id, state=d.state, task_id=d.task_id)
 
 
 PROBE_TASK = "leaseflow.queue_probe"
@@ -58,13 +52,13 @@ def publish_probe(app: Celery, queue: str, sent_at: datetime) -> None:
         queue=queue,
         ignore_result=True,
     )
-    logs.event("queue_probe_published", 10, queue=queue)
+    logs.debug("queue_probe_published", queue=queue)
 
 
 def publish_all(
-    app: Celery, dispatches: tuple[Dispatch, ...] | list[Dispatch], *, in_chord: bool = False
+    app: Celery, wakeups: Sequence[messages.Message], *, in_chord: bool = False
 ) -> None:
-    """Publish ``dispatches``; inside a chord header task, leave the join to the chord body.
+    """Publish ``wakeups``; inside a chord header task, leave the join to the chord body.
 
     The messages and their ``task-sent`` events leave as one kombu publish batch (on
     Redis: one pipelined round trip) from a producer whose Redis channel reuses its
@@ -72,7 +66,7 @@ def publish_all(
     Celery's publish retries: a message sent twice is harmless, every one is claimed
     fenced.
     """
-    todo = [d for d in dispatches if not (d.is_join and in_chord)]
+    todo = [d for d in wakeups if not (in_chord and isinstance(d, messages.JoinWake))]
     if not todo:
         return
     try:
@@ -82,7 +76,7 @@ def publish_all(
                 for d in todo:
                     publish(app, d, producer)
     except Exception as exc:
-        logs.event("publish_batch_failed", 30, error=repr(exc), messages=len(todo))
+        logs.warning("publish_batch_failed", error=repr(exc), messages=len(todo))
         for d in todo:
             publish(app, d)
 
@@ -126,7 +120,7 @@ def uses_chords(app: Celery) -> bool:
     return bool(app.conf.result_backend)
 
 
-def publish_fork(app: Celery, fork: ForkDispatch) -> None:
+def publish_fork(app: Celery, fork: messages.ForkStart) -> None:
     """Start a group's branches: a Celery chord (header = the branches, body = the join)
     when a result backend is configured, else plain messages.
 
@@ -161,9 +155,8 @@ def publish_fork(app: Celery, fork: ForkDispatch) -> None:
         group(header).apply_async()  # a lost callback: only beat's repair wakes the join
     else:
         chord(header, body).apply_async()
-    logs.event(
+    logs.debug(
         "group_published",
-        10,
         run_id=join.run_id,
         group_id=fork.group_id,
         width=len(header),

@@ -11,7 +11,8 @@ import socket
 import threading
 from dataclasses import dataclass
 
-from leaseflow import embedded
+from leaseflow import local
+from leaseflow.fsm import rules
 from leaseflow.heartbeat import LeaseKeeper
 from leaseflow.runner import Runner
 from leaseflow.settings import Settings, get_settings
@@ -48,6 +49,11 @@ def make_store(settings: Settings, *, application_name: str = "leaseflow") -> Po
     )
 
 
+def limits(settings: Settings) -> rules.Limits:
+    """The payload limits of ``settings``."""
+    return rules.Limits(settings.max_checkpoint_bytes, settings.compress_min_bytes)
+
+
 def configure(settings: Settings | None) -> None:
     """Use ``settings`` instead of the environment's (tests, embedded setups)."""
     global _settings, _runtime
@@ -64,7 +70,7 @@ def get() -> Runtime:
     with _lock:
         if _runtime is None or _pid != os.getpid():
             # A pool child reuses the server its parent resolved at worker_init.
-            settings = embedded.resolve(_settings or get_settings())
+            settings = local.resolve(_settings or get_settings())
             wid = worker_id()
             store = make_store(settings, application_name=f"leaseflow-worker {wid}"[:63])
             keeper = LeaseKeeper(
@@ -75,8 +81,7 @@ def get() -> Runtime:
                 keeper,
                 worker=wid,
                 ttl=settings.lease_ttl,
-                max_checkpoint_bytes=settings.max_checkpoint_bytes,
-                compress_min_bytes=settings.compress_min_bytes,
+                limits=limits(settings),
                 inline_max_states=settings.inline_max_states,
                 inline_max_seconds=settings.inline_max_seconds,
             )

@@ -21,8 +21,7 @@ from typing import Any
 
 import psycopg
 
-from leaseflow import embedded, errors
-from leaseflow.runner import Dispatch
+from leaseflow import errors, local, messages
 from leaseflow.tasks import dispatch
 from tests.chaos import workflows
 from tests.chaos.harness import (
@@ -195,12 +194,12 @@ def terminate_worker_backends(h: Harness, busy: Any) -> int:
 
 def postgres_down(h: Harness, busy: Any) -> None:
     """``pg_ctl stop -m fast`` of the scenario's private cluster: every connection drops."""
-    embedded._stop(h.postgres.pgdata)
+    local.pgctl.stop(h.postgres.pgdata)
 
 
 def postgres_up(h: Harness, token: Any) -> None:
     """``pg_ctl start`` (waits until it accepts connections); the harness reconnects."""
-    embedded._start(h.postgres.pgdata, embedded._run_as())
+    local.pgctl.start(h.postgres.pgdata, local.pgctl.run_as())
     h.reconnect()
 
 
@@ -300,15 +299,17 @@ def duplicate_messages(h: Harness, busy: Any, copies: int = 2) -> int:
              FROM lf_branches b JOIN lf_runs r ON r.id = b.run_id
             WHERE b.status IN ('pending', 'running')"""
     ).fetchall()
-    messages = [Dispatch(run_id, wf, state, seq) for run_id, wf, state, seq in runs]
-    messages += [
-        Dispatch(run_id, wf, state, 0, branch=(group_id, idx))
+    wakeups: list[messages.Message] = [
+        messages.StateStep(run_id, wf, state, seq) for run_id, wf, state, seq in runs
+    ]
+    wakeups += [
+        messages.BranchStep(run_id, wf, state, group_id, idx)
         for run_id, wf, state, group_id, idx in branches
     ]
     for _ in range(copies):
-        for message in messages:
+        for message in wakeups:
             dispatch.publish(h.client.app, message)
-    return len(messages) * copies
+    return len(wakeups) * copies
 
 
 # -- F-13: two beats ----------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from leaseflow import embedded
+from leaseflow import local
 from leaseflow.client import Client
 from leaseflow.settings import Settings
 from tests.chaos import invariants, workflows
@@ -231,7 +231,7 @@ class Harness:
         self.redis: RedisServer | None = None
         self.db: psycopg.Connection[Any] | None = None
         self.client: Client | None = None
-        self.postgres: embedded.Server | None = None  # a private cluster (F-8), if any
+        self.postgres: local.Server | None = None  # a private cluster (F-8), if any
 
     def open(self) -> Harness:
         """Start the private Redis; connect to the database; create ``chaos_effects``."""
@@ -476,14 +476,14 @@ class Harness:
 
 
 @contextlib.contextmanager
-def private_postgres(home: Path) -> Iterator[embedded.Server]:
+def private_postgres(home: Path) -> Iterator[local.Server]:
     """A PostgreSQL cluster of the scenario's own, migrated (the engine's embedded
     server: ``initdb`` under ``home``, Unix socket only), for faults that stop it."""
-    server = embedded.ensure_server(home)
+    server = local.ensure_server(home)
     try:
         yield server
     finally:
-        embedded.stop(home)
+        local.stop(home)
 
 
 @contextlib.contextmanager

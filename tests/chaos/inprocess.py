@@ -15,10 +15,11 @@ from typing import Any
 
 import psycopg
 
-from leaseflow.fsm import checkpoint
+from leaseflow import messages
+from leaseflow.fsm import checkpoint, rules
 from leaseflow.fsm.definition import Workflow
 from leaseflow.heartbeat import LeaseKeeper
-from leaseflow.runner import Dispatch, Runner
+from leaseflow.runner import Runner
 from leaseflow.settings import Settings
 from leaseflow.store.postgres import PostgresStore
 from leaseflow.tasks import runtime
@@ -36,22 +37,18 @@ class Engine:
 
     def start(self, wf: Workflow, data: dict[str, Any]) -> str:
         blob = checkpoint.encode(wf.context(**data).model_dump(mode="json"), limit=LIMIT)
-        run_id, _ = self.store.create_run(
+        return self.store.create_run(
             run_id=str(uuid.uuid4()), wf=wf, checkpoint=blob, input=data, idempotency_key=None
-        )
-        return run_id
+        ).run_id
 
     def drive(self, run_ids: list[str]) -> None:
         """Run every step and branch the dispatches call for, until none is left."""
-        todo = [Dispatch(run_id, "", "", 1) for run_id in run_ids]
+        todo: list[messages.Message] = [messages.StateStep(run_id, "", "", 1) for run_id in run_ids]
         while todo:
             d = todo.pop(0)
-            if d.branch is not None:
-                result = self.runner.run_branch(*d.branch)
-            else:
-                result = self.runner.run_step(d.run_id, d.step_seq)
+            result = self.runner.handle(d)
             assert result.result == "committed", (d, result)
-            todo.extend(result.dispatch)
+            todo.extend(result.wakeups)
             if result.fork is not None:
                 todo.extend(result.fork.branches)  # the last branch wakes the join
 
@@ -66,7 +63,7 @@ def scratch_engine(pg_template: str) -> Iterator[Engine]:
     settings = Settings(database_url=url, workflows=["tests.chaos.workflows"], lease_ttl=30)
     store = runtime.make_store(settings, application_name="chaos-inprocess")
     keeper = LeaseKeeper(store, worker="inprocess:1", ttl=30, interval=10)
-    runner = Runner(store, keeper, worker="inprocess:1", ttl=30, max_checkpoint_bytes=LIMIT)
+    runner = Runner(store, keeper, worker="inprocess:1", ttl=30, limits=rules.Limits(LIMIT))
     conn = psycopg.connect(url, autocommit=True)
     try:
         workflows.create_effects_table(conn)

@@ -1,4 +1,4 @@
-"""Workflows for the crash tests (``tests/test_crash.py``).
+"""Workflows for the crash tests (``tests/integration/test_crash.py``).
 
 ``crash`` is begin -> work | fragile -> finish. ``work`` and ``fragile`` sleep
 ``ctx.data.sleep`` seconds on their first attempt only, so a worker can be killed

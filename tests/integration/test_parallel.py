@@ -8,28 +8,25 @@ import threading
 
 import pytest
 
-from leaseflow import errors, faults
+from leaseflow import errors, faults, messages
 from leaseflow.beat import jobs
-from leaseflow.runner import Dispatch
 from tests.conftest import make_runner
 from tests.workflows import fanout
 
 
-def expand(step) -> list[Dispatch]:
+def expand(step) -> list[messages.Message]:
     """Every message a step result calls for (a fork's branches included)."""
-    out = list(step.dispatch)
+    out = list(step.wakeups)
     if step.fork is not None:
         out.extend(step.fork.branches)
     return out
 
 
-def run(runner, d: Dispatch):
-    if d.branch is not None:
-        return runner.run_branch(*d.branch)
-    return runner.run_step(d.run_id, d.step_seq)
+def run(runner, d: messages.Message):
+    return runner.handle(d)
 
 
-def drive(runner, first: Dispatch, limit: int = 5000) -> list[str]:
+def drive(runner, first: messages.Message, limit: int = 5000) -> list[str]:
     pending, results = [first], []
     while pending and len(results) < limit:
         d = pending.pop(0)
@@ -42,9 +39,9 @@ def drive(runner, first: Dispatch, limit: int = 5000) -> list[str]:
     return results
 
 
-def start(client, wf, data) -> Dispatch:
+def start(client, wf, data) -> messages.StateStep:
     run_id = client.start(wf, data)
-    return Dispatch(run_id, wf.name, wf.initial.name, 1)
+    return messages.StateStep(run_id, wf.name, wf.initial.name, 1)
 
 
 def join_steps(db, run_id: str, join: str) -> int:
@@ -64,8 +61,8 @@ def test_parallel_joins_once_with_results_in_branch_order(client, runner, db):
     assert run_.output["errors"] == {}
     assert [(s.state, s.outcome) for s in run_.steps] == [("fork", "fork"), ("joined", "completed")]
     [group] = run_.groups
-    assert (group["kind"], group["join_state"], group["width"]) == ("parallel", "joined", 5)
-    assert [b["status"] for b in group["branches"]] == ["completed"] * 5
+    assert (group.kind, group.join_state, group.width) == ("parallel", "joined", 5)
+    assert [b.status for b in group.branches] == ["completed"] * 5
     assert run_.to_dict()["groups"][0]["branches"][4]["result"] == {"index": 4, "label": "snap"}
     assert db.execute("SELECT done, failed, width, status FROM lf_groups").fetchone() == (
         5,
@@ -92,8 +89,8 @@ def test_duplicate_branch_message_runs_the_branch_once(client, runner, db):
     first = start(client, fanout.parallel, {"width": 2})
     fork = runner.run_step(first.run_id, 1).fork
     b0 = fork.branches[0]
-    assert runner.run_branch(*b0.branch).result == "committed"
-    assert runner.run_branch(*b0.branch).result == "skipped"  # the same message again
+    assert runner.handle(b0).result == "committed"
+    assert runner.handle(b0).result == "skipped"  # the same message again
     row = db.execute("SELECT status, attempt FROM lf_branches WHERE idx = 0").fetchone()
     assert row == ("completed", 1)
 
@@ -109,7 +106,7 @@ def test_two_last_branches_committing_at_once_join_exactly_once(client, store, s
     results = {}
 
     def go(runner, d):
-        results[d.branch[1]] = runner.run_branch(*d.branch)
+        results[d.idx] = runner.handle(d)
 
     threads = [
         threading.Thread(target=go, args=(r, d)) for r, d in zip((a, b), fork.branches, strict=True)
@@ -120,7 +117,7 @@ def test_two_last_branches_committing_at_once_join_exactly_once(client, store, s
         t.join(timeout=20)
     faults.disarm()
     # Then exactly one of them woke the join, and the group counted each branch once
-    joins = [d for r in results.values() for d in r.dispatch if d.is_join]
+    joins = [d for r in results.values() for d in r.wakeups if isinstance(d, messages.JoinWake)]
     assert len(joins) == 1
     assert db.execute("SELECT done, status FROM lf_groups").fetchone() == (2, "joined")
     drive(a, joins[0])
@@ -137,11 +134,11 @@ def test_fail_fast_fails_the_run_naming_the_branch_and_cancels_the_rest(client, 
     # the broken branch runs first (two attempts), the others have not started
     d = fork.branches[1]
     while d is not None:
-        step = runner.run_branch(*d.branch)
-        retry = [x for x in step.dispatch if x.branch == d.branch]
+        step = runner.handle(d)
+        retry = [x for x in step.wakeups if isinstance(x, messages.BranchStep) and x.idx == d.idx]
         d = retry[0] if retry else None
         if d is not None:
-            while runner.run_branch(*d.branch).result == "deferred":
+            while runner.handle(d).result == "deferred":
                 pass
             d = None
     run_ = client.get(first.run_id)
@@ -150,7 +147,7 @@ def test_fail_fast_fails_the_run_naming_the_branch_and_cancels_the_rest(client, 
     statuses = dict(db.execute("SELECT idx, status FROM lf_branches").fetchall())
     assert statuses == {0: "cancelled", 1: "failed", 2: "cancelled", 3: "cancelled"}
     # a late branch message claims nothing
-    assert runner.run_branch(*fork.branches[0].branch).result == "skipped"
+    assert runner.handle(fork.branches[0]).result == "skipped"
 
 
 def test_collect_runs_the_join_with_the_errors(client, runner):
@@ -199,7 +196,7 @@ def test_map_window_keeps_at_most_n_branches_in_flight(client, runner, db):
 def test_expired_branch_lease_is_reaped_once_and_retried(client, runner, store, db):
     first = start(client, fanout.parallel, {"width": 2})
     fork = runner.run_step(first.run_id, 1).fork
-    claim = store.claim_branch(*fork.branches[0].branch, owner="ghost", ttl=60)
+    claim = store.claim_branch(fork.branches[0].group_id, 0, owner="ghost", ttl=60)
     assert claim is not None
     db.execute(
         "UPDATE lf_branches SET lease_expires_at = now() - interval '1 second' "
@@ -207,7 +204,7 @@ def test_expired_branch_lease_is_reaped_once_and_retried(client, runner, store, 
     )
     # two reapers at once act once
     again = jobs.reap_branches(store) + jobs.reap_branches(store)
-    assert [d.branch for d in again] == [fork.branches[0].branch]
+    assert again == [fork.branches[0]]
     drive(runner, again[0])
     drive(runner, fork.branches[1])
     run_ = client.get(first.run_id)

@@ -20,7 +20,7 @@ from kombu import Connection, Exchange, Queue
 
 from leaseflow import cli as leaseflow_cli
 from leaseflow.settings import reset_settings
-from leaseflow.tasks import celery_app  # built now, from the environment of the test run
+from leaseflow.tasks import celery_app
 
 ADMIN_URL = os.environ.get(
     "LEASEFLOW_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -422,8 +422,8 @@ def celery_argv(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
         calls.append(list(argv))
         return None
 
-    monkeypatch.setattr(celery_app.app, "worker_main", record)
-    monkeypatch.setattr(celery_app.app, "start", record)
+    monkeypatch.setattr(celery_app.get_app(), "worker_main", record)
+    monkeypatch.setattr(celery_app.get_app(), "start", record)
     return calls
 
 
@@ -447,7 +447,7 @@ def test_worker_passes_queues_concurrency_pool_and_extra_arguments(
 
 
 def test_worker_exits_with_celerys_exit_code(bare_cli: Cli, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(celery_app.app, "worker_main", lambda argv: 3)
+    monkeypatch.setattr(celery_app.get_app(), "worker_main", lambda argv: 3)
     assert bare_cli("worker").exit_code == 3
 
 

@@ -1,6 +1,7 @@
 """A kombu filesystem transport that is safe for several processes (no server needed).
 
-The zero-config broker of leaseflow (``filesystem://`` under ``LEASEFLOW_HOME``).
+The zero-config broker of leaseflow (``filesystem://`` under ``LEASEFLOW_HOME``, see
+:mod:`leaseflow.local.broker`).
 kombu's own filesystem transport loses messages when producers and consumers
 overlap; see :class:`FilesystemChannel` for what this one does differently.
 """

@@ -26,11 +26,9 @@ import psutil
 import psycopg
 import pytest
 
-from leaseflow import embedded
-from leaseflow.settings import Settings, get_settings, reset_settings
-from tests.helpers import eventually
-
-ROOT = Path(__file__).resolve().parent.parent
+from leaseflow import local
+from leaseflow.settings import Settings, get_settings, libpq_url, reset_settings
+from tests.helpers import ROOT, eventually
 
 #: A leaseflow process of the home in LEASEFLOW_HOME: resolves, reports on stdout, and
 #: keeps its ownership until its stdin closes. With LF_GO_FILE it first says "ready"
@@ -39,7 +37,7 @@ OWNER_SCRIPT = r"""
 import json, os, sys, time
 from pathlib import Path
 
-from leaseflow import embedded
+from leaseflow import local
 from leaseflow.settings import get_settings
 
 go = os.environ.get("LF_GO_FILE")
@@ -47,14 +45,18 @@ if go:
     print("ready", flush=True)
     while not Path(go).exists():
         time.sleep(0.001)
-settings = embedded.resolve(get_settings())
-server = embedded.ensure_server(embedded.home_dir(settings))
+settings = local.resolve(get_settings())
+env_before = {k: v for k, v in os.environ.items() if k.startswith("LEASEFLOW_")}
+local.export_env(settings)
+server = local.ensure_server(local.home_dir(settings))
 print(json.dumps({
     "pid": os.getpid(),
     "url": settings.database_url,
     "broker": settings.broker_url,
     "postmaster": server.postmaster_pid,
+    "env_before": env_before,
     "env_url": os.environ.get("LEASEFLOW_DATABASE_URL"),
+    "env_marker": os.environ.get("LEASEFLOW_EMBEDDED_DATABASE_URL"),
 }), flush=True)
 sys.stdin.read()
 """
@@ -70,7 +72,7 @@ name, done = sys.argv[1], Path(sys.argv[2])
 queue = Queue(name, Exchange(name), routing_key=name)
 got = []
 url = os.environ["LEASEFLOW_BROKER_URL"]
-with Connection(url, transport="leaseflow.fsbroker:FilesystemTransport") as conn:
+with Connection(url, transport="leaseflow.local.fsbroker:FilesystemTransport") as conn:
     channel = conn.channel()
     channel.basic_qos(0, 1, False)
     def on_message(body, message):
@@ -90,10 +92,10 @@ print(json.dumps(got), flush=True)
 """
 
 EXPORTED = (
-    embedded.ENV_HOME,
-    embedded.ENV_DATABASE_URL,
-    embedded.ENV_BROKER_URL,
-    embedded.ENV_EMBEDDED_URL,
+    local.ENV_HOME,
+    local.ENV_DATABASE_URL,
+    local.ENV_BROKER_URL,
+    local.ENV_EMBEDDED_URL,
 )
 
 
@@ -101,14 +103,14 @@ def clean_env(home: Path, **extra: str) -> dict[str, str]:
     """This environment without any LEASEFLOW_* setting, pointed at ``home``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LEASEFLOW_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env[embedded.ENV_HOME] = str(home)
+    env[local.ENV_HOME] = str(home)
     env.update(extra)
     return env
 
 
 def postmasters(pgdata: Path) -> set[int]:
     """The postmasters of ``pgdata`` alive now (its processes whose parent is not one)."""
-    pids = embedded.postgres_pids(pgdata)
+    pids = local.postgres_pids(pgdata)
     found = set()
     for pid in pids:
         with contextlib.suppress(psutil.Error):
@@ -124,7 +126,7 @@ def owner_files(home: Path) -> set[int]:
 
 
 def can_query(url: str) -> bool:
-    with psycopg.connect(url.replace("+psycopg", ""), connect_timeout=5) as conn:
+    with psycopg.connect(libpq_url(url), connect_timeout=5) as conn:
         row = conn.execute("SELECT to_regclass('lf_runs') IS NOT NULL").fetchone()
     return bool(row and row[0])
 
@@ -192,7 +194,7 @@ class Home:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.pgdata = embedded.pgdata_dir(path)
+        self.pgdata = local.pgdata_dir(path)
         self.procs: list[Proc] = []
 
     def owner(self, *, go: Path | None = None) -> Proc:
@@ -217,10 +219,10 @@ class Home:
         """Kill our processes, stop the server, kill whatever of it is left."""
         for proc in self.procs:
             proc.close()
-        embedded.release(self.path)
+        local.release(self.path)
         if self.path.exists():
-            embedded.stop(self.path)
-        for pid in embedded.postgres_pids(self.pgdata):
+            local.stop(self.path)
+        for pid in local.postgres_pids(self.pgdata):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
@@ -231,8 +233,8 @@ def home() -> Iterator[Home]:
 
     Not under pytest's tmp_path: run as root, PostgreSQL runs as another user that
     must traverse the home's parents, and every pytest session makes its base temp
-    dir private again (which would break a restart). Resolving in this process
-    exports LEASEFLOW_* variables: they are restored too.
+    dir private again (which would break a restart). Should anything export
+    LEASEFLOW_* variables in this process, they are restored too.
     """
     saved = {name: os.environ.get(name) for name in EXPORTED}
     base = Path(tempfile.mkdtemp(prefix="lf-embedded-"))
@@ -248,7 +250,7 @@ def home() -> Iterator[Home]:
                 os.environ[name] = value
         reset_settings()
     eventually(
-        lambda: not embedded.postgres_pids(h.pgdata),
+        lambda: not local.postgres_pids(h.pgdata),
         timeout=10,
         message="every PostgreSQL process of the test's home gone",
     )
@@ -262,21 +264,21 @@ def test_defaults_are_pure_and_explicit_urls_cost_nothing(tmp_path: Path):
     # Given no URLs in the environment
     settings = Settings(home=tmp_path / "h", database_url=None, broker_url=None)
     # Then the broker defaults to a directory of the home, and nothing is created
-    assert embedded.broker_url(settings) == f"filesystem://{tmp_path}/h/broker"
+    assert local.broker_url(settings) == f"filesystem://{tmp_path}/h/broker"
     assert not (tmp_path / "h").exists()
     # And explicit URLs are returned as they are, without starting anything
     explicit = settings.model_copy(
         update={"database_url": "postgresql+psycopg://u@db/x", "broker_url": "redis://r:6379/0"}
     )
-    assert embedded.resolve(explicit) is explicit
+    assert local.resolve(explicit) is explicit
     assert not (tmp_path / "h").exists()
     # And the Celery app of the defaults uses the filesystem broker, still without I/O
     from leaseflow.tasks import celery_app
 
     app = celery_app.make_app(settings)
     try:
-        assert app.conf.broker_url == embedded.broker_url(settings)
-        assert app.conf.broker_transport == embedded.FILESYSTEM_TRANSPORT
+        assert app.conf.broker_url == local.broker_url(settings)
+        assert app.conf.broker_transport == local.FILESYSTEM_TRANSPORT
         assert celery_app.same_broker(app, settings)
     finally:
         celery_app.dispose_app(app)
@@ -284,9 +286,9 @@ def test_defaults_are_pure_and_explicit_urls_cost_nothing(tmp_path: Path):
 
 
 def test_passwords_are_hidden_when_shown():
-    assert embedded.shown("redis://:s3cret@host:6379/0") == "redis://:***@host:6379/0"
-    assert embedded.shown("postgresql://u:pw@h/db") == "postgresql://u:***@h/db"
-    assert embedded.shown("filesystem:///x/broker") == "filesystem:///x/broker"
+    assert local.shown("redis://:s3cret@host:6379/0") == "redis://:***@host:6379/0"
+    assert local.shown("postgresql://u:pw@h/db") == "postgresql://u:***@h/db"
+    assert local.shown("filesystem:///x/broker") == "filesystem:///x/broker"
 
 
 def test_settings_read_home_and_leave_urls_unset(monkeypatch: pytest.MonkeyPatch):
@@ -316,8 +318,10 @@ def test_a_fresh_home_gets_a_running_migrated_server(home: Home):
     assert postmasters(home.pgdata) == {report["postmaster"]}
     # And the broker is the filesystem one under the same home
     assert report["broker"] == f"filesystem://{home.path}/broker"
-    # And it exports the URL for its children, and says once what it uses
-    assert report["env_url"] == report["url"]
+    # And resolving left its environment alone; exporting gives its children the URL
+    # and the marker that makes them owners too; it says once what it uses
+    assert report["env_before"] == {"LEASEFLOW_HOME": str(home.path)}
+    assert report["env_url"] == report["env_marker"] == report["url"]
     lines = [line for line in owner.log().splitlines() if line.startswith("leaseflow: ")]
     assert len(lines) == 1, owner.log()
     assert lines[0].startswith("leaseflow: database embedded PostgreSQL 18.")
@@ -344,7 +348,7 @@ def test_a_second_process_reuses_the_server_and_the_last_one_stops_it(home: Home
     assert can_query(b["url"])
     # When the last one exits, no PostgreSQL process of that home is left
     assert second.exit() == 0
-    assert embedded.postgres_pids(home.pgdata) == set()
+    assert local.postgres_pids(home.pgdata) == set()
     assert owner_files(home.path) == set()
     assert not (home.pgdata / "postmaster.pid").exists()  # a clean shutdown
 
@@ -367,7 +371,7 @@ def test_processes_starting_at_once_share_one_server(home: Home):
     # And when they have all exited, the server is gone
     for proc in procs:
         assert proc.exit() == 0
-    assert embedded.postgres_pids(home.pgdata) == set()
+    assert local.postgres_pids(home.pgdata) == set()
 
 
 def test_a_server_killed_with_everything_is_restarted(home: Home):
@@ -388,42 +392,42 @@ def test_a_server_killed_with_everything_is_restarted(home: Home):
     # And the dead owner is forgotten, so the new one is the last and stops it
     assert owner_files(home.path) == {after["pid"]}
     assert again.exit() == 0
-    assert embedded.postgres_pids(home.pgdata) == set()
+    assert local.postgres_pids(home.pgdata) == set()
 
 
 def test_a_process_whose_server_died_restarts_it_on_the_next_resolve(home: Home):
     # Given this process resolved the home, and then its postmaster was killed -9
-    first = embedded.resolve(home.settings())
-    server = embedded.ensure_server(home.path)
+    first = local.resolve(home.settings())
+    server = local.ensure_server(home.path)
     assert first.database_url == server.url and can_query(server.url)
     os.kill(server.postmaster_pid, signal.SIGKILL)
     eventually(lambda: not postmasters(home.pgdata), timeout=15, message="postmaster dead")
     # When it resolves again
-    second = embedded.resolve(home.settings())
+    second = local.resolve(home.settings())
     # Then it notices and restarts the server, which works
-    restarted = embedded.ensure_server(home.path)
+    restarted = local.ensure_server(home.path)
     assert restarted.postmaster_pid != server.postmaster_pid
     assert postmasters(home.pgdata) == {restarted.postmaster_pid}
     assert second.database_url == restarted.url and can_query(restarted.url)
     # And releasing it, as the last owner, stops it
-    embedded.release(home.path)
-    assert embedded.postgres_pids(home.pgdata) == set()
+    local.release(home.path)
+    assert local.postgres_pids(home.pgdata) == set()
 
 
 def test_a_home_too_deep_for_a_socket_path_puts_the_socket_in_tmp(home: Home):
     # Given a home whose data directory is too long a path for a Unix socket
     home.path = home.path / ("d" * 60) / ("e" * 60)
-    home.pgdata = embedded.pgdata_dir(home.path)
+    home.pgdata = local.pgdata_dir(home.path)
     # When this process resolves it
-    settings = embedded.resolve(home.settings())
+    settings = local.resolve(home.settings())
     # Then the socket lives in a private directory of the temp dir, and the server works
     assert settings.database_url is not None and can_query(settings.database_url)
-    socket_dir = embedded.ensure_server(home.path).url.partition("?host=")[2]
+    socket_dir = local.ensure_server(home.path).url.partition("?host=")[2]
     assert socket_dir.startswith(tempfile.gettempdir()) and "leaseflow-pg-" in socket_dir
     assert os.stat(socket_dir).st_mode & 0o777 == 0o700
     # And releasing it stops it
-    embedded.release(home.path)
-    assert embedded.postgres_pids(home.pgdata) == set()
+    local.release(home.path)
+    assert local.postgres_pids(home.pgdata) == set()
 
 
 def test_a_cli_command_runs_on_the_embedded_server_and_stops_it(home: Home):
@@ -439,7 +443,7 @@ def test_a_cli_command_runs_on_the_embedded_server_and_stops_it(home: Home):
     assert "leaseflow: database embedded PostgreSQL" in cli.log()
     # And, as the last owner, stops the server when it exits
     assert (home.pgdata / "PG_VERSION").exists()
-    assert embedded.postgres_pids(home.pgdata) == set()
+    assert local.postgres_pids(home.pgdata) == set()
     assert owner_files(home.path) == set()
 
 
@@ -448,7 +452,7 @@ def test_a_cli_command_runs_on_the_embedded_server_and_stops_it(home: Home):
 
 def test_two_consumers_never_share_or_lose_a_message(home: Home):
     # Given two consumer processes on one queue of the filesystem broker
-    url = embedded.broker_url(home.settings())
+    url = local.broker_url(home.settings())
     queue = f"q-{uuid.uuid4().hex[:8]}"
     done = home.path.parent / "published"
     consumers = [
@@ -465,7 +469,7 @@ def test_two_consumers_never_share_or_lose_a_message(home: Home):
     from kombu import Connection, Exchange, Producer, Queue
 
     bound = Queue(queue, Exchange(queue), routing_key=queue)
-    with Connection(url, transport=embedded.FILESYSTEM_TRANSPORT) as conn:
+    with Connection(url, transport=local.FILESYSTEM_TRANSPORT) as conn:
         producer = Producer(conn.default_channel)
         for i in range(1000):
             producer.publish({"i": i}, exchange=bound.exchange, routing_key=queue, declare=[bound])
@@ -515,7 +519,9 @@ def test_a_run_completes_with_no_database_or_broker_configured(home: Home):
     from leaseflow.client import Client
     from tests.workflows import basic
 
+    environ = dict(os.environ)
     with Client(settings=home.settings(workflows=["tests.workflows.basic"])) as client:
+        assert dict(os.environ) == environ  # the client started the server, exported nothing
         run_id = client.start(basic.linear, {})
         run = client.wait_for(run_id, timeout=30)
         # Then the run completes through its five states
@@ -523,17 +529,17 @@ def test_a_run_completes_with_no_database_or_broker_configured(home: Home):
         assert [step.state for step in run.steps] == ["s1", "s2", "s3", "s4", "s5"]
         # And worker and client share one server, owned by the worker's main process
         # and by this process, never by the pool children
-        assert postmasters(home.pgdata) == {embedded.ensure_server(home.path).postmaster_pid}
+        assert postmasters(home.pgdata) == {local.ensure_server(home.path).postmaster_pid}
         assert owner_files(home.path) == {worker.pid, os.getpid()}
     # And the worker said once which database and broker it uses
     said = [line for line in worker.log().splitlines() if line.startswith("leaseflow: ")]
     assert said == [
-        f"leaseflow: database embedded PostgreSQL {embedded.ensure_server(home.path).version} "
+        f"leaseflow: database embedded PostgreSQL {local.ensure_server(home.path).version} "
         f"at {home.pgdata} (postgresql://postgres@/leaseflow?host={home.pgdata}); "
         f"broker filesystem://{home.path}/broker"
     ]
     # When the client lets go and the worker shuts down warmly, the server stops
-    embedded.release(home.path)
+    local.release(home.path)
     assert postmasters(home.pgdata)  # the worker still owns it
     assert worker.terminate() == 0
-    assert embedded.postgres_pids(home.pgdata) == set()
+    assert local.postgres_pids(home.pgdata) == set()

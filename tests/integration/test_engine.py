@@ -9,27 +9,26 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from leaseflow import errors, faults
+from leaseflow import errors, faults, messages
 from leaseflow.beat import jobs
-from leaseflow.runner import Dispatch
 from tests.conftest import make_runner
 from tests.workflows import basic
 
 
-def drive(runner, first: Dispatch, limit: int = 50) -> list[str]:
+def drive(runner, first: messages.Message, limit: int = 50) -> list[str]:
     """Run dispatches until none is left (as a worker chain would); return results."""
     pending, results = [first], []
     while pending and len(results) < limit:
         d = pending.pop(0)
         step = runner.run_step(d.run_id, d.step_seq)
         results.append(step.result)
-        pending.extend(step.dispatch)
+        pending.extend(step.wakeups)
     return results
 
 
-def start(client, wf, data=None, **kw) -> Dispatch:
+def start(client, wf, data=None, **kw) -> messages.StateStep:
     run_id = client.start(wf, data or {}, **kw)
-    return Dispatch(run_id, wf.name, wf.initial.name, 1)
+    return messages.StateStep(run_id, wf.name, wf.initial.name, 1)
 
 
 def expire_lease(db, run_id: str) -> None:
@@ -88,7 +87,7 @@ def test_transient_errors_are_retried_with_backoff_then_succeed(client, runner):
             pending.insert(0, d)
             continue
         results.append(step.outcome)
-        pending.extend(step.dispatch)
+        pending.extend(step.wakeups)
     # Then it completes on the third attempt and the log shows both failures
     run = client.get(first.run_id)
     assert run.status == "completed"
@@ -106,7 +105,7 @@ def test_attempts_exhausted_by_errors_fail_with_traceback(client, runner):
         if step.result == "deferred":
             pending.insert(0, d)
             continue
-        pending.extend(step.dispatch)
+        pending.extend(step.wakeups)
     run = client.get(first.run_id)
     assert (run.status, run.error_code) == ("failed", errors.STATE_ERROR)
     assert "attempt 3 of 3" in run.error
@@ -177,7 +176,7 @@ def test_oversized_checkpoint_fails_the_run(client, runner, settings):
 def test_reaper_requeues_then_fails_when_attempts_are_exhausted(client, runner, store, db):
     # Given a run whose state allows 2 attempts (slow3.work)
     first = start(client, basic.slow)
-    [d] = runner.run_step(first.run_id, 1).dispatch
+    [d] = runner.run_step(first.run_id, 1).wakeups
     # When two attempts in a row lose their lease
     for attempt in (1, 2):
         claim = store.claim(d.run_id, d.step_seq, owner=f"ghost:{attempt}", ttl=60)
@@ -186,7 +185,7 @@ def test_reaper_requeues_then_fails_when_attempts_are_exhausted(client, runner, 
         [reaped] = store.reap()
         if attempt == 1:
             assert reaped.status == "pending"
-            d = Dispatch(d.run_id, d.workflow, reaped.state, reaped.step_seq)
+            d = messages.StateStep(d.run_id, d.workflow, reaped.state, reaped.step_seq)
     # Then the run failed E-LEASE-EXPIRED and each expiry is one step row
     run = client.get(first.run_id)
     assert (run.status, run.error_code) == ("failed", errors.LEASE_EXPIRED)
@@ -196,7 +195,7 @@ def test_reaper_requeues_then_fails_when_attempts_are_exhausted(client, runner, 
 
 def test_reap_job_returns_dispatches_for_requeued_runs(client, runner, store, db):
     first = start(client, basic.slow)
-    [d] = runner.run_step(first.run_id, 1).dispatch
+    [d] = runner.run_step(first.run_id, 1).wakeups
     store.claim(d.run_id, d.step_seq, owner="ghost", ttl=60)
     expire_lease(db, d.run_id)
     [again] = jobs.reap(store)
@@ -211,7 +210,7 @@ def test_zombie_commit_is_fenced_and_new_owner_writes_once(client, settings, sto
     a = make_runner(store, settings, "worker-a:1")
     b = make_runner(store, settings, "worker-b:1")
     first = start(client, basic.slow)
-    [d] = a.run_step(first.run_id, 1).dispatch
+    [d] = a.run_step(first.run_id, 1).wakeups
     taken_over = {}
 
     def b_takes_over(info):
@@ -348,14 +347,14 @@ def _queue_of(workflow: str, state: str) -> str:
 def test_dispatcher_republishes_a_lost_message_once_a_probe_came_through(client, store, db):
     # Given a pending run whose message is overdue
     first = start(client, basic.linear)
-    assert jobs.dispatch_overdue(store, _queue_of).dispatches == []  # not overdue yet
+    assert jobs.dispatch_overdue(store, _queue_of).wakeups == []  # not overdue yet
     db.execute("UPDATE lf_runs SET redispatch_at = now() - interval '1 second'")
     # When the dispatcher runs twice (two beats) before anything came through the queue
     found = jobs.dispatch_overdue(store, _queue_of)
     again = jobs.dispatch_overdue(store, _queue_of)
     # Then it re-publishes nothing yet (the message may be waiting in a backlog) and
     # sends one probe through the run's queue
-    assert found.dispatches == [] and again.dispatches == []
+    assert found.wakeups == [] and again.wakeups == []
     assert [p.queue for p in found.probes] == ["q"] and again.probes == []
     # And once a worker consumed that probe, the run's message is known lost: the
     # dispatcher re-publishes it, once across two beats
@@ -363,8 +362,8 @@ def test_dispatcher_republishes_a_lost_message_once_a_probe_came_through(client,
     store.probe_passed("q", found.probes[0].sent_at)
     found = jobs.dispatch_overdue(store, _queue_of, probe=False)
     again = jobs.dispatch_overdue(store, _queue_of)
-    assert [(d.run_id, d.state, d.step_seq) for d in found.dispatches] == [(first.run_id, "s1", 1)]
-    assert (found.probes, again.dispatches, again.probes) == ([], [], [])
+    assert [(d.run_id, d.state, d.step_seq) for d in found.wakeups] == [(first.run_id, "s1", 1)]
+    assert (found.probes, again.wakeups, again.probes) == ([], [], [])
 
 
 def test_dispatcher_does_not_republish_a_backlog(client, store, db):
@@ -378,7 +377,7 @@ def test_dispatcher_does_not_republish_a_backlog(client, store, db):
     # When the dispatcher runs ten times while nothing comes through the queue
     rounds = [jobs.dispatch_overdue(store, _queue_of) for _ in range(10)]
     # Then it re-publishes none of them, and sends one probe
-    assert [d for r in rounds for d in r.dispatches] == []
+    assert [d for r in rounds for d in r.wakeups] == []
     probes = [p for r in rounds for p in r.probes]
     assert [p.queue for p in probes] == ["q"]
     # And when the probe comes through while the backlog is being worked off (half
@@ -398,7 +397,7 @@ def test_dispatcher_does_not_republish_a_backlog(client, store, db):
     store.probe_passed("q", sent)
     found = jobs.dispatch_overdue(store, _queue_of)
     # Then only the runs still pending from before the probe go out again
-    assert sorted(d.run_id for d in found.dispatches) == sorted(runs[25:-1])
+    assert sorted(d.run_id for d in found.wakeups) == sorted(runs[25:-1])
     # And the one published since waits for a probe of its own
     assert [p.queue for p in found.probes] == ["q"] and found.probes[0].sent_at > sent
 
@@ -418,18 +417,16 @@ def test_dispatcher_probes_again_when_a_probe_is_lost(client, store, db):
 
 def test_heartbeat_extends_leases_and_reports_lost_ones(client, runner, store, db):
     first = start(client, basic.linear)
+    from leaseflow.store.base import LeaseRef
+
     claim = store.claim(first.run_id, 1, owner="hb:1", ttl=1)
     before = db.execute("SELECT lease_expires_at FROM lf_runs").fetchone()[0]
-    alive = store.heartbeat([(first.run_id, claim.lease_token)], worker="hb:1", ttl=30)
+    alive = store.heartbeat([LeaseRef(first.run_id, claim.lease_token)], worker="hb:1", ttl=30)
     after = db.execute("SELECT lease_expires_at FROM lf_runs").fetchone()[0]
-    assert alive == {claim.lease_token: False}
+    assert alive == frozenset({claim.lease_token})
     assert (after - before).total_seconds() > 20
-    assert (
-        store.heartbeat(
-            [(first.run_id, "00000000-0000-0000-0000-000000000000")], worker="hb:1", ttl=30
-        )
-        == {}
-    )
+    lost = LeaseRef(first.run_id, "00000000-0000-0000-0000-000000000000")
+    assert store.heartbeat([lost], worker="hb:1", ttl=30) == frozenset()
     assert db.execute("SELECT count(*) FROM lf_workers WHERE id = 'hb:1'").fetchone() == (1,)
 
 
@@ -483,7 +480,7 @@ def test_start_many_creates_all_runs_in_one_transaction_or_none(client, runner, 
     # Then three pending runs exist, in input order, and each runs to completion
     assert len(set(run_ids)) == 3
     for run_id, n in zip(run_ids, (1, 2, 0), strict=True):
-        drive(runner, Dispatch(run_id, "linear5", "s1", 1))
+        drive(runner, messages.StateStep(run_id, "linear5", "s1", 1))
         assert client.get(run_id).output == {"n": n, "trail": ["s1", "s2", "s3", "s4", "s5"]}
 
     # And a batch with one invalid input creates nothing, naming the bad position

@@ -9,7 +9,7 @@ import pytest
 import redis
 from kombu.transport import redis as kombu_redis
 
-from leaseflow.runner import Dispatch
+from leaseflow import messages
 from leaseflow.tasks import dispatch
 
 
@@ -24,8 +24,8 @@ def _queued(redis_url: str, queue: str) -> list[tuple[str, str, list[object]]]:
     return out
 
 
-def _dispatches(n: int) -> list[Dispatch]:
-    return [Dispatch(f"run-{i}", "basic_linear", "a", 1 + i) for i in range(n)]
+def _dispatches(n: int) -> list[messages.Message]:
+    return [messages.StateStep(f"run-{i}", "basic_linear", "a", 1 + i) for i in range(n)]
 
 
 def test_publish_all_sends_every_message_once(app, redis_url, queue_name):
@@ -36,7 +36,7 @@ def test_publish_all_sends_every_message_once(app, redis_url, queue_name):
 
 
 def test_a_join_is_left_to_the_chord_body(app, redis_url, queue_name):
-    join = Dispatch("run-j", "basic_linear", "a", 4, is_join=True)
+    join = messages.JoinWake("run-j", "basic_linear", "a", 4)
     dispatch.publish_all(app, [join], in_chord=True)
     assert _queued(redis_url, queue_name) == []
     dispatch.publish_all(app, [join])

@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 
-from leaseflow import Complete, Workflow, errors, faults
+from leaseflow import Complete, Workflow, errors, faults, messages
 from leaseflow.beat import jobs
+from leaseflow.fsm import rules
 from leaseflow.heartbeat import LeaseKeeper
-from leaseflow.runner import Dispatch, Runner
-from tests.test_engine import drive, expire_lease, start
+from leaseflow.runner import Runner
+from tests.integration.test_engine import drive, expire_lease, start
 from tests.workflows import basic
 
 
@@ -34,7 +35,7 @@ def make_inline_runner(store, settings, *, max_states: int = 100) -> Runner:
         keeper,
         worker="inline:1",
         ttl=settings.lease_ttl,
-        max_checkpoint_bytes=settings.max_checkpoint_bytes,
+        limits=rules.Limits(settings.max_checkpoint_bytes),
         inline_max_states=max_states,
         rand=lambda: 0.5,
     )
@@ -56,7 +57,7 @@ def test_inline_states_run_in_one_call_each_with_its_own_lease(client, inline_ru
 
     # Then a, b and c ran in that one call, and only d was published (it is on another queue)
     assert (result.result, result.inlined) == ("committed", 2)
-    assert [(d.state, d.step_seq) for d in result.dispatch] == [("d", 4)]
+    assert [(d.state, d.step_seq) for d in result.wakeups] == [("d", 4)]
     rows = steps(db, first.run_id)
     assert [r[:4] for r in rows] == [
         (1, "a", 1, "next"),
@@ -72,9 +73,9 @@ def test_inline_states_run_in_one_call_each_with_its_own_lease(client, inline_ru
     assert run == ("d", "pending", None, 0)
 
     # And d's task inlines e, which is on d's queue
-    [d] = result.dispatch
+    [d] = result.wakeups
     last = inline_runner.run_step(d.run_id, d.step_seq)
-    assert (last.result, last.inlined, last.dispatch) == ("committed", 1, ())
+    assert (last.result, last.inlined, last.wakeups) == ("committed", 1, ())
     done = client.get(first.run_id)
     assert done.status == "completed"
     assert done.output == {"trail": ["a#1", "b#1", "c#1", "d#1", "e#1"]}
@@ -82,6 +83,8 @@ def test_inline_states_run_in_one_call_each_with_its_own_lease(client, inline_ru
 
 
 def test_an_inlined_state_holds_a_visible_heartbeated_lease(client, inline_runner, db, store):
+    from leaseflow.store.base import LeaseRef
+
     # Given a run paused by a hook just before the inlined state c commits
     first = start(client, basic.inline_chain)
     seen: dict[str, Any] = {}
@@ -94,7 +97,7 @@ def test_an_inlined_state_holds_a_visible_heartbeated_lease(client, inline_runne
                 (first.run_id,),
             ).fetchone()
             seen["held"] = store.heartbeat(
-                [(first.run_id, seen["row"][3])], worker="inline:1", ttl=30
+                [LeaseRef(first.run_id, seen["row"][3])], worker="inline:1", ttl=30
             )
 
     faults.arm("before_commit", look)
@@ -104,7 +107,7 @@ def test_an_inlined_state_holds_a_visible_heartbeated_lease(client, inline_runne
     # heartbeat statement extends that lease like any claimed one
     state, status, owner, token, attempt, live = seen["row"]
     assert (state, status, owner, attempt, live) == ("c", "running", "inline:1", 1, True)
-    assert seen["held"] == {token: False}
+    assert seen["held"] == frozenset({token})
 
 
 def test_a_retry_leaves_the_inline_chain_and_the_next_attempt_rejoins_it(client, inline_runner, db):
@@ -116,7 +119,7 @@ def test_a_retry_leaves_the_inline_chain_and_the_next_attempt_rejoins_it(client,
 
     # Then the retry is published (a delayed retry never runs inline)...
     assert result.inlined == 2
-    [retry] = result.dispatch
+    [retry] = result.wakeups
     assert (retry.state, retry.step_seq) == ("c", 4)
 
     # ...and the retried attempt runs in its own task, then carries on inline
@@ -137,7 +140,7 @@ def test_a_lost_lease_in_an_inlined_state_is_fenced_and_ends_the_chain(
 ):
     # Given the database clock jumps past the lease of the inlined state b
     first = start(client, basic.inline_chain)
-    taken: list[Dispatch] = []
+    taken: list[messages.Message] = []
 
     def expire(info: dict[str, Any]) -> None:
         if info["state"] == "b" and not taken:
@@ -151,7 +154,7 @@ def test_a_lost_lease_in_an_inlined_state_is_fenced_and_ends_the_chain(
 
     # Then b's commit is refused, nothing after it ran, and the reaper's requeue finishes
     # the run once
-    assert (result.result, result.inlined, result.dispatch) == ("lease_lost", 1, ())
+    assert (result.result, result.inlined, result.wakeups) == ("lease_lost", 1, ())
     assert [r[:4] for r in steps(db, first.run_id)] == [
         (1, "a", 1, "next"),
         (2, "b", 1, "lease_expired"),
@@ -173,8 +176,8 @@ def test_the_inline_budget_bounds_one_task(client, store, settings, db):
 
     # Then it ran a and b only, and published c
     assert result.inlined == 1
-    assert [(d.state, d.step_seq) for d in result.dispatch] == [("c", 3)]
-    assert drive(runner, result.dispatch[0]) == ["committed", "committed"]
+    assert [(d.state, d.step_seq) for d in result.wakeups] == [("c", 3)]
+    assert drive(runner, result.wakeups[0]) == ["committed", "committed"]
     assert client.get(first.run_id).status == "completed"
     runner.keeper.stop()
 

@@ -1,0 +1,60 @@
+"""``ctx``: what a state function receives."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from leaseflow import heartbeat
+from leaseflow.store import records
+
+D = TypeVar("D")
+
+
+@dataclass
+class StateContext(Generic[D]):
+    """What a state function receives as ``ctx`` (``Context[MyModel]`` in annotations)."""
+
+    data: D
+    run_id: str
+    state: str
+    attempt: int
+    input: dict[str, Any]
+    fencing_token: str
+    step_seq: int
+    workflow: str
+    _keeper: heartbeat.LeaseKeeper = field(repr=False)
+    _in_commit: list[records.InCommit] = field(default_factory=list, repr=False)
+    #: In a join: each branch's result in branch (item) order; None for a failed one.
+    branch_results: list[Any] = field(default_factory=list)
+    #: In a join: ``{index: error}`` of the branches that failed (``collect`` policy).
+    branch_errors: dict[int, str] = field(default_factory=dict)
+    #: In a map branch: the item and its index; in a parallel branch: its index.
+    item: Any = None
+    index: int | None = None
+
+    def join(self, branches: list[records.BranchResult]) -> None:
+        """Give a join state its group's results (None for a failed branch) and errors."""
+        for branch in branches:
+            completed = branch.status == "completed"
+            self.branch_results.append(branch.result if completed else None)
+            if not completed:
+                self.branch_errors[branch.idx] = branch.error or branch.status
+
+    def heartbeat(self) -> None:
+        """Extend this run's lease now; raises ``LeaseLost`` if another worker took it."""
+        self._keeper.beat_now(self.fencing_token)
+
+    def lease_lost(self) -> bool:
+        """True once the heartbeat learnt that this lease is gone: stop early."""
+        return self._keeper.lost(self.fencing_token)
+
+    def in_commit(self, fn: Callable[[Any], None]) -> None:
+        """Run ``fn(conn)`` inside the transition's own transaction (a psycopg
+        connection; on the memory store, a recording stand-in).
+
+        Its writes commit exactly when the transition does: never for a worker whose
+        lease was lost, never for an attempt that raised.
+        """
+        self._in_commit.append(fn)

@@ -1,0 +1,174 @@
+"""Which database and broker a process uses, and how its children learn them.
+
+:func:`choose` decides, without I/O, from the settings alone: an unset broker URL
+means the filesystem broker under ``LEASEFLOW_HOME``; an unset database URL (or the
+one an embedded-resolving parent exported) means the embedded PostgreSQL of that
+home. :func:`resolve` carries the decision out: it starts or reuses the server
+(:mod:`leaseflow.local.postgres`) and returns settings with both URLs filled in.
+
+Resolving never changes ``os.environ``. A process that starts children which must
+use the same server and broker gives them :func:`child_env`: explicitly in the
+environment of a subprocess it starts (``leaseflow demo``), or through
+:func:`export_env` before it forks or spawns them (the worker before its pool
+forks, beat). A forked child reuses its parent's ownership of the server; a
+subprocess finds the URL in ``LEASEFLOW_EMBEDDED_DATABASE_URL`` and re-registers
+as an owner of the running server instead of treating it as a foreign database.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from leaseflow.local import broker, postgres
+from leaseflow.settings import Settings, libpq_url, reset_settings, sqlalchemy_url
+
+#: The environment a process gives its children (see :func:`child_env`).
+ENV_HOME = "LEASEFLOW_HOME"
+ENV_DATABASE_URL = "LEASEFLOW_DATABASE_URL"
+ENV_BROKER_URL = "LEASEFLOW_BROKER_URL"
+#: Marks ``LEASEFLOW_DATABASE_URL`` as the embedded server's: a subprocess seeing it
+#: registers as an owner instead of treating the URL as a foreign database.
+ENV_EMBEDDED_URL = "LEASEFLOW_EMBEDDED_DATABASE_URL"
+
+#: Inherited by forked children, so a pool child does not repeat its parent's line.
+_announced = False
+
+
+# -- the decision (pure) --------------------------------------------------------------
+
+
+def home_dir(settings: Settings) -> Path:
+    """``LEASEFLOW_HOME`` as an absolute path (relative to the working directory)."""
+    return Path(os.path.abspath(settings.home.expanduser()))
+
+
+def default_broker_url(settings: Settings) -> str:
+    """``filesystem:///abs/home/broker``: the broker that needs no server."""
+    return broker.filesystem_url(home_dir(settings))
+
+
+def broker_url(settings: Settings) -> str:
+    """The broker ``settings`` mean: the configured one, else the filesystem default."""
+    url = settings.broker_url
+    if url is None or broker.is_default(url):
+        return default_broker_url(settings)
+    return url
+
+
+def wants_embedded_database(settings: Settings, environ: Mapping[str, str] | None = None) -> bool:
+    """No database URL, or the one an embedded-resolving parent exported to us."""
+    url = settings.database_url
+    if url is None:
+        return True
+    exported = (os.environ if environ is None else environ).get(ENV_EMBEDDED_URL)
+    return exported is not None and url == sqlalchemy_url(exported)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What :func:`resolve` does for some settings."""
+
+    #: The broker to use: the configured one, else the home's filesystem broker.
+    broker_url: str
+    #: Start or reuse the embedded PostgreSQL of this home (absolute); ``None``: use
+    #: the configured database URL, or no database at all.
+    embedded_home: Path | None
+
+
+def choose(
+    settings: Settings, *, database: bool = True, environ: Mapping[str, str] | None = None
+) -> Choice:
+    """Decide, without I/O, which broker and database ``settings`` mean.
+
+    ``database=False`` leaves the database alone (beat needs only the broker);
+    ``environ`` (default ``os.environ``) is only read, for the marker a parent
+    process left (``LEASEFLOW_EMBEDDED_DATABASE_URL``).
+    """
+    embedded = database and wants_embedded_database(settings, environ)
+    return Choice(broker_url(settings), home_dir(settings) if embedded else None)
+
+
+def shown(url: str) -> str:
+    """``url`` with its password hidden, for printing."""
+    return re.sub(r"(://[^:/@]*:)[^@/]+@", r"\1***@", url)
+
+
+# -- carrying it out ------------------------------------------------------------------
+
+
+def resolve(settings: Settings, *, database: bool = True) -> Settings:
+    """``settings`` with ``database_url`` and ``broker_url`` filled in where unset.
+
+    A missing database URL starts (or reuses) the embedded PostgreSQL under
+    ``settings.home``, migrated to the newest schema, and makes this process one of
+    its owners (released at exit, see :func:`leaseflow.local.postgres.release`).
+    ``database=False`` leaves the database alone (beat needs only the broker).
+    Explicit URLs are returned as they are, at no cost. The first resolution that
+    takes a default prints one line on stderr naming the database and broker in
+    use. The environment is left alone: see :func:`export_env`.
+    """
+    choice = choose(settings, database=database)
+    updates: dict[str, Any] = {}
+    if choice.broker_url != settings.broker_url:
+        updates["broker_url"] = choice.broker_url
+    server = None
+    if choice.embedded_home is not None:
+        server = postgres.ensure_server(choice.embedded_home)
+        updates["database_url"] = server.url
+    if not updates:
+        return settings
+    resolved = settings.model_copy(update=updates)
+    _announce(resolved, server)
+    return resolved
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    """The ``LEASEFLOW_*`` variables that make a child use ``settings``' server and broker.
+
+    ``settings`` as :func:`resolve` returned them: the absolute home, the URLs in
+    use, and, when the database is the embedded server, the marker that makes a
+    subprocess register as one of its owners.
+    """
+    env = {ENV_HOME: str(home_dir(settings))}
+    if settings.broker_url is not None:
+        env[ENV_BROKER_URL] = settings.broker_url
+    url = settings.database_url
+    if url is not None:
+        env[ENV_DATABASE_URL] = url
+        if postgres.serves(url) or wants_embedded_database(settings):
+            env[ENV_EMBEDDED_URL] = url
+    return env
+
+
+def export_env(settings: Settings) -> None:
+    """Put :func:`child_env` into ``os.environ``, for the children to come.
+
+    Only for entry points that start processes and cannot hand them an environment:
+    the worker before its pool forks, beat. ``get_settings()`` agrees afterwards.
+    """
+    os.environ.update(child_env(settings))
+    reset_settings()
+
+
+def _announce(resolved: Settings, server: postgres.Server | None) -> None:
+    """One line on stderr, once per process (and its forked children), when a default is in use."""
+    global _announced
+    if _announced:
+        return
+    _announced = True
+    if server is not None:
+        database = (
+            f"embedded PostgreSQL {server.version} at {server.pgdata} ({libpq_url(server.url)})"
+        )
+    elif resolved.database_url is not None:
+        database = shown(resolved.database_url)
+    else:
+        database = "not used by this process"
+    where = shown(resolved.broker_url or "")
+    print(f"leaseflow: database {database}; broker {where}", file=sys.stderr, flush=True)

@@ -1,0 +1,189 @@
+"""The run-store port: what the runner, the heartbeat, the beat jobs, the client and
+the CLI need of a store. ``PostgresStore`` is the production adapter; ``MemoryStore``
+keeps the same semantics in one process (``leaseflow.testing`` runs on it). Both pass
+the contract suite in ``tests/contract``.
+
+The semantics every store keeps:
+
+- A claim takes a pending, due run at the step the message names and issues a fresh
+  lease token; anything else claims nothing.
+- Every write of a leased run or branch is fenced: it lands only while the token is
+  the current one and unexpired by the store's own clock, and the check is part of
+  the write. A commit along an edge the workflow did not declare raises
+  ``IllegalTransition`` and writes nothing.
+- A group's join happens exactly once: the one commit that completes the group moves
+  the run to its join, however many final branch commits race.
+- The reaper and the dispatcher act once per expired lease, overdue run or probe,
+  even when two beats call them at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol, runtime_checkable
+
+from leaseflow.fsm.definition import Workflow
+from leaseflow.fsm.rules import BranchDecision, Transition
+from leaseflow.store.records import (
+    BranchClaim,
+    BranchCommit,
+    BranchPeek,
+    BranchResult,
+    Claim,
+    Committed,
+    Created,
+    Due,
+    DueBranch,
+    ExpiredBranch,
+    InCommit,
+    OverdueBranch,
+    OverdueRun,
+    Peek,
+    Reaped,
+    RunRecord,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class NewRun:
+    """A run to create: its id, first checkpoint and input."""
+
+    run_id: str
+    checkpoint: bytes
+    input: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRef:
+    """A lease the heartbeat keeps alive: a run's, or a branch's (``group_id``, ``idx``)."""
+
+    run_id: str
+    token: str
+    group_id: int | None = None
+    idx: int | None = None
+
+
+@runtime_checkable
+class RunStore(Protocol):
+    """The run store. Implementations are thread-safe."""
+
+    # -- definitions and new runs ------------------------------------------------------
+
+    def register_workflow(self, wf: Workflow) -> None:
+        """Record the workflow's legal transitions (idempotent)."""
+
+    def create_run(
+        self,
+        *,
+        run_id: str,
+        wf: Workflow,
+        checkpoint: bytes,
+        input: dict[str, Any],
+        idempotency_key: str | None,
+    ) -> Created:
+        """A pending run in the initial state; with a used idempotency key, that run
+        (``IdempotencyConflict`` when its input differs). A taken id: ``RunExists``."""
+
+    def create_runs(self, *, wf: Workflow, runs: Sequence[NewRun]) -> None:
+        """Create pending runs in one transaction: all or none (``RunExists``)."""
+
+    # -- the step --------------------------------------------------------------------
+
+    def claim(self, run_id: str, step_seq: int, *, owner: str, ttl: float) -> Claim | None:
+        """Lease the run if it is pending, due and at ``step_seq``; else None."""
+
+    def peek(self, run_id: str) -> Peek | None:
+        """The run as it is now, to explain a claim that found nothing."""
+
+    def commit(
+        self,
+        claim: Claim,
+        tr: Transition,
+        *,
+        worker: str,
+        callbacks: Sequence[InCommit] = (),
+        handoff_ttl: float | None = None,
+    ) -> Committed | None:
+        """Write ``tr`` (and its fork, if any) iff ``claim``'s lease still holds; None
+        when it was lost. ``callbacks`` run in the same transaction. With
+        ``handoff_ttl`` the same commit leases the next state to ``worker``
+        (inline continuation), returned as ``Committed.handoff``."""
+
+    def heartbeat(self, leases: Sequence[LeaseRef], *, worker: str, ttl: float) -> frozenset[str]:
+        """Extend the leases still held (and record the worker as alive); returns the
+        tokens extended. A token missing from the answer was lost."""
+
+    def count_lease_lost(self, worker: str) -> None:
+        """Count a commit that was fenced out, against the worker."""
+
+    # -- Parallel / Map branches ------------------------------------------------------
+
+    def claim_branch(
+        self, group_id: int, idx: int, *, owner: str, ttl: float
+    ) -> BranchClaim | None:
+        """Lease branch ``idx`` of a running group if it is pending and due; else None."""
+
+    def peek_branch(self, group_id: int, idx: int) -> BranchPeek | None:
+        """The branch as it is now, to explain a branch claim that found nothing."""
+
+    def commit_branch(
+        self,
+        group_id: int,
+        idx: int,
+        token: str,
+        decision: BranchDecision,
+        *,
+        callbacks: Sequence[InCommit] = (),
+        expired: bool = False,
+    ) -> BranchCommit | None:
+        """Record a branch attempt fenced by ``token``; None when the lease was lost.
+        ``callbacks`` run only with a final result (completed or failed), never with a
+        retry. ``expired=True`` is the reaper, fenced by a token that has run out."""
+
+    def branch_results(self, group_id: int) -> list[BranchResult]:
+        """The group's branches in index order."""
+
+    # -- beat ------------------------------------------------------------------------
+
+    def reap(self, *, limit: int = 1000) -> list[Reaped]:
+        """Expired run leases: back to pending while attempts remain, else failed."""
+
+    def expired_branches(self, *, limit: int = 1000) -> list[ExpiredBranch]:
+        """Branches whose lease ran out (the reaper finishes each with ``commit_branch``)."""
+
+    def overdue_runs(self, *, limit: int = 1000) -> list[OverdueRun]:
+        """Pending runs whose message is overdue."""
+
+    def overdue_branches(self, *, limit: int = 1000) -> list[OverdueBranch]:
+        """Pending branches whose message is overdue."""
+
+    def redispatch_runs(self, run_ids: Sequence[str]) -> list[Due]:
+        """Mark overdue runs re-published; returns those this call got."""
+
+    def redispatch_branches(self, keys: Sequence[tuple[int, int]]) -> list[DueBranch]:
+        """Mark overdue branches ``(group_id, idx)`` re-published; returns those this
+        call got."""
+
+    def queue_marks(self, queues: Sequence[str]) -> dict[str, datetime]:
+        """``{queue: send time of the newest probe that came through it}``."""
+
+    def send_probe(self, queue: str) -> datetime | None:
+        """Start a probe of ``queue``: its send time, or None if one is on its way."""
+
+    def probe_passed(self, queue: str, sent_at: datetime) -> None:
+        """The probe of ``queue`` sent at ``sent_at`` came through."""
+
+    # -- reading ---------------------------------------------------------------------
+
+    def get_run(self, run_id: str, *, with_steps: bool = True) -> RunRecord:
+        """The run, with its step log and groups; ``RunNotFound`` if there is none."""
+
+    def list_runs(
+        self, *, status: str | None = None, workflow: str | None = None, limit: int = 50
+    ) -> list[RunRecord]:
+        """Newest first, without step logs."""
+
+    def close(self) -> None:
+        """Release connections and threads."""

@@ -1,0 +1,110 @@
+"""The SQL work of keeping leases alive and of the beat jobs: heartbeats, the reaper,
+the dispatcher's overdue scans, re-publish marks and queue probes. Each statement is
+safe to run from two beats at once: it acts once per expiry, overdue run or probe."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import psycopg
+
+from leaseflow import errors
+from leaseflow.store import queries, records
+
+HOSTNAME = socket.gethostname()
+
+
+def heartbeat_txn(
+    conn: psycopg.Connection[Any],
+    runs: Sequence[tuple[str, str]],
+    branches: Sequence[tuple[int, str]],
+    *,
+    worker: str,
+    ttl: float,
+) -> frozenset[str]:
+    """One statement: extend the run leases ``(run_id, token)`` and branch leases
+    ``(group_id, token)`` still held, and record the worker as alive."""
+    params = {
+        "worker": worker,
+        "hostname": HOSTNAME,
+        "pid": os.getpid(),
+        "ttl": ttl,
+        "run_ids": [run_id for run_id, _ in runs],
+        "tokens": [token for _, token in runs],
+        "group_ids": [group_id for group_id, _ in branches],
+        "branch_tokens": [token for _, token in branches],
+    }
+    return frozenset(row[0] for row in conn.execute(queries.HEARTBEAT, params))
+
+
+def count_lease_lost_txn(conn: psycopg.Connection[Any], worker: str) -> None:
+    conn.execute(
+        queries.COUNT_LEASE_LOST, {"worker": worker, "hostname": HOSTNAME, "pid": os.getpid()}
+    )
+
+
+def reap_txn(
+    conn: psycopg.Connection[Any], *, limit: int, dispatch_timeout: float
+) -> list[records.Reaped]:
+    params = {"limit": limit, "dispatch_timeout": dispatch_timeout, "code": errors.LEASE_EXPIRED}
+    return [records.Reaped(*row) for row in conn.execute(queries.REAP, params)]
+
+
+def expired_branches_txn(
+    conn: psycopg.Connection[Any], *, limit: int
+) -> list[records.ExpiredBranch]:
+    rows = conn.execute(queries.EXPIRED_BRANCHES, {"limit": limit})
+    return [records.ExpiredBranch(*row) for row in rows]
+
+
+def overdue_runs_txn(
+    conn: psycopg.Connection[Any], *, limit: int, dispatch_timeout: float
+) -> list[records.OverdueRun]:
+    rows = conn.execute(queries.OVERDUE, {"limit": limit, "dispatch_timeout": dispatch_timeout})
+    return [records.OverdueRun(*row) for row in rows]
+
+
+def overdue_branches_txn(
+    conn: psycopg.Connection[Any], *, limit: int, dispatch_timeout: float
+) -> list[records.OverdueBranch]:
+    params = {"limit": limit, "dispatch_timeout": dispatch_timeout}
+    return [records.OverdueBranch(*row) for row in conn.execute(queries.OVERDUE_BRANCHES, params)]
+
+
+def redispatch_runs_txn(
+    conn: psycopg.Connection[Any], run_ids: Sequence[str], *, dispatch_timeout: float
+) -> list[records.Due]:
+    params = {"ids": list(run_ids), "dispatch_timeout": dispatch_timeout}
+    return [records.Due(*row) for row in conn.execute(queries.REDISPATCH, params)]
+
+
+def redispatch_branches_txn(
+    conn: psycopg.Connection[Any], keys: Sequence[tuple[int, int]], *, dispatch_timeout: float
+) -> list[records.DueBranch]:
+    params = {
+        "group_ids": [k[0] for k in keys],
+        "idxs": [k[1] for k in keys],
+        "dispatch_timeout": dispatch_timeout,
+    }
+    return [records.DueBranch(*row) for row in conn.execute(queries.REDISPATCH_BRANCHES, params)]
+
+
+def queue_marks_txn(conn: psycopg.Connection[Any], queues: Sequence[str]) -> dict[str, datetime]:
+    rows = conn.execute(queries.QUEUE_MARKS, {"queues": list(queues)})
+    return {queue: passed for queue, passed in rows}
+
+
+def send_probe_txn(
+    conn: psycopg.Connection[Any], queue: str, *, dispatch_timeout: float
+) -> datetime | None:
+    params = {"queue": queue, "dispatch_timeout": dispatch_timeout}
+    row = conn.execute(queries.SEND_PROBE, params).fetchone()
+    return None if row is None else row[0]
+
+
+def probe_passed_txn(conn: psycopg.Connection[Any], queue: str, sent_at: datetime) -> None:
+    conn.execute(queries.PROBE_PASSED, {"queue": queue, "sent_at": sent_at})

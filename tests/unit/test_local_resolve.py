@@ -1,0 +1,216 @@
+"""Which database and broker the settings mean, and what children are told (no server).
+
+The embedded PostgreSQL itself is exercised in ``test_embedded.py``; here a fake
+``ensure_server`` stands in for it, so every test is pure and fast.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from leaseflow import local
+from leaseflow.local import postgres, resolution
+from leaseflow.settings import Settings, get_settings, reset_settings
+
+EXPLICIT_DB = "postgresql+psycopg://u@db/x"
+EXPLICIT_BROKER = "redis://r:6379/0"
+
+
+@pytest.fixture(autouse=True)
+def no_leaseflow_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No ``LEASEFLOW_*`` variable of the caller leaks in; the settings cache is fresh."""
+    for name in list(os.environ):
+        if name.startswith("LEASEFLOW_"):
+            monkeypatch.delenv(name)
+    reset_settings()
+    yield
+    reset_settings()
+
+
+@pytest.fixture
+def fake_server(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """``ensure_server`` returns a made-up server and records the homes it was asked for."""
+    asked: list[Path] = []
+
+    def ensure_server(home: Path) -> local.Server:
+        asked.append(home)
+        url = f"postgresql+psycopg://postgres@/leaseflow?host={home / 'pgdata'}"
+        server = local.Server(home, home / "pgdata", url, 4242, "18.1", os.getpid())
+        monkeypatch.setitem(postgres._servers, home, server)
+        return server
+
+    monkeypatch.setattr(postgres, "ensure_server", ensure_server)
+    monkeypatch.setattr(resolution, "_announced", False)
+    return asked
+
+
+def defaults(home: Path, **values: object) -> Settings:
+    return Settings(home=home, database_url=None, broker_url=None, **values)
+
+
+# -- the decision ----------------------------------------------------------------------
+
+
+def test_no_urls_mean_the_embedded_database_and_the_filesystem_broker_of_the_home(
+    tmp_path: Path,
+):
+    choice = local.choose(defaults(tmp_path / "h"), environ={})
+    assert choice == local.Choice(f"filesystem://{tmp_path}/h/broker", tmp_path / "h")
+    assert not (tmp_path / "h").exists()  # deciding touches nothing
+
+
+def test_a_relative_home_is_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    choice = local.choose(defaults(Path(".leaseflow")), environ={})
+    assert choice.embedded_home == tmp_path / ".leaseflow"
+    assert choice.broker_url == f"filesystem://{tmp_path}/.leaseflow/broker"
+
+
+def test_explicit_urls_are_kept(tmp_path: Path):
+    settings = defaults(tmp_path).model_copy(
+        update={"database_url": EXPLICIT_DB, "broker_url": EXPLICIT_BROKER}
+    )
+    assert local.choose(settings, environ={}) == local.Choice(EXPLICIT_BROKER, None)
+
+
+def test_without_database_only_the_broker_is_decided(tmp_path: Path):
+    assert local.choose(defaults(tmp_path), database=False, environ={}).embedded_home is None
+
+
+@pytest.mark.parametrize("given", ["filesystem://", "filesystem:///", "filesystem:"])
+def test_a_bare_filesystem_url_means_the_home_broker(tmp_path: Path, given: str):
+    settings = defaults(tmp_path).model_copy(update={"broker_url": given})
+    assert local.broker_url(settings) == f"filesystem://{tmp_path}/broker"
+
+
+def test_a_filesystem_broker_gets_the_safe_transport_and_others_nothing():
+    assert local.broker_options("filesystem:///x/broker") == {
+        "broker_transport": local.FILESYSTEM_TRANSPORT
+    }
+    assert local.FILESYSTEM_TRANSPORT == "leaseflow.local.fsbroker:FilesystemTransport"
+    assert local.broker_options(EXPLICIT_BROKER) == {}
+
+
+def test_the_url_a_parent_marked_as_embedded_means_the_embedded_server(tmp_path: Path):
+    # Given a database URL that a parent exported as its embedded server's
+    url = f"postgresql+psycopg://postgres@/leaseflow?host={tmp_path}/pgdata"
+    settings = defaults(tmp_path).model_copy(update={"database_url": url})
+    # Then this process registers with that server; any other URL is a foreign database
+    marked = {local.ENV_EMBEDDED_URL: url}
+    assert local.choose(settings, environ=marked).embedded_home == tmp_path
+    assert local.choose(settings, environ={}).embedded_home is None
+    other = {local.ENV_EMBEDDED_URL: "postgresql+psycopg://postgres@/leaseflow?host=/else"}
+    assert local.choose(settings, environ=other).embedded_home is None
+
+
+def test_passwords_are_hidden_when_shown():
+    assert local.shown("redis://:s3cret@host:6379/0") == "redis://:***@host:6379/0"
+    assert local.shown("postgresql+psycopg://u:pw@h/db") == "postgresql+psycopg://u:***@h/db"
+
+
+# -- resolving never touches the environment ----------------------------------------
+
+
+def test_explicit_urls_are_returned_as_they_are(tmp_path: Path, fake_server: list[Path]):
+    explicit = defaults(tmp_path).model_copy(
+        update={"database_url": EXPLICIT_DB, "broker_url": EXPLICIT_BROKER}
+    )
+    environ = dict(os.environ)
+    assert local.resolve(explicit) is explicit
+    assert fake_server == [] and not tmp_path.joinpath("broker").exists()
+    assert dict(os.environ) == environ
+
+
+def test_resolving_the_defaults_fills_the_urls_and_leaves_os_environ_alone(
+    tmp_path: Path, fake_server: list[Path], capsys: pytest.CaptureFixture[str]
+):
+    # Given no URLs
+    environ = dict(os.environ)
+    # When the defaults are resolved (twice, as a client and a task of one process would)
+    first = local.resolve(defaults(tmp_path / "h"))
+    second = local.resolve(defaults(tmp_path / "h"))
+    # Then the embedded server of the home and its filesystem broker are used
+    assert fake_server == [tmp_path / "h", tmp_path / "h"]
+    assert first == second
+    assert (
+        first.database_url == f"postgresql+psycopg://postgres@/leaseflow?host={tmp_path}/h/pgdata"
+    )
+    assert first.broker_url == f"filesystem://{tmp_path}/h/broker"
+    # And nothing was exported: the environment and get_settings() are as they were
+    assert dict(os.environ) == environ
+    assert (get_settings().database_url, get_settings().broker_url) == (None, None)
+    # And one line said what is in use
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("leaseflow:")]
+    assert said == [
+        f"leaseflow: database embedded PostgreSQL 18.1 at {tmp_path}/h/pgdata "
+        f"(postgresql://postgres@/leaseflow?host={tmp_path}/h/pgdata); "
+        f"broker filesystem://{tmp_path}/h/broker"
+    ]
+
+
+def test_beat_resolves_only_the_broker(tmp_path: Path, fake_server: list[Path]):
+    resolved = local.resolve(defaults(tmp_path), database=False)
+    assert fake_server == []
+    assert (resolved.database_url, resolved.broker_url) == (None, f"filesystem://{tmp_path}/broker")
+
+
+def test_a_client_leaves_os_environ_alone(
+    tmp_path: Path, fake_server: list[Path], monkeypatch: pytest.MonkeyPatch
+):
+    from leaseflow import client as client_mod
+    from leaseflow.tasks import runtime
+
+    made: list[Settings] = []
+    monkeypatch.setattr(runtime, "make_store", lambda settings, **_: made.append(settings))
+    environ = dict(os.environ)
+    # When a client is made with no URLs
+    client = client_mod.Client(settings=defaults(tmp_path))
+    # Then it uses the embedded server, and exported nothing
+    assert fake_server == [tmp_path]
+    assert client.settings.database_url == made[0].database_url is not None
+    assert dict(os.environ) == environ
+
+
+# -- what children are told --------------------------------------------------------------
+
+
+def test_children_of_an_embedded_resolution_are_told_the_server_and_the_marker(
+    tmp_path: Path, fake_server: list[Path]
+):
+    resolved = local.resolve(defaults(tmp_path / "h"))
+    assert resolved.database_url is not None and resolved.broker_url is not None
+    assert local.child_env(resolved) == {
+        local.ENV_HOME: str(tmp_path / "h"),
+        local.ENV_DATABASE_URL: resolved.database_url,
+        local.ENV_BROKER_URL: resolved.broker_url,
+        local.ENV_EMBEDDED_URL: resolved.database_url,
+    }
+
+
+def test_children_of_explicit_urls_get_no_marker(tmp_path: Path):
+    explicit = defaults(tmp_path).model_copy(
+        update={"database_url": EXPLICIT_DB, "broker_url": EXPLICIT_BROKER}
+    )
+    assert local.child_env(explicit) == {
+        local.ENV_HOME: str(tmp_path),
+        local.ENV_DATABASE_URL: EXPLICIT_DB,
+        local.ENV_BROKER_URL: EXPLICIT_BROKER,
+    }
+
+
+def test_exporting_puts_the_child_env_in_os_environ_and_get_settings_follows(
+    tmp_path: Path, fake_server: list[Path], monkeypatch: pytest.MonkeyPatch
+):
+    resolved = local.resolve(defaults(tmp_path / "h"))
+    for name in local.child_env(resolved):
+        monkeypatch.delenv(name, raising=False)  # restored after the test
+    local.export_env(resolved)
+    assert {k: os.environ[k] for k in local.child_env(resolved)} == local.child_env(resolved)
+    assert get_settings().database_url == resolved.database_url
+    assert get_settings().broker_url == resolved.broker_url
+    # And a process of that environment takes the server as the embedded one, not a foreign one
+    assert local.choose(get_settings()).embedded_home == tmp_path / "h"
