@@ -13,7 +13,8 @@ enqueued first, then the worker is started; it is stopped once every run is fini
                 continuation), so a run is one Celery task and one statement per state.
   leaseflow_ref the default mode on the code of ``--ref <commit>`` (a git worktree on the
                 worker's PYTHONPATH): ``--systems leaseflow,leaseflow_ref,plain --ref X``
-                is the A/B of a change, old and new code in one run.
+                is the A/B of a change, old and new code in one run;
+                ``leaseflow_inline_ref`` likewise for ``leaseflow_inline``.
   naive         ``benchmarks/chains.py`` ``naive_step``: a bare Celery task per state over
                 raw psycopg: claim UPDATE (1 commit), a lease-gated UPDATE + step INSERT
                 (1 transaction), then publish the next task. Its own fresh database.
@@ -83,17 +84,19 @@ SYSTEMS = (
     "leaseflow",
     "leaseflow_inline",
     "leaseflow_ref",
+    "leaseflow_inline_ref",
     "naive",
     "floor",
     "plain",
     "plain_reuse",
 )
-#: Run by default: ``leaseflow_ref`` needs ``--ref``.
-DEFAULT_SYSTEMS = tuple(s for s in SYSTEMS if s != "leaseflow_ref")
+#: Run by default: the ``_ref`` systems need ``--ref``.
+DEFAULT_SYSTEMS = tuple(s for s in SYSTEMS if not s.endswith("_ref"))
 PAIRS = (
     ("leaseflow", "plain"),
     ("leaseflow", "leaseflow_ref"),
     ("leaseflow_ref", "plain"),
+    ("leaseflow_inline", "leaseflow_inline_ref"),
     ("leaseflow_inline", "plain"),
     ("leaseflow", "plain_reuse"),
     ("plain_reuse", "plain"),
@@ -377,6 +380,13 @@ class LeaseflowRefDrain(LeaseflowDrain):
         return self.worker("leaseflow.tasks", {**self.env, "PYTHONPATH": str(tree)})
 
 
+class LeaseflowInlineRefDrain(LeaseflowRefDrain):
+    """``leaseflow_inline`` on the code of ``--ref``."""
+
+    name = "leaseflow_inline_ref"
+    inline = True
+
+
 _worktrees: dict[str, Path] = {}
 
 
@@ -575,6 +585,7 @@ DRAINS = {
     "leaseflow": LeaseflowDrain,
     "leaseflow_inline": LeaseflowInlineDrain,
     "leaseflow_ref": LeaseflowRefDrain,
+    "leaseflow_inline_ref": LeaseflowInlineRefDrain,
     "naive": NaiveDrain,
     "floor": FloorDrain,
     "plain": PlainDrain,

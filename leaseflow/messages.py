@@ -53,23 +53,9 @@ class BranchStep:
 
 
 @dataclass(frozen=True, slots=True)
-class JoinWake:
-    """Wake the join state of a group that has completed. Inside a Celery chord the
-    chord body is this wake-up, so the branches do not publish it themselves."""
-
-    run_id: str
-    workflow: str
-    state: str
-    step_seq: int
-    countdown: float = 0.0
-
-    @property
-    def args(self) -> tuple[str, int]:
-        return (self.run_id, self.step_seq)
-
-    @property
-    def task_id(self) -> str:
-        return f"{self.run_id}:{self.step_seq}"
+class JoinWake(StateStep):
+    """Run the join state of a group that has completed: a ``StateStep`` that a Celery
+    chord's body may deliver too, so the branches of a chord do not publish it."""
 
 
 Message = StateStep | BranchStep | JoinWake
