@@ -1,7 +1,9 @@
-"""The one exception tree of leaseflow, and the stable error codes runs fail with.
+"""The one exception tree of leaseflow, and the stable error codes.
 
-Every exception rebuilds from its ``args`` so that it survives pickling across
-Celery processes. Codes are added here as the engine learns to fail with them.
+Runs fail with the ``E-...`` codes below (``lf_runs.error_code``). Every exception
+also carries a stable ``code`` (the CLI prints ``error[<code>]: ...`` and the HTTP
+API will return it), and rebuilds from its ``args`` so that it survives pickling
+across Celery processes. Codes are added here as the engine learns to fail with them.
 """
 
 from __future__ import annotations
@@ -20,13 +22,19 @@ PAYLOAD_TOO_LARGE = "E-PAYLOAD-TOO-LARGE"
 class LeaseflowError(Exception):
     """Root of every error leaseflow raises."""
 
+    code = "E-LEASEFLOW"
+
 
 class ConfigurationError(LeaseflowError):
     """A setting is missing or malformed."""
 
+    code = "E-CONFIG"
+
 
 class InvalidDefinition(LeaseflowError):
     """A workflow definition is malformed; ``problems`` maps each state to what is wrong."""
+
+    code = "E-DEFINITION"
 
     def __init__(self, workflow: str, problems: dict[str, list[str]]) -> None:
         super().__init__(workflow, problems)
@@ -44,6 +52,8 @@ class InvalidDefinition(LeaseflowError):
 class UnknownWorkflow(LeaseflowError):
     """No workflow of that name (and version) is registered in this process."""
 
+    code = "E-UNKNOWN-WORKFLOW"
+
     def __init__(self, name: str, version: int | None = None) -> None:
         super().__init__(name, version)
         self.name = name
@@ -60,6 +70,8 @@ class UnknownWorkflow(LeaseflowError):
 class UnknownState(LeaseflowError):
     """The workflow has no state of that name."""
 
+    code = UNKNOWN_STATE
+
     def __init__(self, workflow: str, state: str) -> None:
         super().__init__(workflow, state)
         self.workflow = workflow
@@ -71,6 +83,8 @@ class UnknownState(LeaseflowError):
 
 class InvalidInput(LeaseflowError):
     """The input of a new run does not validate against the workflow's context model."""
+
+    code = CONTEXT_INVALID
 
     def __init__(self, workflow: str, detail: str) -> None:
         super().__init__(workflow, detail)
@@ -99,6 +113,8 @@ class PayloadTooLarge(LeaseflowError):
 class IdempotencyConflict(LeaseflowError):
     """An idempotency key was reused with a different input."""
 
+    code = "E-IDEMPOTENCY-CONFLICT"
+
     def __init__(self, workflow: str, key: str, run_id: str) -> None:
         super().__init__(workflow, key, run_id)
         self.workflow = workflow
@@ -115,6 +131,8 @@ class IdempotencyConflict(LeaseflowError):
 class RunExists(LeaseflowError):
     """A new run was given an id that another run has (or that is no UUID)."""
 
+    code = "E-RUN-EXISTS"
+
     def __init__(self, run_id: str) -> None:
         super().__init__(run_id)
         self.run_id = run_id
@@ -124,6 +142,10 @@ class RunExists(LeaseflowError):
 
 
 class RunNotFound(LeaseflowError):
+    """No run has that id."""
+
+    code = "E-RUN-NOT-FOUND"
+
     def __init__(self, run_id: str) -> None:
         super().__init__(run_id)
         self.run_id = run_id
@@ -134,6 +156,8 @@ class RunNotFound(LeaseflowError):
 
 class LeaseLost(LeaseflowError):
     """This process no longer holds the lease of the run: its write was fenced off."""
+
+    code = "E-LEASE-LOST"
 
     def __init__(self, run_id: str, token: str) -> None:
         super().__init__(run_id, token)
@@ -159,6 +183,8 @@ class CheckpointError(LeaseflowError):
 class IllegalTransition(LeaseflowError):
     """The store refused a write along an edge the workflow does not declare."""
 
+    code = ILLEGAL_TRANSITION
+
     def __init__(self, run_id: str, from_state: str, to_state: str) -> None:
         super().__init__(run_id, from_state, to_state)
         self.run_id = run_id
@@ -175,9 +201,41 @@ class IllegalTransition(LeaseflowError):
 class StoreUnavailable(LeaseflowError):
     """The database could not be reached or dropped the connection."""
 
+    code = "E-STORE-UNAVAILABLE"
+
+
+class SchemaMissing(LeaseflowError):
+    """The database has no leaseflow tables (or an older schema): run the migrations."""
+
+    code = "E-DB-NOT-MIGRATED"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"the database has no leaseflow schema ({self.detail}); run `leaseflow db upgrade`"
+
+
+class UnstorableValue(LeaseflowError):
+    """A value the store cannot take (a NUL byte, nesting too deep, a value PostgreSQL
+    refuses): the step fails with its cause instead of retrying a doomed commit."""
+
+    code = STATE_ERROR
+
+    def __init__(self, what: str, detail: str) -> None:
+        super().__init__(what, detail)
+        self.what = what
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.what} cannot be stored: {self.detail}"
+
 
 class InCommitError(LeaseflowError):
     """A ``ctx.in_commit`` callback raised: the transition was rolled back with it."""
+
+    code = "E-IN-COMMIT"
 
     def __init__(self, run_id: str, detail: str) -> None:
         super().__init__(run_id, detail)
