@@ -12,6 +12,7 @@ from leaseflow.errors import (
     LeaseLost,
     PayloadTooLarge,
     RunNotFound,
+    UnknownWorkflow,
 )
 from leaseflow.fsm.definition import Workflow
 from leaseflow.fsm.outcomes import Complete, Failed, Map, Next, Parallel
@@ -42,6 +43,7 @@ __all__ = [
     "RunNotFound",
     "RunStatus",
     "RunView",
+    "UnknownWorkflow",
     "Workflow",
 ]
 

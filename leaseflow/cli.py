@@ -5,8 +5,11 @@ Commands import the engine lazily: building the Celery app imports
 Without ``LEASEFLOW_DATABASE_URL`` the commands that read or write runs use the
 embedded PostgreSQL under ``LEASEFLOW_HOME`` (``leaseflow.local``): started, or
 reused when a worker already runs it.
-Every ``LeaseflowError`` (and a malformed environment) becomes a message on stderr
-and exit code 1, never a traceback; a malformed argument exits 2.
+Every error is one ``error[<code>]: <message>`` on stderr, never a traceback: the
+``code`` of the ``LeaseflowError`` (``E-CONFIG`` for a malformed environment,
+``E-USAGE`` for a malformed argument). Usage errors exit 2, every other error 1.
+With ``--json`` among the arguments, the error is printed as one JSON object
+``{"code": ..., "message": ...}``, on stderr too: stdout only ever carries results.
 """
 
 from __future__ import annotations
@@ -14,16 +17,15 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import click
 import pydantic
 
+from leaseflow import cli_render as render
 from leaseflow import errors
 from leaseflow.fsm import graph as graph_mod
 from leaseflow.fsm import registry
@@ -32,28 +34,73 @@ from leaseflow.types import RunStatus
 
 if TYPE_CHECKING:
     from celery import Celery
-    from rich.console import Console
 
     from leaseflow.client import Client
     from leaseflow.fsm.definition import Workflow
-    from leaseflow.store.records import GroupRecord, RunRecord
 
-#: Width of tables written to a pipe or file, so ids and timestamps never wrap.
-PIPE_WIDTH = 200
+#: The code of a malformed command line (bad arguments, unknown option, bad ``--input``).
+USAGE = "E-USAGE"
+#: The code of an error click raises that is not a usage error (none is expected).
+CLI_ERROR = "E-CLI"
+#: Exit statuses: a usage error, any other error.
+EXIT_USAGE = 2
+EXIT_ERROR = 1
+
+
+class MigrationFailed(errors.LeaseflowError):
+    """``db upgrade`` could not migrate the database (it was reachable)."""
+
+    code = "E-DB-MIGRATION"
 
 
 class _Group(click.Group):
-    """A group that turns leaseflow's own errors into clean click errors."""
+    """The ``leaseflow`` group: every error becomes ``error[<code>]: <message>`` (or
+    a JSON object with ``--json``) on stderr, and exit 2 (usage) or 1."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def main(  # type: ignore[override]
+        self,
+        args: list[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        argv = list(sys.argv[1:] if args is None else args)
+        as_json = "--json" in argv[: argv.index("--")] if "--" in argv else "--json" in argv
         try:
-            return super().invoke(ctx)
+            status = super().main(args, prog_name, complete_var, False, **extra)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            status = EXIT_ERROR
+        except click.UsageError as exc:
+            hint = f"Try '{exc.ctx.command_path} --help' for help." if exc.ctx else None
+            status = _report(USAGE, exc.format_message(), as_json, hint=hint)
+        except click.ClickException as exc:
+            status = _report(CLI_ERROR, exc.format_message(), as_json, status=exc.exit_code)
         except errors.LeaseflowError as exc:
-            raise click.ClickException(str(exc)) from exc
+            status = _report(exc.code, str(exc), as_json)
         except pydantic.ValidationError as exc:
             if exc.title != Settings.__name__:
                 raise
-            raise click.ClickException(_settings_problems(exc)) from exc
+            status = _report(errors.ConfigurationError.code, _settings_problems(exc), as_json)
+        sys.exit(status if isinstance(status, int) else 0)
+
+
+def _report(
+    code: str, message: str, as_json: bool, *, hint: str | None = None, status: int | None = None
+) -> int:
+    """Print one error on stderr; its exit status (2 for usage errors, else 1)."""
+    if as_json:
+        click.echo(json.dumps({"code": code, "message": message}, ensure_ascii=False), err=True)
+    else:
+        click.echo(f"error[{code}]: {message}", err=True)
+        if hint:
+            click.echo(hint, err=True)
+    if status is not None:
+        return status
+    return EXIT_USAGE if code == USAGE else EXIT_ERROR
 
 
 def _settings_problems(exc: pydantic.ValidationError) -> str:
@@ -108,33 +155,6 @@ def _client() -> Client:
     return Client(settings=get_settings())
 
 
-def _console() -> Console:
-    from rich.console import Console
-
-    console = Console(markup=False, highlight=False)
-    if not console.is_terminal and "COLUMNS" not in os.environ:
-        console = Console(markup=False, highlight=False, width=PIPE_WIDTH)
-    return console
-
-
-def _when(value: datetime | None) -> str:
-    return "" if value is None else value.isoformat(sep=" ", timespec="seconds")
-
-
-def _summary(error: str | None) -> str:
-    """One line of an error: the exception line of a traceback, else the first line."""
-    if not error:
-        return ""
-    lines = [line for line in error.strip().splitlines() if line.strip()]
-    if lines[0].startswith("Traceback"):
-        return lines[-1].strip()
-    return lines[0].strip()
-
-
-def _json(value: Any) -> str:
-    return json.dumps(value, indent=2, ensure_ascii=False, default=str)
-
-
 # -- db ---------------------------------------------------------------------------
 
 
@@ -162,9 +182,8 @@ def _revision(url: str) -> str | None:
 def db_upgrade() -> None:
     """Create or migrate the lf_* tables to the newest schema."""
     import sqlalchemy.exc
-    from sqlalchemy.engine import make_url
 
-    from leaseflow import migrations
+    from leaseflow import local, migrations
 
     url = get_settings().database_url
     if not url:
@@ -173,14 +192,17 @@ def db_upgrade() -> None:
             "names; the embedded PostgreSQL under LEASEFLOW_HOME is migrated whenever "
             "leaseflow starts it"
         )
-    shown = make_url(url).render_as_string(hide_password=True)
+    shown = local.shown(url)  # every password form masked, the query string's too
     try:
         before = _revision(url)
         migrations.upgrade(url)
         after = _revision(url)
     except sqlalchemy.exc.SQLAlchemyError as exc:
         first = str(exc.orig if isinstance(exc, sqlalchemy.exc.DBAPIError) else exc)
-        raise click.ClickException(f"cannot migrate {shown}: {first.strip()}") from exc
+        message = f"cannot migrate {shown}: {local.scrubbed(first.strip(), url)}"
+        if isinstance(exc, sqlalchemy.exc.OperationalError):  # not reached
+            raise errors.StoreUnavailable(message) from exc
+        raise MigrationFailed(message) from exc
     if before == after:
         click.echo(f"{shown}: already at revision {after}")
     else:
@@ -195,6 +217,21 @@ def _exit_with(code: object) -> None:
         raise click.exceptions.Exit(code)
 
 
+def _check_definitions(*, need_workflows: bool) -> None:
+    """Before Celery starts: import ``LEASEFLOW_WORKFLOWS`` and validate every
+    definition; print every problem (and, when ``need_workflows``, the lack of any
+    workflow) and exit 1 instead of starting a process that cannot serve them."""
+    from leaseflow.tasks import celery_app
+
+    settings = get_settings()
+    celery_app.import_workflows(settings.workflows)
+    problems = celery_app.startup_problems(settings, need_workflows=need_workflows)
+    for problem in problems:
+        _report(problem.code, str(problem), as_json=False)
+    if problems:
+        raise SystemExit(EXIT_ERROR)
+
+
 @main.command(
     context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
 )
@@ -202,21 +239,34 @@ def _exit_with(code: object) -> None:
 @click.option("-c", "--concurrency", type=click.IntRange(min=1), help="Pool size.")
 @click.option("-P", "--pool", help="Pool: prefork, threads, solo, ...")
 @click.option("-l", "--loglevel", default="INFO", show_default=True)
+@click.option(
+    "--maintenance-only",
+    is_flag=True,
+    help="Serve only the beat queue (reaper, dispatcher): needs no LEASEFLOW_WORKFLOWS.",
+)
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 def worker(
     queues: str | None,
     concurrency: int | None,
     pool: str | None,
     loglevel: str,
+    maintenance_only: bool,
     celery_args: tuple[str, ...],
 ) -> None:
     """Run a Celery worker for the workflows of LEASEFLOW_WORKFLOWS.
 
+    Every definition is validated first: an invalid one, or no workflow at all
+    (unless --maintenance-only), and the worker does not start.
     Arguments after the options go to ``celery worker`` unchanged.
     """
     from leaseflow.tasks import celery_app
 
-    argv = ["worker", "-Q", queues or get_settings().default_queue, "-l", loglevel]
+    if maintenance_only and queues:
+        raise click.UsageError("--maintenance-only serves the beat queue only: drop -Q")
+    _check_definitions(need_workflows=not maintenance_only)
+    settings = get_settings()
+    queue = settings.maintenance_queue if maintenance_only else queues or settings.default_queue
+    argv = ["worker", "-Q", queue, "-l", loglevel]
     if concurrency is not None:
         argv += ["-c", str(concurrency)]
     if pool is not None:
@@ -225,13 +275,15 @@ def worker(
 
 
 def default_schedule() -> Path:
-    """Where beat keeps its schedule: the user's cache directory, else the temp dir."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "leaseflow"
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        cache = Path(tempfile.gettempdir())
-    return cache / "celerybeat-schedule"
+    """Where beat keeps its schedule (a pickle): ``$LEASEFLOW_HOME/celerybeat-schedule``.
+
+    The home is made private (0700) if missing, and refused if another user could
+    write it: never a shared directory such as /tmp or a cache of every project.
+    """
+    from leaseflow import local
+
+    home = local.ensure_home(local.home_dir(get_settings()))
+    return home / "celerybeat-schedule"
 
 
 @main.command()
@@ -240,12 +292,13 @@ def default_schedule() -> Path:
     "-s",
     "--schedule",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Schedule file [default: ~/.cache/leaseflow/celerybeat-schedule]",
+    help="Schedule file [default: $LEASEFLOW_HOME/celerybeat-schedule]",
 )
 def beat(loglevel: str, schedule: Path | None) -> None:
-    """Run celery beat: the reaper and the dispatcher."""
+    """Run celery beat: the reaper and the dispatcher (every definition is validated first)."""
     from leaseflow.tasks import celery_app
 
+    _check_definitions(need_workflows=False)
     path = schedule or default_schedule()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -257,9 +310,46 @@ def beat(loglevel: str, schedule: Path | None) -> None:
 # -- runs -------------------------------------------------------------------------
 
 
+def _input_text(value: str, stdin: IO[bytes]) -> str:
+    """The text of ``--input``: inline JSON, ``@path`` (a file) or ``-`` (stdin)."""
+    if value == "-":
+        raw, where = stdin.read(), "stdin"
+    elif value.startswith("@"):
+        where = value[1:]
+        try:
+            raw = Path(where).read_bytes()
+        except OSError as exc:
+            raise click.BadParameter(
+                f"cannot read {where}: {exc.strerror or exc}", param_hint="'--input'"
+            ) from exc
+    else:
+        return value
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise click.BadParameter(f"{where} is not UTF-8: {exc}", param_hint="'--input'") from exc
+
+
+def _parse_input(workflow: str, text: str) -> Any:
+    """The JSON of ``--input``; malformed is a usage error, too deeply nested an
+    ``InvalidInput`` (the parser's own recursion must not escape as a traceback)."""
+    try:
+        return json.loads(text)
+    except RecursionError as exc:
+        raise errors.InvalidInput(workflow, "the JSON is nested too deeply") from exc
+    except ValueError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}", param_hint="'--input'") from exc
+
+
 @main.command()
 @click.argument("workflow")
-@click.option("--input", "input_json", default="{}", show_default=True, help="A JSON object.")
+@click.option(
+    "--input",
+    "input_json",
+    default="{}",
+    show_default=True,
+    help="A JSON object; @FILE reads it from a file, - from stdin.",
+)
 @click.option("--idempotency-key", help="Starting twice with one key yields one run.")
 @click.option("--version", type=click.IntRange(min=1), help="[default: the newest]")
 def start(workflow: str, input_json: str, idempotency_key: str | None, version: int | None) -> None:
@@ -267,10 +357,8 @@ def start(workflow: str, input_json: str, idempotency_key: str | None, version: 
     from leaseflow import local
     from leaseflow.client import Client
 
-    try:
-        payload = json.loads(input_json)
-    except ValueError as exc:
-        raise click.BadParameter(f"not valid JSON: {exc}", param_hint="'--input'") from exc
+    text = _input_text(input_json, sys.stdin.buffer)
+    payload = _parse_input(workflow, text)
     wf = _workflow(workflow, version)
     settings = local.resolve(get_settings())
     with _celery_app(settings) as app, Client(settings=settings, app=app) as client:
@@ -293,27 +381,9 @@ def runs_list(status: str | None, workflow: str | None, limit: int, as_json: boo
     with _client() as client:
         found = client.list_runs(status=status, workflow=workflow, limit=limit)
     if as_json:
-        click.echo(_json([run.to_dict() for run in found]))
+        click.echo(render.to_json([run.to_dict() for run in found]))
         return
-    from rich.table import Table
-
-    table = Table(title=f"{len(found)} run(s)", title_justify="left")
-    for column in ("id", "workflow", "status", "state", "attempt", "error_code"):
-        table.add_column(column, no_wrap=column == "id")
-    table.add_column("created", no_wrap=True)
-    table.add_column("updated", no_wrap=True)
-    for run in found:
-        table.add_row(
-            run.id,
-            f"{run.workflow} v{run.version}",
-            run.status,
-            run.state,
-            f"{run.attempt}/{run.max_attempts}",
-            run.error_code or "",
-            _when(run.created_at),
-            _when(run.updated_at),
-        )
-    _console().print(table)
+    render.console().print(render.runs_table(found))
 
 
 @runs.command("show")
@@ -324,87 +394,9 @@ def runs_show(run_id: str, as_json: bool) -> None:
     with _client() as client:
         run = client.get(run_id)
     if as_json:
-        click.echo(_json(run.to_dict()))
+        click.echo(render.to_json(run.to_dict()))
         return
-    _print_run(run)
-
-
-def _print_run(run: RunRecord) -> None:
-    from rich.table import Table
-
-    details = Table.grid(padding=(0, 2))
-    details.add_column(style="bold")
-    details.add_column()
-    rows: list[tuple[str, str]] = [
-        ("id", run.id),
-        ("workflow", f"{run.workflow} v{run.version}"),
-        ("status", run.status),
-        ("state", run.state + (f" (from {run.prev_state})" if run.prev_state else "")),
-        ("step", str(run.step_seq)),
-        ("attempt", f"{run.attempt}/{run.max_attempts}"),
-        ("created", _when(run.created_at)),
-        ("updated", _when(run.updated_at)),
-    ]
-    if run.finished_at is not None:
-        rows.append(("finished", _when(run.finished_at)))
-    if run.lease_owner is not None:
-        rows.append(("lease", f"{run.lease_owner} until {_when(run.lease_expires_at)}"))
-    if run.idempotency_key is not None:
-        rows.append(("idempotency key", run.idempotency_key))
-    rows.append(("input", json.dumps(run.input, ensure_ascii=False)))
-    if run.output is not None:
-        rows.append(("output", json.dumps(run.output, ensure_ascii=False, default=str)))
-    if run.error_code is not None or run.error is not None:
-        rows.append(("error", f"{run.error_code or ''} {run.error or ''}".strip()))
-    for key, value in rows:
-        details.add_row(key, value)
-
-    steps = Table(title=f"{len(run.steps)} step(s)", title_justify="left")
-    for column in ("seq", "state", "attempt", "outcome", "next_state"):
-        steps.add_column(column)
-    steps.add_column("started", no_wrap=True)
-    steps.add_column("finished", no_wrap=True)
-    steps.add_column("ms", justify="right")
-    steps.add_column("worker")
-    steps.add_column("error")
-    for step in run.steps:
-        steps.add_row(
-            str(step.seq),
-            step.state,
-            str(step.attempt),
-            step.outcome,
-            step.next_state or "",
-            _when(step.started_at),
-            _when(step.finished_at),
-            "" if step.duration_ms is None else str(step.duration_ms),
-            step.worker or "",
-            _summary(step.error),
-        )
-    console = _console()
-    console.print(details)
-    console.print()
-    console.print(steps)
-    for group in run.groups:
-        console.print()
-        console.print(_group_table(group))
-
-
-def _group_table(group: GroupRecord) -> Any:
-    """One Parallel/Map group: its counters and each branch's state, result or error."""
-    from rich.table import Table
-
-    title = (
-        f"{group.kind} group {group.id} (step {group.parent_seq}): "
-        f"{group.done} done, {group.failed} failed of {group.width}, "
-        f"{group.status}, join {group.join_state!r}, {group.on_branch_error}"
-    )
-    table = Table(title=title, title_justify="left")
-    for column in ("branch", "state", "status", "result / error"):
-        table.add_column(column)
-    for branch in group.branches:
-        shown = branch.error if branch.error else json.dumps(branch.result, default=str)
-        table.add_row(str(branch.idx), branch.state, branch.status, _summary(shown))
-    return table
+    render.print_run(run)
 
 
 # -- demo -------------------------------------------------------------------------

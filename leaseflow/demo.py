@@ -306,6 +306,16 @@ def _summarise(client: Client, report: DemoReport) -> None:
     )
 
 
+def inspect_hints(run_id: str) -> list[str]:
+    """The commands the summary suggests, runnable as printed from the same directory
+    and environment (``graph`` must import the example workflow's module)."""
+    return [
+        f"leaseflow runs show {run_id}",
+        "leaseflow runs list --workflow agent_op",
+        f"LEASEFLOW_WORKFLOWS={WORKFLOW_MODULE} leaseflow graph agent_op --format mermaid",
+    ]
+
+
 def _print(report: DemoReport, console: Console, log_dir: Path) -> None:
     table = Table(title="leaseflow demo: agent_op", show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -330,8 +340,7 @@ def _print(report: DemoReport, console: Console, log_dir: Path) -> None:
     console.print(table)
     if report.run_ids:
         console.print("Inspect a run:")
-        console.print(f"  leaseflow runs show {report.run_ids[0]}")
-        console.print("  leaseflow runs list --workflow agent_op")
-        console.print("  leaseflow graph agent_op --format mermaid")
+        for command in inspect_hints(report.run_ids[0]):
+            console.print(f"  {command}", soft_wrap=True, highlight=False)  # copy-pastable
     if not report.ok:
         console.print(f"[red]not every run completed[/red]; process logs are in {log_dir}")

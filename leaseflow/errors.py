@@ -8,6 +8,9 @@ across Celery processes. Codes are added here as the engine learns to fail with 
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Sequence
+
 LEASE_EXPIRED = "E-LEASE-EXPIRED"
 ILLEGAL_TRANSITION = "E-ILLEGAL-TRANSITION"
 UNKNOWN_STATE = "E-UNKNOWN-STATE"
@@ -50,20 +53,25 @@ class InvalidDefinition(LeaseflowError):
 
 
 class UnknownWorkflow(LeaseflowError):
-    """No workflow of that name (and version) is registered in this process."""
+    """No workflow of that name (and version) is registered in this process; ``known``
+    lists those that are (``name``, or ``name vN`` when a version was asked for)."""
 
     code = "E-UNKNOWN-WORKFLOW"
 
-    def __init__(self, name: str, version: int | None = None) -> None:
-        super().__init__(name, version)
+    def __init__(self, name: str, version: int | None = None, known: Sequence[str] = ()) -> None:
+        super().__init__(name, version, tuple(known))
         self.name = name
         self.version = version
+        self.known = tuple(known)
 
     def __str__(self) -> str:
         which = self.name if self.version is None else f"{self.name} v{self.version}"
+        close = difflib.get_close_matches(which, self.known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        listed = ", ".join(self.known) if self.known else "none"
         return (
-            f"unknown workflow {which!r}: is its module listed in LEASEFLOW_WORKFLOWS "
-            "and imported by this process?"
+            f"unknown workflow {which!r}: {hint}this process knows: {listed}. "
+            "Is its module listed in LEASEFLOW_WORKFLOWS and imported by this process?"
         )
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import pydantic
 
-from leaseflow import errors, faults, heartbeat, logs, messages, metrics
+from leaseflow import errors, faults, heartbeat, logs, messages, metrics, steplog
 from leaseflow.context import StateContext
 from leaseflow.fsm import registry, rules
 from leaseflow.fsm.definition import StateSpec, Workflow
@@ -148,6 +148,8 @@ class Runner:
             except errors.InCommitError as exc:  # rolled back with the transition
                 cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
                 return self._settle(claim, self._decide(wf, spec, claim, ctx, None, cause))
+            except (errors.UnstorableValue, errors.IllegalTransition) as exc:
+                return self._settle(claim, refused(claim, exc))  # see ``refused``
         finally:
             self.keeper.release(claim.lease_token)
 
@@ -238,16 +240,7 @@ class Runner:
         if committed is None:
             return lease_lost(self.store, self.worker, claim), None
         metrics.STEPS.labels(decision.outcome).inc()
-        logs.debug(
-            "step_committed",
-            run_id=claim.run_id,
-            state=claim.state,
-            step_seq=claim.step_seq,
-            outcome=decision.outcome,
-            next_state=decision.next_state,
-            error_code=decision.error_code,
-            inline=inline,
-        )
+        steplog.committed(claim, decision, inline=inline)
         faults.point("after_commit_before_enqueue", **_where(claim))
         if committed.handoff is not None:
             metrics.CLAIMS.labels("inline").inc()
@@ -255,13 +248,6 @@ class Runner:
         done = StepResult("committed", outcome=decision.outcome)
         if decision.fork is not None and committed.group_id is not None:
             return replace(done, fork=_fork_start(claim, decision.fork, committed)), None
-        if decision.terminal:
-            logs.info(
-                "run_finished",
-                run_id=claim.run_id,
-                status=decision.status,
-                error_code=decision.error_code,
-            )
         if decision.status != "pending":
             return done, None
         step = messages.StateStep(
@@ -285,14 +271,7 @@ class Runner:
         if done is None:
             return lease_lost(self.store, self.worker, claim)
         metrics.STEPS.labels(f"branch_{decision.status}").inc()
-        logs.debug(
-            "branch_committed",
-            run_id=claim.run_id,
-            state=claim.state,
-            group_id=claim.group_id,
-            branch=claim.idx,
-            outcome=decision.status,
-        )
+        steplog.branch_committed(claim, decision, done)
         faults.point("after_commit_before_enqueue", **_where(claim))
         return StepResult(
             "committed",
@@ -322,6 +301,30 @@ def _failure(claim: Leased, code: str, reason: str) -> Decision:
     if isinstance(claim, records.BranchClaim):
         return rules.branch_failure(code, reason)
     return rules.failure(code, reason, attempt=claim.attempt, max_attempts=claim.max_attempts)
+
+
+def refused(claim: Leased, exc: errors.UnstorableValue | errors.IllegalTransition) -> Decision:
+    """The failure to commit instead of a decision the store refused.
+
+    What a commit can raise, and what the runner does with it: ``InCommitError`` (a
+    callback raised, the transition rolled back with it): decide again, as for an
+    error of the state. ``UnstorableValue`` (a value the store cannot take) and
+    ``IllegalTransition`` (an edge the store does not know): the step fails with
+    that code and the refusal as its reason, committed once, without the state's
+    ``in_commit`` callbacks; if that commit is refused too, the refusal propagates.
+    ``StoreUnavailable``: propagates, since the database is unreachable and nothing
+    can be written; the lease runs out and the reaper hands the run on. A lost
+    lease is no exception: the commit returns None, reported as ``lease_lost``.
+    """
+    logs.warning(
+        "commit_refused",
+        run_id=claim.run_id,
+        state=claim.state,
+        step_seq=claim.step_seq if isinstance(claim, records.Claim) else None,
+        error_code=exc.code,
+        error=str(exc),
+    )
+    return _failure(claim, exc.code, str(exc))
 
 
 def _fork_start(

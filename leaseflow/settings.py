@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: The schemes a PostgreSQL URL may come with, and the two forms leaseflow uses.
@@ -81,6 +81,28 @@ class Settings(BaseSettings):
     def _explicit_driver(cls, value: str | None) -> str | None:
         """Accept ``postgres://`` and ``postgresql://``; store the psycopg 3 form."""
         return None if value is None else sqlalchemy_url(value)
+
+    @model_validator(mode="after")
+    def _lease_timings_agree(self) -> Settings:
+        """A lease must survive a missed heartbeat, and be reaped soon after it expires."""
+        from leaseflow import errors
+
+        problems = []
+        if self.heartbeat_interval >= self.lease_ttl / 2:
+            problems.append(
+                f"LEASEFLOW_HEARTBEAT_INTERVAL ({self.heartbeat_interval:g} s) must be less "
+                f"than half of LEASEFLOW_LEASE_TTL ({self.lease_ttl:g} s), so that a lease "
+                "outlives one missed heartbeat"
+            )
+        if self.reaper_interval >= self.lease_ttl:
+            problems.append(
+                f"LEASEFLOW_REAPER_INTERVAL ({self.reaper_interval:g} s) must be less than "
+                f"LEASEFLOW_LEASE_TTL ({self.lease_ttl:g} s), so that an expired lease is "
+                "reaped within about one lease time"
+            )
+        if problems:
+            raise errors.ConfigurationError("; ".join(problems))
+        return self
 
     @property
     def maintenance_queue(self) -> str:

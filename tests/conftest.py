@@ -217,6 +217,17 @@ def runner(store, settings: Settings):
 
 
 @pytest.fixture(autouse=True)
+def _root_log_level():
+    """An in-thread Celery worker sets the root logger to ERROR (``start_worker``'s
+    loglevel): put it back, so a later test's ``caplog`` sees warnings."""
+    import logging
+
+    level = logging.getLogger().level
+    yield
+    logging.getLogger().setLevel(level)
+
+
+@pytest.fixture(autouse=True)
 def _disarm_faults():
     from leaseflow import faults
 

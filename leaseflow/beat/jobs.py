@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from leaseflow import logs, messages, metrics, runner
+from leaseflow import errors, logs, messages, metrics, runner
 from leaseflow.fsm import rules
 from leaseflow.store import base
 
@@ -21,14 +21,16 @@ def reap(store: base.RunStore, *, limit: int = 1000) -> list[messages.Message]:
     out: list[messages.Message] = []
     for row in store.reap(limit=limit):
         metrics.REAPED.labels(row.status).inc()
-        logs.warning(
+        failed = row.status != "pending"  # no attempt left: the run fails E-LEASE-EXPIRED
+        (logs.error if failed else logs.warning)(
             "lease_reaped",
             run_id=row.run_id,
             state=row.state,
             step_seq=row.step_seq - 1,
             attempt=row.attempt,
             lease_owner=row.lease_owner,
-            result="requeued" if row.status == "pending" else "failed",
+            result="failed" if failed else "requeued",
+            error_code=errors.LEASE_EXPIRED if failed else None,
         )
         if row.status == "pending":
             out.append(messages.StateStep(row.run_id, row.workflow, row.state, row.step_seq))
@@ -61,6 +63,16 @@ def reap_branches(store: base.RunStore, *, limit: int = 1000) -> list[messages.M
             lease_owner=b.lease_owner,
             result="requeued" if retry else "failed",
         )
+        if done.parent_failed:
+            logs.error(
+                "run_failed",
+                run_id=done.run_id,
+                state=b.state,
+                group_id=b.group_id,
+                branch=b.idx,
+                error_code=errors.BRANCH_FAILED,
+                error=rules.error_line(decision.error),
+            )
         out.extend(runner.branch_messages(b.workflow, done, b.group_id, b.idx))
     return out
 

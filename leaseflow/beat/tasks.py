@@ -3,14 +3,26 @@
 Every job goes to the maintenance queue (``<default queue>.beat``), which every
 leaseflow worker consumes besides its ``-Q`` queues, so a backlog of states never
 delays the reaper. Each job is idempotent: two beats sending it twice are harmless.
+
+A job sent while no worker consumes the beat queue waits there until ``expires``
+(two periods) and is then discarded unrun by the worker that receives it; on
+RabbitMQ the broker itself drops it then (``expiration``). So beat needs at least
+one worker running: without one nothing is reaped, and the ticks that queue up
+meanwhile are dropped, never run late one after another.
+
+A tick that does nothing logs at DEBUG only: the jobs log what they act on, and
+Celery's "received", "succeeded ...: 0" and "Discarding" (expired) lines of these
+two tasks are lowered to DEBUG (:class:`QuietTicks`).
 """
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery
+from celery.app import trace
 
 from leaseflow.beat import jobs
 from leaseflow.settings import Settings
@@ -19,6 +31,47 @@ from leaseflow.tasks import dispatch, runtime
 REAP_TASK = "leaseflow.beat.reap"
 DISPATCH_TASK = "leaseflow.beat.dispatch"
 PROBE_TASK = dispatch.PROBE_TASK
+#: The periodic jobs whose idle ticks Celery logs at DEBUG only.
+TICK_TASKS = frozenset({REAP_TASK, DISPATCH_TASK})
+#: Celery's loggers of a task's "received", "succeeded" and "Discarding" lines.
+CELERY_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace", "celery.worker.request")
+#: Celery's line for a message it drops unrun (expired or revoked).
+DISCARDED = "Discarding revoked task: %s[%s]"
+
+
+class QuietTicks(logging.Filter):
+    """Lowers Celery's INFO lines about a beat job that did nothing to DEBUG (dropped
+    unless DEBUG is on): "Task ... received", "Task ... succeeded in ...s: 0", and
+    "Discarding revoked task" for an expired tick. The lines of every other task,
+    and the "succeeded" line of a tick that re-published runs, keep their level; a
+    tick's own actions are logged by ``beat.jobs``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO or not _idle_tick(record):
+            return True
+        if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+            return False
+        record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+        return True
+
+
+def _idle_tick(record: logging.LogRecord) -> bool:
+    if record.msg == DISCARDED:
+        return isinstance(record.args, tuple) and bool(record.args) and record.args[0] in TICK_TASKS
+    data = getattr(record, "data", None)
+    if not isinstance(data, dict) or data.get("name") not in TICK_TASKS:
+        return False
+    if record.msg == trace.LOG_RECEIVED:
+        return True
+    return record.msg == trace.LOG_SUCCESS and data.get("return_value") == "0"
+
+
+def quiet_ticks() -> None:
+    """Install :class:`QuietTicks` on Celery's task loggers (once per process)."""
+    for name in CELERY_TASK_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, QuietTicks) for f in logger.filters):
+            logger.addFilter(QuietTicks())
 
 
 def schedule(settings: Settings) -> dict[str, Any]:
@@ -29,7 +82,13 @@ def schedule(settings: Settings) -> dict[str, Any]:
             "task": task,
             "schedule": timedelta(seconds=every),
             # A job older than two periods is dropped: the next one does its work.
-            "options": {"expires": max(1.0, every * 2), "queue": settings.maintenance_queue},
+            # ``expires`` makes the worker discard it; ``expiration`` (a per-message
+            # TTL) makes RabbitMQ drop it while no worker consumes the queue.
+            "options": {
+                "expires": max(1.0, every * 2),
+                "expiration": max(1.0, every * 2),
+                "queue": settings.maintenance_queue,
+            },
         }
 
     return {
@@ -39,7 +98,8 @@ def schedule(settings: Settings) -> dict[str, Any]:
 
 
 def register(app: Celery) -> None:
-    """Register the beat jobs' tasks on ``app``."""
+    """Register the beat jobs' tasks on ``app``, and quiet their idle ticks' lines."""
+    quiet_ticks()
 
     @app.task(name=REAP_TASK, ignore_result=True, shared=False)
     def reap() -> int:

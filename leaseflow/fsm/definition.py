@@ -5,16 +5,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel
 
 from leaseflow import errors
 from leaseflow.fsm import retry as retry_mod
 from leaseflow.fsm import validation
-
-if TYPE_CHECKING:
-    pass
 
 #: A state returns an outcome (a state name, Next, Complete, ...); a branch a JSON value.
 StateFn = Callable[[Any], Any]
@@ -37,6 +34,8 @@ class StateSpec:
     timeout: float | None = None
     branch: bool = False
     inline: bool = False
+    branches: tuple[str, ...] = ()  # the branch states a fork of this state may run
+    end: str | None = None  # "completed" | "failed": the only way this state ends a run
 
     @property
     def final(self) -> bool:
@@ -107,6 +106,8 @@ class Workflow:
         timeout: float | None = None,
         branch: bool = False,
         inline: bool = False,
+        branches: Iterable[str] = (),
+        end: str | None = None,
         name: str | None = None,
     ) -> Callable[[StateFn], StateFn]:
         """Declare the decorated function as a state of this workflow.
@@ -123,10 +124,23 @@ class Workflow:
         and the task's inline budget (``LEASEFLOW_INLINE_MAX_STATES``,
         ``LEASEFLOW_INLINE_MAX_SECONDS``) is not spent; otherwise it is published as
         usual.
+
+        ``branches=[...]`` (a forking state) lists the branch states its ``Parallel``
+        or ``Map`` may run; a fork naming another fails the run with
+        ``E-ILLEGAL-TRANSITION``, and ``leaseflow graph`` draws fork -> branch -> join
+        edges (the join when ``to=`` names one state). Without it any branch state
+        may run, and the graph cannot tell which.
+
+        ``end="completed"`` or ``end="failed"`` (a state with no ``to=``) declares how
+        it ends the run: returning the other one (``Failed`` from a ``"completed"``
+        end, ``Complete`` from a ``"failed"`` one) fails the run with
+        ``E-ILLEGAL-TRANSITION``, and the graph marks failed ends apart. Exceptions
+        are handled as in any state (retry, ``on_error``, ``E-STATE-ERROR``).
         """
         if isinstance(to, str):
             to = (to,)
         targets = tuple(to)
+        forks = (branches,) if isinstance(branches, str) else tuple(branches)
 
         def decorate(fn: StateFn) -> StateFn:
             spec = StateSpec(
@@ -140,6 +154,8 @@ class Workflow:
                 timeout=timeout,
                 branch=branch,
                 inline=inline,
+                branches=forks,
+                end=end,
             )
             with self._lock:
                 if spec.name in self._states:

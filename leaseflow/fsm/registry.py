@@ -74,8 +74,14 @@ def get(name: str, version: int | None = None) -> Workflow:
         else:
             versions = [w for (n, _), w in _workflows.items() if n == name]
             wf = max(versions, key=lambda w: w.version) if versions else None
+        keys = sorted(_workflows) if wf is None else []
     if wf is None:
-        raise errors.UnknownWorkflow(name, version)
+        # The error lists what is registered: names, or names and versions when asked for one.
+        if version is None:
+            known = list(dict.fromkeys(n for n, _ in keys))
+        else:
+            known = [f"{n} v{v}" for n, v in keys]
+        raise errors.UnknownWorkflow(name, version, known)
     return wf
 
 

@@ -18,7 +18,10 @@ class Retry:
     ``max_attempts`` counts every attempt, the first included, and also bounds how
     often the reaper hands a crashed attempt to another worker. The n-th retry waits
     ``min(max_delay, backoff * 2**(n-1))`` seconds, spread by ``± jitter`` (a fraction).
-    Only exceptions of the ``retry_on`` types are retried.
+    Only exceptions of the ``retry_on`` types are retried; exceptions of the
+    ``give_up_on`` types (permanent errors, e.g. ``ValueError``) never are, even when
+    they are also ``retry_on`` types. The default: 3 attempts, 1 s doubling, 300 s
+    cap, 10% jitter, every ``Exception`` retried.
     """
 
     max_attempts: int = 3
@@ -26,6 +29,7 @@ class Retry:
     max_delay: float = 300.0
     jitter: float = 0.1
     retry_on: tuple[type[BaseException], ...] = field(default=(Exception,))
+    give_up_on: tuple[type[BaseException], ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -34,8 +38,14 @@ class Retry:
             raise ValueError("Retry.backoff and Retry.max_delay must not be negative")
         if not 0 <= self.jitter <= 1:
             raise ValueError("Retry.jitter is a fraction between 0 and 1")
-        if isinstance(self.retry_on, type):
-            object.__setattr__(self, "retry_on", (self.retry_on,))
+        for name in ("retry_on", "give_up_on"):
+            types = getattr(self, name)
+            if isinstance(types, type):
+                types = (types,)
+            types = tuple(types)
+            if not all(isinstance(t, type) and issubclass(t, BaseException) for t in types):
+                raise ValueError(f"Retry.{name} takes exception types")
+            object.__setattr__(self, name, types)
 
     def delay(self, attempt: int, rand: float = 0.5) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based).
@@ -45,9 +55,13 @@ class Retry:
         base = min(self.max_delay, self.backoff * 2 ** max(0, attempt - 1))
         return max(0.0, base * (1 + self.jitter * (2 * rand - 1)))
 
+    def gives_up_on(self, exc: BaseException) -> bool:
+        """Is ``exc`` permanent under this policy (never retried, whatever the attempt)?"""
+        return isinstance(exc, self.give_up_on) or not isinstance(exc, self.retry_on)
+
     def decide(self, attempt: int, exc: BaseException, rand: float = 0.5) -> RetryDecision:
         """Retry attempt ``attempt`` that raised ``exc``?"""
-        if attempt >= self.max_attempts or not isinstance(exc, self.retry_on):
+        if attempt >= self.max_attempts or self.gives_up_on(exc):
             return RetryDecision(retry=False)
         return RetryDecision(retry=True, delay=self.delay(attempt, rand))
 

@@ -105,17 +105,32 @@ class BranchDecision:
 def failure(
     code: str | None, reason: str, *, attempt: int, max_attempts: int, trace: str | None = None
 ) -> Transition:
-    """The run fails with ``code``; the step log keeps ``trace`` (else code and reason)."""
+    """The run fails with ``code``; the step log keeps ``trace`` (else code and reason).
+    Texts are escaped for their text columns (a NUL byte as ``\\x00``), never refused."""
     return Transition(
         outcome=StepOutcome.FAILED,
         status="failed",
         attempt=attempt,
         max_attempts=max_attempts,
-        error_code=code,
-        error=reason,
-        step_error=trace or f"{code}: {reason}",
+        error_code=None if code is None else checkpoint.storable_text(str(code)),
+        error=checkpoint.storable_text(str(reason)),
+        step_error=checkpoint.storable_text(trace or f"{code}: {reason}"),
         accepted=False,
     )
+
+
+def error_line(text: str | None, limit: int = 500) -> str | None:
+    """An error or a traceback as one log-line field: the exception at its end (the
+    trailing unindented lines, ``Type: message``, joined by `` | ``), cut at ``limit``."""
+    lines: list[str] = []
+    for line in reversed((text or "").rstrip().splitlines()):
+        if line.startswith((" ", "\t", "Traceback ")):
+            break
+        lines.append(line)
+    joined = " | ".join(reversed([line for line in lines if line.strip()]))
+    if len(joined) > limit:
+        joined = joined[: limit - 3] + "..."
+    return joined or None
 
 
 def on_error(
@@ -129,7 +144,7 @@ def on_error(
 ) -> Transition:
     """The state raised ``exc`` on ``attempt``: retry after a backoff, go to its
     ``on_error`` state, or fail ``E-STATE-ERROR`` with the traceback in the step log."""
-    trace = "".join(traceback.format_exception(exc))
+    trace = checkpoint.storable_text("".join(traceback.format_exception(exc)))
     decision = spec.retry.decide(attempt, exc, rand)
     if decision.retry:
         return Transition(
@@ -144,10 +159,18 @@ def on_error(
     if spec.on_error is not None:
         target = wf.states[spec.on_error]
         return _move(target, step_error=trace, accepted=False)
-    reason = f"{type(exc).__name__}: {exc} (attempt {attempt} of {spec.retry.max_attempts})"
+    tried = f"attempt {attempt} of {spec.retry.max_attempts}{_given_up(spec, attempt, exc)}"
+    reason = f"{type(exc).__name__}: {exc} ({tried})"
     return failure(
         errors.STATE_ERROR, reason, attempt=attempt, max_attempts=max_attempts, trace=trace
     )
+
+
+def _given_up(spec: StateSpec, attempt: int, exc: BaseException) -> str:
+    """Why an error with attempts left is not retried, for its reason ("" otherwise)."""
+    if attempt < spec.retry.max_attempts and spec.retry.gives_up_on(exc):
+        return f"; {type(exc).__name__} is not retried: see the state's Retry"
+    return ""
 
 
 def on_outcome(
@@ -169,6 +192,11 @@ def on_outcome(
 
     if isinstance(returned, str):
         returned = Next(returned)
+    if spec.end is not None and isinstance(returned, Complete | Failed):  # end= declared
+        kind = "Failed" if isinstance(returned, Failed) else "Complete"
+        if spec.end != ("failed" if kind == "Failed" else "completed"):
+            reason = f"state {spec.name!r} returned {kind}, but it is declared end={spec.end!r}"
+            return fail(errors.ILLEGAL_TRANSITION, reason)
     if isinstance(returned, Failed):
         return replace(fail(returned.code, returned.reason), accepted=True)
     if isinstance(returned, Parallel | Map):
@@ -178,8 +206,8 @@ def on_outcome(
             checkpoint.dumps(returned.output, what="output", limit=limits.max_payload_bytes)
         except errors.PayloadTooLarge as exc:
             return fail(errors.PAYLOAD_TOO_LARGE, str(exc))
-        except (TypeError, ValueError) as exc:
-            return fail(errors.STATE_ERROR, f"output is not JSON: {exc}")
+        except errors.UnstorableValue as exc:
+            return fail(errors.STATE_ERROR, str(exc))
         done = Transition(
             outcome=StepOutcome.COMPLETED,
             status="completed",
@@ -228,9 +256,12 @@ def with_context(
             data.model_dump(mode="json"),
             limit=limits.max_payload_bytes,
             compress_min=limits.compress_min_bytes,
+            what="context",
         )
     except errors.PayloadTooLarge as exc:
         return fail(errors.PAYLOAD_TOO_LARGE, str(exc))
+    except errors.UnstorableValue as exc:
+        return fail(errors.CONTEXT_INVALID, str(exc))
     except (TypeError, ValueError, pydantic_core.PydanticSerializationError) as exc:
         return fail(errors.CONTEXT_INVALID, f"context is not JSON: {exc}")
     if blob == stored:
@@ -266,14 +297,17 @@ def _on_fork(
         if window is not None and window < 1:
             return fail(illegal, "Map.max_concurrency must be >= 1")
         try:
-            checkpoint.dumps(items, what="map items", limit=limits.max_payload_bytes)
+            checkpoint.dumps(items, what="Map.items", limit=limits.max_payload_bytes)
         except errors.PayloadTooLarge as exc:
             return fail(errors.PAYLOAD_TOO_LARGE, str(exc))
-        except (TypeError, ValueError) as exc:
-            return fail(errors.STATE_ERROR, f"items are not JSON: {exc}")
+        except errors.UnstorableValue as exc:
+            return fail(errors.STATE_ERROR, str(exc))
     for name in names:
         if name not in wf.states or not wf.states[name].branch:
             return fail(illegal, f"{name!r} is not a branch state (declare it with branch=True)")
+        if spec.branches and name not in spec.branches:
+            declared = list(spec.branches)
+            return fail(illegal, f"state {spec.name!r} forks {name!r}, not in branches={declared}")
     join = wf.states[outcome.join]
     if not names:  # an empty Map goes straight to its join
         return with_context(_move(join), wf, data, stored, limits, fail)
@@ -320,7 +354,8 @@ def first_checkpoint(
     wf: Workflow, input: dict[str, Any] | None, limits: Limits
 ) -> tuple[bytes, dict[str, Any]]:
     """The validated input of a new run and its first checkpoint; ``InvalidInput``
-    (naming what is wrong) when the input is not a JSON object of the context model."""
+    (naming what is wrong) when the input is not a JSON object of the context model, or
+    holds what the store cannot take (``checkpoint.check``, naming the field)."""
     payload = {} if input is None else input
     if not isinstance(payload, dict):
         raise errors.InvalidInput(
@@ -328,8 +363,8 @@ def first_checkpoint(
         )
     try:
         checkpoint.dumps(payload, what="input", limit=limits.max_payload_bytes)
-    except (TypeError, ValueError) as exc:
-        raise errors.InvalidInput(wf.name, f"input is not JSON-serialisable: {exc}") from exc
+    except errors.UnstorableValue as exc:
+        raise errors.InvalidInput(wf.name, str(exc)) from exc
     try:
         data = wf.context.model_validate(payload)
     except pydantic.ValidationError as exc:
@@ -339,7 +374,10 @@ def first_checkpoint(
             data.model_dump(mode="json"),
             limit=limits.max_payload_bytes,
             compress_min=limits.compress_min_bytes,
+            what="context",
         )
+    except errors.UnstorableValue as exc:
+        raise errors.InvalidInput(wf.name, str(exc)) from exc
     except (TypeError, ValueError, pydantic_core.PydanticSerializationError) as exc:
         raise errors.InvalidInput(wf.name, f"context is not JSON-serialisable: {exc}") from exc
     return blob, payload
@@ -364,10 +402,11 @@ def on_branch(
             checkpoint.dumps(returned, what="branch result", limit=limits.max_payload_bytes)
         except errors.PayloadTooLarge as exc:
             return BranchDecision("failed", error=f"{errors.PAYLOAD_TOO_LARGE}: {exc}")
-        except (TypeError, ValueError) as exc:
-            return BranchDecision("failed", error=f"result is not JSON: {exc}")
+        except errors.UnstorableValue as exc:
+            return BranchDecision("failed", error=f"{errors.STATE_ERROR}: {exc}")
         return BranchDecision("completed", result=returned)
-    error = f"{type(raised).__name__}: {raised} (attempt {attempt} of {max_attempts})"
+    tried = f"attempt {attempt} of {max_attempts}{_given_up(spec, attempt, raised)}"
+    error = checkpoint.storable_text(f"{type(raised).__name__}: {raised} ({tried})")
     decision = spec.retry.decide(attempt, raised, rand)
     if decision.retry:
         return BranchDecision("retry", error=error, delay=decision.delay, accepted=False)
@@ -375,8 +414,10 @@ def on_branch(
 
 
 def branch_failure(code: str, reason: str) -> BranchDecision:
-    """The branch cannot run here at all (unknown state, unreadable context)."""
-    return BranchDecision("failed", error=f"{code}: {reason}", accepted=False)
+    """The branch cannot run here at all (unknown state, unreadable context), or the
+    store refused its commit."""
+    error = checkpoint.storable_text(f"{code}: {reason}")
+    return BranchDecision("failed", error=error, accepted=False)
 
 
 def reap_branch(attempt: int, max_attempts: int, owner: str | None) -> BranchDecision:

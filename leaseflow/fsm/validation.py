@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import difflib
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from leaseflow.fsm.definition import StateSpec
 
 WORKFLOW = "<workflow>"
+#: The values ``end=`` of a state takes: it ends a run by returning Complete, or Failed.
+ENDS = ("completed", "failed")
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``known`` to ``name``, else ``""``."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def problems(
@@ -34,14 +43,16 @@ def problems(
     for spec in states.values():
         for target in spec.to:
             if target not in states:
-                found[spec.name].append(f"names unknown target {target!r} in to=")
+                hint = did_you_mean(target, (n for n in states if n not in branches))
+                found[spec.name].append(f"names unknown target {target!r} in to={hint}")
             elif target in branches:
                 found[spec.name].append(
                     f"names branch state {target!r} in to= (a branch is never a target; "
                     "return Parallel or Map to run it)"
                 )
         if spec.on_error is not None and spec.on_error not in states:
-            found[spec.name].append(f"names unknown on_error state {spec.on_error!r}")
+            hint = did_you_mean(spec.on_error, (n for n in states if n not in branches))
+            found[spec.name].append(f"names unknown on_error state {spec.on_error!r}{hint}")
         elif spec.on_error in branches:
             found[spec.name].append(f"names branch state {spec.on_error!r} as on_error")
         if spec.timeout is not None and spec.timeout <= 0:
@@ -54,6 +65,8 @@ def problems(
             found[spec.name].append(
                 "is a branch state: branches run as their own tasks, so it cannot be inline="
             )
+        for problem in _fork_and_end_problems(spec, states, branches):
+            found[spec.name].append(problem)
         if spec.inline and spec.timeout is not None:
             found[spec.name].append(
                 "has both inline= and timeout=: a state with a time limit runs in its own task"
@@ -72,6 +85,31 @@ def problems(
         if name not in can_finish:
             found[name].append("has no path to a final state (one with no to=)")
     return dict(found)
+
+
+def _fork_and_end_problems(
+    spec: StateSpec, states: Mapping[str, StateSpec], branches: set[str]
+) -> list[str]:
+    """What is wrong with the ``branches=`` and ``end=`` of ``spec``."""
+    out: list[str] = []
+    for name in spec.branches:
+        if name not in states:
+            hint = did_you_mean(name, branches)
+            out.append(f"names unknown branch state {name!r} in branches={hint}")
+        elif name not in branches:
+            out.append(
+                f"names {name!r} in branches=, which is not a branch state "
+                "(declare it with branch=True)"
+            )
+    if spec.branch and (spec.branches or spec.end is not None):
+        out.append("is a branch state: it neither forks (branches=) nor ends a run (end=)")
+    elif spec.branches and not spec.to:
+        out.append("declares branches= but no to=: a fork's join must be in to=")
+    if spec.end is not None and spec.end not in ENDS:
+        out.append(f"has end={spec.end!r}; end= is one of {', '.join(map(repr, ENDS))}")
+    elif spec.end is not None and spec.to and not spec.branch:
+        out.append("declares end= and to=: end= is for a state that ends the run (no to=)")
+    return out
 
 
 def _closure(start: list[str], states: Mapping[str, StateSpec], *, forward: bool) -> set[str]:

@@ -10,10 +10,15 @@ message files in a directory, no server.
   (:func:`resolve`), and the environment children get (:func:`child_env`,
   :func:`export_env`);
 - :mod:`~leaseflow.local.postgres`: the PostgreSQL supervisor (one shared server per
-  home), on :mod:`~leaseflow.local.owners` (the home's lock, its owners) and
-  :mod:`~leaseflow.local.pgctl` (initdb, start, stop);
+  home), on :mod:`~leaseflow.local.owners` (the home's lock, its owners),
+  :mod:`~leaseflow.local.pgctl` (initdb, start, stop) and, as root,
+  :mod:`~leaseflow.local.system` (the cluster in a directory of the server's user);
 - :mod:`~leaseflow.local.broker` and :mod:`~leaseflow.local.fsbroker`: the
-  filesystem broker's URL and its kombu transport.
+  filesystem broker's URL and its kombu transport;
+- :mod:`~leaseflow.local.private`: the home and the files in it, private to their
+  user (directories 0700, files 0600, never through a symlink);
+- :mod:`~leaseflow.local.masking`: :func:`shown`, every URL or DSN as printed,
+  passwords masked.
 
 Importing this package is cheap: no server, no kombu, no disk access.
 """
@@ -21,8 +26,17 @@ Importing this package is cheap: no server, no kombu, no disk access.
 from __future__ import annotations
 
 from leaseflow.local.broker import FILESYSTEM_TRANSPORT, broker_options, is_filesystem
+from leaseflow.local.masking import scrubbed, shown
 from leaseflow.local.pgctl import postgres_pids
-from leaseflow.local.postgres import Server, ensure_server, pgdata_dir, release, stop
+from leaseflow.local.postgres import (
+    Server,
+    cluster_dir,
+    ensure_server,
+    pgdata_dir,
+    release,
+    stop,
+)
+from leaseflow.local.private import ensure_home
 from leaseflow.local.resolution import (
     ENV_BROKER_URL,
     ENV_DATABASE_URL,
@@ -36,7 +50,6 @@ from leaseflow.local.resolution import (
     export_env,
     home_dir,
     resolve,
-    shown,
     wants_embedded_database,
 )
 
@@ -52,7 +65,9 @@ __all__ = [
     "broker_url",
     "child_env",
     "choose",
+    "cluster_dir",
     "default_broker_url",
+    "ensure_home",
     "ensure_server",
     "export_env",
     "home_dir",
@@ -61,6 +76,7 @@ __all__ = [
     "postgres_pids",
     "release",
     "resolve",
+    "scrubbed",
     "shown",
     "stop",
     "wants_embedded_database",

@@ -25,6 +25,7 @@ from kombu.utils.json import dumps, loads
 from kombu.utils.objects import cached_property
 
 from leaseflow import errors
+from leaseflow.local import private
 
 #: Seconds an idle consumer waits between looks at its queue directories.
 FILESYSTEM_POLLING_INTERVAL = 0.1
@@ -56,7 +57,7 @@ class FilesystemChannel(kombu_filesystem.Channel):
             )
         root = Path(path)
         for sub in ("queues", "tmp", "claimed", "control"):
-            (root / sub).mkdir(parents=True, exist_ok=True)
+            private.make_dirs(root / sub)  # what it creates (the home, say) is 0700
         return root
 
     @property

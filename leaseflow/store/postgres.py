@@ -143,6 +143,8 @@ class PostgresStore:
         succeeded, so their writes commit exactly when the transition does. A fork
         creates its group and branches in that transaction. With ``handoff_ttl`` the
         same statement leases the next state to ``worker`` (inline continuation).
+        A value the database refuses (any ``DataError``) raises ``UnstorableValue``,
+        an undeclared edge ``IllegalTransition``; either way nothing is written.
         """
         params = pg_runs.commit_params(
             claim, tr, worker=worker, dispatch_timeout=self.dispatch_timeout
@@ -213,20 +215,24 @@ class PostgresStore:
         expired: bool = False,
     ) -> rec.BranchCommit | None:
         """Record a branch's attempt, fenced by its lease, in one transaction; None when
-        the lease was lost. ``expired=True`` is the reaper finishing a branch whose
-        lease ran out."""
-        return self.connections.transact(
-            lambda c: pg_groups.commit_branch_txn(
-                c,
-                group_id,
-                idx,
-                token,
-                decision,
-                callbacks,
-                expired=expired,
-                dispatch_timeout=self.dispatch_timeout,
-            )
-        )
+        the lease was lost (``UnstorableValue`` for a value the database refuses, as
+        ``commit``). ``expired=True`` is the reaper finishing a branch whose lease ran
+        out."""
+
+        def txn(conn: psycopg.Connection[Any]) -> rec.BranchCommit:
+            with pg_runs.refusing_unstorable(f"branch {idx} of group {group_id}"):
+                return pg_groups.commit_branch_txn(
+                    conn,
+                    group_id,
+                    idx,
+                    token,
+                    decision,
+                    callbacks,
+                    expired=expired,
+                    dispatch_timeout=self.dispatch_timeout,
+                )
+
+        return self.connections.transact(txn)
 
     def branch_results(self, group_id: int) -> list[rec.BranchResult]:
         return self.connections.with_retry(lambda c: pg_read.branch_results_txn(c, group_id))
@@ -316,6 +322,7 @@ def _fenced(
         with (
             pg_runs.refusing_illegal(claim.run_id, claim.state, tr.next_state or claim.state),
             conns.hot(MAIN) as cur,
+            pg_runs.refusing_unstorable(_step(claim)),
         ):
             return pg_runs.commit_txn(cur, sql, params, callbacks)
 
@@ -342,11 +349,19 @@ def _fork(
 ) -> rec.Committed | None:
     """The forking step, its group and branches, in one fenced transaction (not
     retried)."""
-    group_id = conns.transact(
-        lambda c: pg_groups.fork_txn(
-            c, claim, fork, params, callbacks, dispatch_timeout=dispatch_timeout
-        )
-    )
+
+    def txn(conn: psycopg.Connection[Any]) -> int:
+        with pg_runs.refusing_unstorable(_step(claim)):
+            return pg_groups.fork_txn(
+                conn, claim, fork, params, callbacks, dispatch_timeout=dispatch_timeout
+            )
+
+    group_id = conns.transact(txn)
     if group_id is None:
         return None
     return rec.Committed(step_seq=claim.step_seq + 1, group_id=group_id)
+
+
+def _step(claim: rec.Claim) -> str:
+    """The commit a refusal names."""
+    return f"step {claim.step_seq} of run {claim.run_id}"

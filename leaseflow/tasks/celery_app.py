@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import threading
+from collections.abc import Collection
 from typing import Any
 
 from celery import Celery, signals
@@ -111,14 +112,52 @@ def same_broker(app: Celery, settings: Settings) -> bool:
     )
 
 
-def prepare_worker() -> None:
-    """At worker start: every workflow is valid and its transitions are registered."""
+def startup_problems(settings: Settings, *, need_workflows: bool) -> list[errors.LeaseflowError]:
+    """What must keep a worker (or beat) from starting: every invalid definition among
+    the workflows of this process, and, when ``need_workflows``, having none at all (a
+    worker would drop the messages of every run sent to it as unregistered tasks)."""
+    found: list[errors.LeaseflowError] = []
     workflows = registry.all_workflows()
     for wf in workflows:
-        wf.validate()
+        try:
+            wf.validate()
+        except errors.InvalidDefinition as exc:
+            found.append(exc)
+    if need_workflows and not workflows:
+        where = (
+            f"the modules of LEASEFLOW_WORKFLOWS ({', '.join(settings.workflows)}) declare none"
+            if settings.workflows
+            else "LEASEFLOW_WORKFLOWS is not set"
+        )
+        found.append(
+            errors.ConfigurationError(
+                f"no workflow to serve: {where}. Set LEASEFLOW_WORKFLOWS to the modules "
+                "that declare your workflows; a worker for the beat queue only runs as "
+                "`leaseflow worker --maintenance-only`"
+            )
+        )
+    return found
+
+
+def prepare_worker(queues: Collection[str]) -> None:
+    """At worker start (``queues``: those it consumes): every workflow is valid and its
+    transitions are registered, and a worker of state queues has workflows to serve.
+
+    Otherwise it logs every problem at ERROR and raises ``SystemExit(1)``: Celery's
+    signal dispatch swallows an ``Exception`` from a ``worker_init`` receiver (the
+    worker would start anyway), but lets ``SystemExit`` through.
+    """
+    settings = get_settings()
+    states_queues = set(queues) - {settings.maintenance_queue}
+    problems = startup_problems(settings, need_workflows=bool(states_queues))
+    for problem in problems:
+        logs.error("worker_refused", code=problem.code, problem=str(problem))
+    if problems:
+        raise SystemExit(1)
+    workflows = registry.all_workflows()
     # Before the pool forks: the children inherit the resolved URLs, never start a server;
     # a subprocess finds the embedded server's URL and registers as one of its owners.
-    settings = local.resolve(get_settings())
+    settings = local.resolve(settings)
     local.export_env(settings)
     store = runtime.make_store(settings, application_name="leaseflow-worker-init")
     try:
@@ -143,7 +182,8 @@ def _consume_maintenance_queue(sender: Any = None, instance: Any = None, **_: An
 @signals.worker_init.connect
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
     if _app is not None and getattr(sender, "app", None) is _app:
-        prepare_worker()
+        # The queues -Q selected (all declared ones without -Q); not yet the beat queue.
+        prepare_worker(list(sender.app.amqp.queues.consume_from))
 
 
 @signals.beat_init.connect

@@ -32,7 +32,9 @@ def register(app: Celery, wf: Workflow, spec: StateSpec) -> None:
         if result.fork is not None:
             dispatch.publish_fork(task.app, result.fork)
         dispatch.publish_all(task.app, result.wakeups)
-        return result.result
+        # Celery logs this in its "succeeded" line: the task succeeded when the step
+        # committed, whatever the step decided (the runner logs retries and failures).
+        return result.result if result.outcome is None else f"{result.result}: {result.outcome}"
 
     def run_branch(task: Task, group_id: int, idx: int) -> str:
         result = runtime.get().runner.run_branch(int(group_id), int(idx))

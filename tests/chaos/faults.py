@@ -69,7 +69,7 @@ class Fault:
     inject: Callable[[Harness, Any], Any]  # (harness, trigger's target) -> heal's token
     heal: Callable[[Harness, Any], None] = _nothing
     hold_s: float = 0.0  # how long the fault lasts before it is healed
-    fenced: bool = False  # a zombie fault: at least one commit must be refused (I4)
+    fenced: bool = False  # a zombie fault: each struck worker's commit must be refused (I4)
     beats: int = 1  # beat processes from the start
     trigger: Callable[[Harness], Any] = slow_state_claimed
     check: Callable[[Harness], list[str]] = _no_check  # extra, fault-specific problems
@@ -83,6 +83,9 @@ class Fault:
     snapshot_first: bool = False  # inject is slow, or blocks reads: snapshot just before
     unavailable: Callable[[], str | None] = _runs_anywhere  # why it cannot run here (skip)
     private_postgres: bool = False  # a cluster of its own (the fault stops the server)
+    #: Rounds at least, whatever the profile: a zombie fault strikes once per slow
+    #: target (:data:`SLOW_TARGETS`), so the quick profile hits a plain chain too.
+    min_rounds: int = 1
 
 
 # -- F-1, F-2, F-3: crashes and shutdowns ----------------------------------------------------
@@ -133,6 +136,7 @@ def restart_after_exit(h: Harness, slot: str) -> None:
 
 
 def freeze(h: Harness, busy: Busy) -> Busy:
+    h.zombies.append(busy)  # its late commit must be refused (I4)
     busy.worker.signal_all(signal.SIGSTOP)
     eventually(lambda: stopped(busy.worker), timeout=5, message=f"{busy.worker.name} stopped")
     return busy
@@ -140,6 +144,13 @@ def freeze(h: Harness, busy: Busy) -> Busy:
 
 def thaw(h: Harness, busy: Busy) -> None:
     busy.worker.signal_all(signal.SIGCONT)
+
+
+def zombies_in_every_chain(h: Harness) -> list[str]:
+    """A zombie fault struck the slow state of every target: the inline chain and the
+    plain one (one task per state), each zombie named by its worker id."""
+    struck = {zombie.workflow for zombie in h.zombies}
+    return [f"no zombie in a run of {wf}" for wf in SLOW_TARGETS if wf not in struck]
 
 
 # -- F-5: the broker loses everything ----------------------------------------------------------
@@ -275,7 +286,8 @@ def watch_open_transactions(h: Harness, busy: Any) -> int:
 # -- F-11: database time jumps ahead ------------------------------------------------------------
 
 
-def clock_jump(h: Harness, busy: Any) -> None:
+def clock_jump(h: Harness, busy: Busy) -> None:
+    h.zombies.append(busy)  # mid-state past its lease: its commit must be refused (I4)
     h.db.execute(
         "UPDATE lf_runs SET lease_expires_at = now() - interval '1 second' WHERE status = 'running'"
     )
@@ -610,6 +622,8 @@ FAULTS: dict[str, Fault] = {
             thaw,
             hold_s=LEASE_TTL * 1.5,
             fenced=True,
+            min_rounds=len(SLOW_TARGETS),
+            check=zombies_in_every_chain,
         ),
         Fault("F-5", "Redis restarted without persistence", redis_down, redis_up, hold_s=1.0),
         Fault(
@@ -646,7 +660,13 @@ FAULTS: dict[str, Fault] = {
             watch_open_transactions,
         ),
         Fault(
-            "F-11", "database clock jump past every lease", clock_jump, fenced=True, exhausts=True
+            "F-11",
+            "database clock jump past every lease",
+            clock_jump,
+            fenced=True,
+            exhausts=True,
+            min_rounds=len(SLOW_TARGETS),
+            check=zombies_in_every_chain,
         ),
         Fault("F-12", "every in-flight message duplicated", duplicate_messages),
         Fault(

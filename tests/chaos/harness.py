@@ -13,7 +13,7 @@ A scenario (:func:`run_scenario`) goes:
    a worker has just claimed a slow state; inject the fault; let it last
    ``hold_s``; heal it; submit the next batch (the long profile has many rounds);
 4. wait for quiescence: every submitted run terminal (polling, with a deadline);
-   for a zombie fault, also for the refused commit to be counted;
+   for a zombie fault, also for the late commit of each worker it struck to be refused;
 5. stop every process, then check :data:`tests.chaos.invariants.INVARIANTS` by SQL.
 
 The database is a clone of the migrated template on the shared server, or, for a
@@ -182,6 +182,8 @@ class Busy:
     pid: int
     run_id: str
     state: str
+    owner: str = ""  # its leaseflow worker id (``host:pid``), as in lf_workers
+    workflow: str = ""
 
 
 # -- the harness -----------------------------------------------------------------------------
@@ -211,6 +213,9 @@ class Harness:
         self.mix: tuple[workflows.Job, ...] = tuple(workflows.Job(wf) for wf in workflows.MIX)
         self.expected: dict[str, str] = {}  # run id -> the error code it must fail with
         self.problems: list[str] = []  # what a fault's own watch saw go wrong
+        #: The lease holders a zombie fault struck (frozen, or its lease expired under
+        #: it): each one's late commit must be refused (invariant I4).
+        self.zombies: list[Busy] = []
         self.round = 0  # injections so far
         self._restarts = 0
         self._mix = 0
@@ -323,7 +328,7 @@ class Harness:
         """A pool child holding a live run lease (in ``state`` of ``workflow``, claimed or
         handed over inline < ``fresh`` s ago)."""
         rows = self.db.execute(
-            """SELECT id::text, state, lease_owner FROM lf_runs
+            """SELECT id::text, state, lease_owner, workflow FROM lf_runs
                 WHERE status = 'running' AND lease_expires_at > now()
                   AND (%(state)s::text IS NULL OR state = %(state)s)
                   AND (%(workflow)s::text IS NULL OR workflow = %(workflow)s)
@@ -332,11 +337,12 @@ class Harness:
                 ORDER BY claimed_at DESC""",
             {"state": state, "fresh": fresh, "workflow": workflow},
         ).fetchall()
-        for run_id, run_state, owner in rows:
+        for run_id, run_state, owner, run_workflow in rows:
             pid = int(str(owner).rsplit(":", 1)[1])
             slot = self.slot_of_pid(pid)
             if slot is not None:
-                return Busy(slot, self.workers[slot], pid, run_id, run_state)
+                worker = self.workers[slot]
+                return Busy(slot, worker, pid, run_id, run_state, str(owner), run_workflow)
         return None
 
     # -- runs ------------------------------------------------------------------------------
@@ -365,6 +371,7 @@ class Harness:
             "budgets": invariants.budgets(),
             "expected": [f"{run_id}|{code}" for run_id, code in self.expected.items()],
             "exhausts": False,  # run_scenario sets the fault's own
+            "zombies": sorted({zombie.owner for zombie in self.zombies}),
         }
 
     def unfinished(self) -> int:
@@ -379,6 +386,14 @@ class Harness:
     def fenced_rejections(self) -> int:
         row = self.db.execute("SELECT coalesce(sum(leases_lost), 0) FROM lf_workers")
         return int(row.fetchone()[0])
+
+    def zombies_refused(self) -> bool:
+        """Has a commit of every zombie (:attr:`zombies`) been refused?"""
+        owners = sorted({zombie.owner for zombie in self.zombies})
+        row = self.db.execute(
+            "SELECT count(*) FROM lf_workers WHERE id = ANY(%s) AND leases_lost > 0", (owners,)
+        ).fetchone()
+        return bool(owners) and int(row[0]) == len(owners)
 
     def snapshot(self) -> tuple[datetime, list[str]]:
         """Database time now, and the runs in flight (pending or running) at that instant."""
@@ -552,7 +567,7 @@ def run_scenario(h: Harness, fault: Fault) -> Result:
     h.mix += fault.mix
     h.start(beats=fault.beats)
     recoveries: list[tuple[datetime, list[str]]] = []
-    for size in batches(profile.runs, profile.rounds):
+    for size in batches(profile.runs, max(profile.rounds, fault.min_rounds)):
         h.submit(size)
         target = eventually(
             lambda: fault.trigger(h),
@@ -582,7 +597,7 @@ def run_scenario(h: Harness, fault: Fault) -> Result:
         problems.append(str(exc))  # I1 shows the stuck runs
     if fault.fenced:
         with contextlib.suppress(AssertionError):  # I4 reports a missing rejection
-            eventually(h.fenced_rejections, timeout=15, interval=0.25, message="a refused commit")
+            eventually(h.zombies_refused, timeout=15, interval=0.25, message="zombies refused")
     problems.extend(h.problems)
     problems.extend(fault.check(h))
     h.stop_all()  # nothing writes any more: the ledger is final

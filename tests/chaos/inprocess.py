@@ -60,7 +60,9 @@ def scratch_engine(pg_template: str) -> Iterator[Engine]:
     with _admin() as admin:
         admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}"')
     url = _url_for(name)
-    settings = Settings(database_url=url, workflows=["tests.chaos.workflows"], lease_ttl=30)
+    settings = Settings(
+        database_url=url, workflows=["tests.chaos.workflows"], lease_ttl=30, heartbeat_interval=10
+    )
     store = runtime.make_store(settings, application_name="chaos-inprocess")
     keeper = LeaseKeeper(store, worker="inprocess:1", ttl=30, interval=10)
     runner = Runner(store, keeper, worker="inprocess:1", ttl=30, limits=rules.Limits(LIMIT))

@@ -9,7 +9,9 @@ Queries take named parameters:
   the attempt budget of each state and branch, and whether it is declared
   ``inline=True`` (``text[]``);
 - ``expected``: ``run_id|error_code`` strings, the runs that must fail and how (a
-  steered input, a corrupted checkpoint); every other run must complete (``text[]``).
+  steered input, a corrupted checkpoint); every other run must complete (``text[]``);
+- ``zombies``: the worker ids (``host:pid``) of the lease holders a zombie fault
+  struck, each of which must have had a commit refused (``text[]``).
 """
 
 from __future__ import annotations
@@ -227,10 +229,16 @@ INVARIANTS: list[Invariant] = [
             GROUP BY run_id, lease_token HAVING count(*) > 1""",
     ),
     Invariant(
-        "I4 fenced rejections observed",
-        "a zombie fault with no refused commit (lf_workers.leases_lost sum = 0)",
-        """SELECT coalesce(sum(leases_lost), 0) FROM lf_workers
-           HAVING coalesce(sum(leases_lost), 0) = 0""",
+        "I4 each zombie's commit refused",
+        "a zombie fault whose struck worker (frozen, or mid-state past its lease) had no "
+        "commit refused (its own lf_workers.leases_lost = 0; another worker's refusals do "
+        "not count), or no zombie recorded at all",
+        """SELECT z.id, coalesce(w.leases_lost, 0)
+             FROM unnest(%(zombies)s::text[]) AS z(id)
+             LEFT JOIN lf_workers w ON w.id = z.id
+            WHERE coalesce(w.leases_lost, 0) = 0
+           UNION ALL
+           SELECT 'no zombie recorded', 0 WHERE cardinality(%(zombies)s::text[]) = 0""",
         applies=lambda fault: fault.fenced,
     ),
     # -- I5: every join exactly once, with every branch ----------------------------------------

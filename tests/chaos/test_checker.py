@@ -39,12 +39,15 @@ def ledger(pg_template: str) -> Iterator[tuple[psycopg.Connection, list[str]]]:
         yield engine.conn, ids
 
 
-def _params(ids: list[str], expected: list[str] | None = None) -> dict[str, object]:
+def _params(
+    ids: list[str], expected: list[str] | None = None, zombies: list[str] | None = None
+) -> dict[str, object]:
     return {
         "submitted": ids,
         "budgets": invariants.budgets(),
         "expected": expected or [],
         "exhausts": False,
+        "zombies": zombies if zombies is not None else [ZOMBIE],
     }
 
 
@@ -60,6 +63,12 @@ def test_a_clean_ledger_violates_nothing(ledger):
 
 
 ONE_RUN = "(SELECT run_id FROM chaos_effects WHERE state = 'gather' LIMIT 1)"
+#: The worker a zombie fault struck, in the forgeries; its commits were never refused.
+ZOMBIE = "zombie-host:4242"
+#: Another worker whose commit was refused (a sum over every worker would be satisfied).
+BYSTANDER_REFUSED = (
+    "INSERT INTO lf_workers (id, hostname, pid, leases_lost) VALUES ('bystander:7', 'b', 7, 3)"
+)
 FORGERIES = {
     "I1 every submitted run exists": ("SELECT 1", "extra_id"),
     "I1 count(runs) = submitted": ("SELECT 1", "drop_id"),
@@ -118,7 +127,7 @@ FORGERIES = {
         "WHERE p.run_id = s.run_id AND p.seq = 1 AND s.seq = 2",
         None,
     ),
-    "I4 fenced rejections observed": ("SELECT 1", None),
+    "I4 each zombie's commit refused": (BYSTANDER_REFUSED, None),
     "I5 one join per group": (
         "INSERT INTO lf_steps (run_id, seq, state, attempt, outcome) "
         f"SELECT {ONE_RUN}, 100, 'gather', 2, 'next'",
@@ -149,6 +158,34 @@ FORGERIES = {
         None,
     ),
 }
+
+
+ZOMBIE_INVARIANT = "I4 each zombie's commit refused"
+
+
+def test_the_zombie_invariant_holds_once_the_zombie_itself_was_refused(ledger):
+    conn, ids = ledger
+    with conn.transaction(force_rollback=True):
+        # Given the struck worker had a commit refused (and another worker none)
+        conn.execute(
+            "INSERT INTO lf_workers (id, hostname, pid, leases_lost) VALUES (%s, 'z', 4242, 1),"
+            " ('bystander:8', 'b', 8, 0)",
+            (ZOMBIE,),
+        )
+        # Then the invariant holds
+        found = invariants.violations(conn, _params(ids), Zombie())
+        assert ZOMBIE_INVARIANT not in found, found[ZOMBIE_INVARIANT]
+        # But a second zombie never refused is named
+        missed = invariants.violations(conn, _params(ids, zombies=[ZOMBIE, "z2:9"]), Zombie())
+        assert missed[ZOMBIE_INVARIANT] == [("z2:9", 0)]
+
+
+def test_the_zombie_invariant_fails_when_no_zombie_was_recorded(ledger):
+    conn, ids = ledger
+    with conn.transaction(force_rollback=True):
+        conn.execute(BYSTANDER_REFUSED)
+        found = invariants.violations(conn, _params(ids, zombies=[]), Zombie())
+    assert found[ZOMBIE_INVARIANT] == [("no zombie recorded", 0)]
 
 
 def test_every_invariant_has_a_forgery():

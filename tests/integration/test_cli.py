@@ -7,6 +7,9 @@ import contextlib
 import json
 import os
 import re
+import shutil
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +22,11 @@ from click.testing import CliRunner, Result
 from kombu import Connection, Exchange, Queue
 
 from leaseflow import cli as leaseflow_cli
-from leaseflow.settings import reset_settings
+from leaseflow import local
+from leaseflow.settings import Settings, reset_settings
 from leaseflow.tasks import celery_app
+from tests import helpers
+from tests.helpers import eventually
 
 ADMIN_URL = os.environ.get(
     "LEASEFLOW_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -39,17 +45,30 @@ class Cli:
         self.env.setenv(name, value)
         reset_settings()
 
-    def __call__(self, *args: str) -> Result:
-        return CliRunner().invoke(leaseflow_cli.main, list(args))
+    def __call__(self, *args: str, input: str | None = None) -> Result:
+        return CliRunner().invoke(
+            leaseflow_cli.main, list(args), input=input, prog_name="leaseflow"
+        )
 
 
-def failed_cleanly(result: Result, exit_code: int = 1) -> str:
-    """The command failed with ``exit_code`` and a message, not a traceback; the message."""
+def failed_cleanly(result: Result, code: str, exit_code: int = 1) -> str:
+    """The command failed with ``exit_code`` and ``error[<code>]: <message>`` on stderr,
+    not a traceback; the message."""
     assert result.exit_code == exit_code, (result.output, result.exception)
     assert isinstance(result.exception, SystemExit), result.exception  # not an uncaught error
     assert "Traceback" not in result.output
-    assert result.stderr.startswith(("Error: ", "Usage: ")), result.stderr
+    assert result.stdout == ""
+    assert result.stderr.startswith(f"error[{code}]: "), result.stderr
     return result.stderr
+
+
+def failed_as_json(result: Result, code: str, exit_code: int = 1) -> str:
+    """With ``--json``: one ``{"code", "message"}`` object on stderr; the message."""
+    assert result.exit_code == exit_code, (result.output, result.exception)
+    assert result.stdout == ""
+    assert json.loads(result.stderr)["code"] == code, result.stderr
+    message: str = json.loads(result.stderr)["message"]
+    return message
 
 
 def ok(result: Result) -> str:
@@ -153,7 +172,7 @@ def test_start_refuses_a_reused_idempotency_key_with_another_input(
     # When the key is reused with a different input
     result = cli("start", "linear5", "--input", '{"n": 2}', "--idempotency-key", "k-2")
     # Then it fails with a message naming the key and the existing run
-    message = failed_cleanly(result)
+    message = failed_cleanly(result, "E-IDEMPOTENCY-CONFLICT")
     assert "'k-2'" in message
     assert run_id.strip() in message
     assert count_runs(db) == 1
@@ -173,13 +192,13 @@ def test_start_with_invalid_input_fails_and_creates_no_run(
     # When a run is started with input its context model refuses
     result = cli("start", "linear5", "--input", payload)
     # Then the command fails with a clear message, and no run exists
-    assert fragment in failed_cleanly(result)
+    assert fragment in failed_cleanly(result, "E-CONTEXT-INVALID")
     assert count_runs(db) == 0
 
 
 def test_start_with_malformed_json_is_a_usage_error(cli: Cli, db: psycopg.Connection):
     result = cli("start", "linear5", "--input", '{"n": 1')
-    message = failed_cleanly(result, exit_code=2)
+    message = failed_cleanly(result, "E-USAGE", exit_code=2)
     assert "--input" in message
     assert "not valid JSON" in message
     assert count_runs(db) == 0
@@ -187,7 +206,7 @@ def test_start_with_malformed_json_is_a_usage_error(cli: Cli, db: psycopg.Connec
 
 def test_start_of_an_unknown_workflow_fails(cli: Cli, db: psycopg.Connection):
     result = cli("start", "no_such_workflow", "--input", "{}")
-    message = failed_cleanly(result)
+    message = failed_cleanly(result, "E-UNKNOWN-WORKFLOW")
     assert "unknown workflow 'no_such_workflow'" in message
     assert "LEASEFLOW_WORKFLOWS" in message
     assert count_runs(db) == 0
@@ -195,7 +214,7 @@ def test_start_of_an_unknown_workflow_fails(cli: Cli, db: psycopg.Connection):
 
 def test_start_of_an_unknown_version_fails(cli: Cli, db: psycopg.Connection):
     result = cli("start", "linear5", "--version", "9")
-    assert "unknown workflow 'linear5 v9'" in failed_cleanly(result)
+    assert "unknown workflow 'linear5 v9'" in failed_cleanly(result, "E-UNKNOWN-WORKFLOW")
     assert count_runs(db) == 0
 
 
@@ -206,7 +225,7 @@ def test_start_with_an_input_over_the_size_limit_fails(cli: Cli, db: psycopg.Con
     payload = json.dumps({"n": 1, "trail": ["x" * 300]})
     result = cli("start", "linear5", "--input", payload)
     # Then it is refused before anything is written
-    assert "over the limit of 200 bytes" in failed_cleanly(result)
+    assert "over the limit of 200 bytes" in failed_cleanly(result, "E-PAYLOAD-TOO-LARGE")
     assert count_runs(db) == 0
 
 
@@ -214,8 +233,61 @@ def test_start_with_an_unimportable_workflow_module_fails(cli: Cli, db: psycopg.
     cli.setenv("LEASEFLOW_WORKFLOWS", "tests.workflows.does_not_exist")
     result = cli("start", "linear5")
     assert "cannot import workflow module 'tests.workflows.does_not_exist'" in (
-        failed_cleanly(result)
+        failed_cleanly(result, "E-CONFIG")
     )
+    assert count_runs(db) == 0
+
+
+@pytest.mark.parametrize(
+    ("payload", "fragment"),
+    [
+        pytest.param('{"n": 1, "trail": ["a\\u0000b"]}', "contains a NUL byte", id="nul"),
+        pytest.param(
+            '{"n": 1, "x": ' + "[" * 500 + "]" * 500 + "}", "nests deeper than", id="deep"
+        ),
+        pytest.param(
+            '{"n": 1, "x": ' + "[" * 100_000 + "]" * 100_000 + "}",
+            "the JSON is nested too deeply",
+            id="deeper-than-the-parser",
+        ),
+    ],
+)
+def test_start_refuses_input_the_database_cannot_take(
+    cli: Cli, db: psycopg.Connection, payload: str, fragment: str
+):
+    # When a run is started with a NUL byte in a string, or nesting too deep
+    result = cli("start", "linear5", "--input", payload)
+    # Then it is refused as invalid input, before the database is asked
+    message = failed_cleanly(result, "E-CONTEXT-INVALID")
+    assert "invalid input for workflow 'linear5'" in message
+    assert fragment in message
+    assert count_runs(db) == 0
+
+
+@pytest.mark.parametrize("source", ["file", "stdin"])
+def test_start_reads_an_input_too_large_for_an_argument_from_a_file_or_stdin(
+    cli: Cli, db: psycopg.Connection, tmp_path: Path, source: str
+):
+    # Given a 300 KiB input: more than one command-line argument may hold (128 KiB)
+    payload = {"n": 7, "trail": ["x" * 1024] * 300}
+    text = json.dumps(payload)
+    path = tmp_path / "input.json"
+    path.write_text(text)
+    # When a run is started with it from a file (@path) or from stdin (-)
+    if source == "file":
+        result = cli("start", "linear5", "--input", f"@{path}")
+    else:
+        result = cli("start", "linear5", "--input", "-", input=text)
+    # Then the run holds that input
+    run_id = ok(result).strip()
+    row = db.execute("SELECT input FROM lf_runs WHERE id = %s", [run_id]).fetchone()
+    assert row == (payload,)
+
+
+def test_start_with_an_unknown_option_is_a_usage_error(cli: Cli, db: psycopg.Connection):
+    message = failed_cleanly(cli("start", "linear5", "--inptu", "{}"), "E-USAGE", exit_code=2)
+    assert "No such option '--inptu'" in message
+    assert "Try 'leaseflow start --help' for help." in message
     assert count_runs(db) == 0
 
 
@@ -264,7 +336,8 @@ def test_runs_list_filters_by_workflow_status_and_limit(cli: Cli, two_runs: dict
 
 
 def test_runs_list_refuses_an_unknown_status(cli: Cli):
-    assert "'done'" in failed_cleanly(cli("runs", "list", "--status", "done"), exit_code=2)
+    result = cli("runs", "list", "--status", "done")
+    assert "'done'" in failed_cleanly(result, "E-USAGE", exit_code=2)
 
 
 def test_runs_list_of_an_empty_database(cli: Cli):
@@ -329,8 +402,9 @@ def test_runs_show_a_failed_run_names_each_error_in_one_line(
 
 @pytest.mark.parametrize("run_id", [str(uuid.UUID(int=1)), "not-a-uuid"])
 def test_runs_show_of_an_unknown_run_fails(cli: Cli, run_id: str):
-    assert f"no run {run_id}" in failed_cleanly(cli("runs", "show", run_id))
-    assert f"no run {run_id}" in failed_cleanly(cli("runs", "show", run_id, "--json"))
+    assert f"no run {run_id}" in failed_cleanly(cli("runs", "show", run_id), "E-RUN-NOT-FOUND")
+    result = cli("runs", "show", run_id, "--json")
+    assert failed_as_json(result, "E-RUN-NOT-FOUND") == f"no run {run_id}"
 
 
 # -- graph --------------------------------------------------------------------------
@@ -360,8 +434,11 @@ def test_graph_as_dot_shows_on_error_edges(bare_cli: Cli):
 
 
 def test_graph_of_an_unknown_workflow_or_format_fails(bare_cli: Cli):
-    assert "unknown workflow 'nope'" in failed_cleanly(bare_cli("graph", "nope"))
-    assert "'svg'" in failed_cleanly(bare_cli("graph", "linear5", "--format", "svg"), 2)
+    assert "unknown workflow 'nope'" in failed_cleanly(
+        bare_cli("graph", "nope"), "E-UNKNOWN-WORKFLOW"
+    )
+    result = bare_cli("graph", "linear5", "--format", "svg")
+    assert "'svg'" in failed_cleanly(result, "E-USAGE", exit_code=2)
 
 
 # -- db upgrade ---------------------------------------------------------------------
@@ -399,13 +476,39 @@ def test_db_upgrade_creates_the_schema_of_an_empty_database(bare_cli: Cli, empty
 
 
 def test_db_upgrade_needs_a_database_url(bare_cli: Cli):
-    assert "LEASEFLOW_DATABASE_URL is not set" in failed_cleanly(bare_cli("db", "upgrade"))
+    result = bare_cli("db", "upgrade")
+    assert "LEASEFLOW_DATABASE_URL is not set" in failed_cleanly(result, "E-CONFIG")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(("runs", "list"), id="runs-list"),
+        pytest.param(("runs", "show", str(uuid.UUID(int=1))), id="runs-show"),
+        pytest.param(("start", "linear5", "--input", '{"n": 1}'), id="start"),
+    ],
+)
+def test_a_database_without_the_schema_says_to_upgrade_it(
+    bare_cli: Cli, empty_database: str, redis_url: str, queue_name: str, args: tuple[str, ...]
+):
+    # Given a database without the lf_* tables
+    bare_cli.setenv("LEASEFLOW_DATABASE_URL", empty_database)
+    bare_cli.setenv("LEASEFLOW_BROKER_URL", redis_url)
+    bare_cli.setenv("LEASEFLOW_DEFAULT_QUEUE", queue_name)
+    # When a command reads or writes runs, it says to migrate it
+    message = failed_cleanly(bare_cli(*args), "E-DB-NOT-MIGRATED")
+    assert 'relation "lf_' in message
+    assert "run `leaseflow db upgrade`" in message
+    # And the same as JSON
+    if args[0] == "runs":
+        result = bare_cli(*args, "--json")
+        assert "leaseflow db upgrade" in failed_as_json(result, "E-DB-NOT-MIGRATED")
 
 
 def test_db_upgrade_of_a_missing_database_fails_cleanly(bare_cli: Cli, pg_template: str):
     base, _, _ = ADMIN_URL.rpartition("/")
     bare_cli.setenv("LEASEFLOW_DATABASE_URL", f"{base}/lf_cli_missing_{uuid.uuid4().hex[:8]}")
-    message = failed_cleanly(bare_cli("db", "upgrade"))
+    message = failed_cleanly(bare_cli("db", "upgrade"), "E-STORE-UNAVAILABLE")
     assert "cannot migrate" in message
     assert "does not exist" in message
 
@@ -451,15 +554,15 @@ def test_worker_exits_with_celerys_exit_code(bare_cli: Cli, monkeypatch: pytest.
     assert bare_cli("worker").exit_code == 3
 
 
-def test_beat_keeps_its_schedule_in_the_cache_directory(
+def test_beat_keeps_its_schedule_in_the_leaseflow_home(
     bare_cli: Cli, celery_argv: list[Any], tmp_path: Path
 ):
-    # Given a cache directory that does not exist yet
-    bare_cli.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    # Given a LEASEFLOW_HOME that does not exist yet
+    bare_cli.setenv("LEASEFLOW_HOME", str(tmp_path / "home"))
     # When beat starts without --schedule
     ok(bare_cli("beat"))
     # Then its schedule lives there, not in the working directory
-    schedule = tmp_path / "cache" / "leaseflow" / "celerybeat-schedule"
+    schedule = tmp_path / "home" / "celerybeat-schedule"
     assert celery_argv == [["beat", "-l", "INFO", "-s", str(schedule)]]
     assert schedule.parent.is_dir()
 
@@ -471,12 +574,167 @@ def test_beat_uses_the_given_schedule_file(bare_cli: Cli, celery_argv: list[Any]
     assert schedule.parent.is_dir()
 
 
+# -- worker and beat refuse to start, as real processes -------------------------------
+
+#: The ``leaseflow`` command of this environment.
+LEASEFLOW = str(Path(sys.executable).with_name("leaseflow"))
+#: How long a process that must refuse to start may take to exit.
+REFUSAL_DEADLINE = 30.0
+
+
+class CliProcess(helpers._Subprocess):
+    """A real ``leaseflow ...`` (or ``celery ...``) process, its output in a log file."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], log_dir: Path, name: str) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._spawn(cmd, env)
+
+    def exit_status(self) -> int:
+        """Its exit status; fails the test if it is still running at the deadline."""
+        eventually(
+            lambda: self.proc.poll() is not None,
+            timeout=REFUSAL_DEADLINE,
+            message=f"{self.name} exited (log: {self.log()[-2000:]!r})",
+        )
+        return self.proc.returncode
+
+
+def celery_worker(settings: Settings, tmp_path: Path, env: dict[str, str]) -> CliProcess:
+    """``celery -A leaseflow.tasks worker``, started directly (not by ``leaseflow worker``)."""
+    cmd = [sys.executable, "-m", "celery", "-A", "leaseflow.tasks", "worker", "-P", "solo"]
+    cmd += ["-Q", settings.default_queue, "--without-gossip", "--without-mingle"]
+    return CliProcess(cmd, helpers.settings_env(settings, **env), tmp_path, "celery-worker")
+
+
+def test_leaseflow_worker_refuses_invalid_definitions(settings: Settings, tmp_path: Path):
+    # Given workflows with a typo in to= and with no initial state
+    env = helpers.settings_env(settings, LEASEFLOW_WORKFLOWS="tests.workflows.invalid")
+    # When `leaseflow worker` starts
+    proc = CliProcess([LEASEFLOW, "worker", "-P", "solo"], env, tmp_path, "worker")
+    with helpers.processes(proc):
+        # Then it exits 1 before Celery starts, naming every problem of both workflows
+        assert proc.exit_status() == 1
+        log = proc.log()
+    assert "error[E-DEFINITION]: workflow 'no_initial' is invalid" in log
+    assert "error[E-DEFINITION]: workflow 'typo_in_to' is invalid" in log
+    assert "'sceond'" in log
+    assert "initial=True" in log
+    assert "ready." not in log
+    assert "Traceback" not in log
+
+
+def test_celery_worker_started_directly_refuses_invalid_definitions(
+    settings: Settings, tmp_path: Path
+):
+    # When `celery -A leaseflow.tasks worker` starts with invalid definitions
+    proc = celery_worker(settings, tmp_path, {"LEASEFLOW_WORKFLOWS": "tests.workflows.invalid"})
+    with helpers.processes(proc):
+        # Then it exits non-zero instead of serving (Celery swallows worker_init errors)
+        assert proc.exit_status() != 0
+        log = proc.log()
+    assert "action=worker_refused code=E-DEFINITION" in log
+    assert "'sceond'" in log
+    assert "ready." not in log
+
+
+def test_leaseflow_worker_without_workflows_refuses(settings: Settings, tmp_path: Path):
+    # When `leaseflow worker` starts with no LEASEFLOW_WORKFLOWS
+    env = helpers.settings_env(settings, LEASEFLOW_WORKFLOWS="")
+    proc = CliProcess([LEASEFLOW, "worker", "-P", "solo"], env, tmp_path, "worker")
+    with helpers.processes(proc):
+        # Then it refuses: runs sent to it would be dropped as unregistered tasks
+        assert proc.exit_status() == 1
+        log = proc.log()
+    assert "error[E-CONFIG]: no workflow to serve: LEASEFLOW_WORKFLOWS is not set" in log
+    assert "leaseflow worker --maintenance-only" in log
+    assert "ready." not in log
+
+
+def test_celery_worker_started_directly_without_workflows_refuses(
+    settings: Settings, tmp_path: Path
+):
+    proc = celery_worker(settings, tmp_path, {"LEASEFLOW_WORKFLOWS": ""})
+    with helpers.processes(proc):
+        assert proc.exit_status() != 0
+        log = proc.log()
+    assert "action=worker_refused code=E-CONFIG" in log
+    assert "ready." not in log
+
+
+def test_a_maintenance_only_worker_serves_the_beat_queue_alone(settings: Settings, tmp_path: Path):
+    # When `leaseflow worker --maintenance-only` starts with no workflows
+    env = helpers.settings_env(settings, LEASEFLOW_WORKFLOWS="")
+    cmd = [LEASEFLOW, "worker", "--maintenance-only", "-P", "solo", "--without-gossip"]
+    proc = CliProcess(cmd, env, tmp_path, "maintenance")
+    with helpers.processes(proc):
+        # Then it starts, consuming the beat queue and not the states' queue
+        log = proc.wait_log("ready.", timeout=REFUSAL_DEADLINE)
+    consumed = re.findall(r"^\s*\.> (\S+)\s+exchange=", log, re.M)
+    assert consumed == [settings.maintenance_queue], log
+
+
+def test_leaseflow_beat_refuses_invalid_definitions(settings: Settings, tmp_path: Path):
+    env = helpers.settings_env(settings, LEASEFLOW_WORKFLOWS="tests.workflows.invalid")
+    cmd = [LEASEFLOW, "beat", "--schedule", str(tmp_path / "schedule")]
+    proc = CliProcess(cmd, env, tmp_path, "beat")
+    with helpers.processes(proc):
+        assert proc.exit_status() == 1
+        log = proc.log()
+    assert "error[E-DEFINITION]: workflow 'typo_in_to' is invalid" in log
+    assert "beat: Starting" not in log
+
+
+# -- which database a command reads --------------------------------------------------
+
+
+@pytest.fixture
+def embedded_home(tmp_path: Path) -> Iterator[Path]:
+    """A LEASEFLOW_HOME; afterwards its server is gone, and its cluster (as root, kept
+    in the server user's own directory) removed."""
+    home = tmp_path / "home"
+    yield home
+    pgdata = local.pgdata_dir(home)
+    eventually(lambda: not local.postgres_pids(pgdata), timeout=10, message="server stopped")
+    if local.cluster_dir(home) != home:
+        shutil.rmtree(local.cluster_dir(home), ignore_errors=True)
+
+
+def test_commands_name_the_embedded_database_they_read(tmp_path: Path, embedded_home: Path):
+    # Given no database URL: the embedded PostgreSQL under LEASEFLOW_HOME
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEASEFLOW_")}
+    env.update(LEASEFLOW_HOME=str(embedded_home), LEASEFLOW_WORKFLOWS="tests.workflows.basic")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(helpers.ROOT), env.get("PYTHONPATH")]))
+
+    def leaseflow(*args: str) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [LEASEFLOW, *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180
+        )
+        assert done.returncode == 0, done.stderr
+        return done
+
+    # When runs are started, listed and shown
+    started = leaseflow("start", "linear5", "--input", '{"n": 1}')
+    run_id = started.stdout.strip()
+    listed = leaseflow("runs", "list", "--json")
+    shown = leaseflow("runs", "show", run_id, "--json")
+    # Then each says on stderr, in one line, which database it read; stdout has the data
+    pgdata = local.pgdata_dir(embedded_home)
+    for done in (started, listed, shown):
+        lines = done.stderr.splitlines()
+        assert len(lines) == 1, done.stderr
+        assert lines[0].startswith("leaseflow: database embedded PostgreSQL"), lines[0]
+        assert str(pgdata) in lines[0]
+    assert [run["id"] for run in json.loads(listed.stdout)] == [run_id]
+    assert json.loads(shown.stdout)["id"] == run_id
+
+
 # -- environment --------------------------------------------------------------------
 
 
 def test_a_malformed_setting_is_named_without_a_traceback(bare_cli: Cli):
     bare_cli.setenv("LEASEFLOW_LEASE_TTL", "-1")
-    assert "LEASEFLOW_LEASE_TTL" in failed_cleanly(bare_cli("runs", "list"))
+    assert "LEASEFLOW_LEASE_TTL" in failed_cleanly(bare_cli("runs", "list"), "E-CONFIG")
 
 
 def test_help_needs_no_configuration(bare_cli: Cli):

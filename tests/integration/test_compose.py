@@ -8,6 +8,8 @@ config`` must also accept the file; without one, that single check is skipped.
 from __future__ import annotations
 
 import fnmatch
+import json
+import re
 import shlex
 import shutil
 import subprocess
@@ -73,6 +75,24 @@ def _published_container_ports(service: dict[str, Any]) -> set[int]:
             found.add(int(port["target"]))
         else:
             found.add(int(str(port).rsplit(":", 1)[-1].split("/")[0]))
+    return found
+
+
+def _host_ips(service: dict[str, Any]) -> list[str]:
+    """The host address each published port of a service binds ('' = every interface).
+
+    Short syntax ``[[IP:]HOST_PORT:]CONTAINER_PORT[/PROTO]`` (``${VAR:-default}`` read as
+    its default) or the long one (``host_ip``); a port without an address, or with only
+    a container port, is published on every interface.
+    """
+    found = []
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            found.append(str(port.get("host_ip", "")))
+            continue
+        spec = re.sub(r"\$\{[^}:]*(?::?-([^}]*))?\}", lambda m: m.group(1) or "", str(port))
+        parts = re.findall(r"\[[^\]]*\]|[^:]+", spec)  # an IPv6 address keeps its colons
+        found.append(parts[0].strip("[]") if len(parts) == 3 else "")
     return found
 
 
@@ -239,6 +259,38 @@ def test_the_api_waits_behind_a_profile_until_leaseflow_serve_exists(services):
     assert "api" in api.get("profiles", [])
     # And every other service starts with a plain `docker compose up`
     assert [n for n in ALL_SERVICES if n != "api" and services[n].get("profiles")] == []
+
+
+def test_every_published_port_binds_the_loopback_interface_only(services):
+    # Given every service of the stack, the api's profile included
+    # When the host address of each published port is read
+    bindings = {name: _host_ips(service) for name, service in services.items()}
+    published = {name: ips for name, ips in bindings.items() if ips}
+    # Then the stack's ports are published (the backing services, Flower and the api)
+    assert set(published) == {"postgres", "redis", "flower", "api"}
+    # And each one on 127.0.0.1 only: nothing listens on the host's other interfaces
+    open_ports = {name: ips for name, ips in published.items() if set(ips) != {"127.0.0.1"}}
+    assert open_ports == {}
+    # And no service shares the host's network (that would publish every port it opens)
+    assert [n for n, s in services.items() if s.get("network_mode") == "host"] == []
+
+
+@pytest.mark.parametrize(
+    "port",
+    [
+        "0.0.0.0:5555:5555",
+        "5555:5555",
+        "5555",
+        "${PORT:-5555}:5555",
+        "[::]:5555:5555",
+        {"target": 5555, "published": 5555},
+        {"target": 5555, "host_ip": "0.0.0.0"},
+    ],
+)
+def test_the_port_check_sees_a_port_open_to_every_interface(port: Any):
+    # Given a port published on every interface, in one of the ways compose allows
+    # Then the check above does not take it for a loopback one
+    assert _host_ips({"ports": [port]}) != ["127.0.0.1"]
 
 
 # -- one image, one environment -----------------------------------------------------
@@ -417,3 +469,20 @@ def test_docker_compose_accepts_the_file():
     profiled = set(_compose(argv, "--profile", "api", "config", "--services").stdout.split())
     assert default == set(ALL_SERVICES) - {"api"}
     assert profiled == set(ALL_SERVICES)
+
+
+def test_docker_compose_binds_every_published_port_to_the_loopback_interface():
+    # Given a working Docker Compose v2
+    argv = _compose_binary()
+    if argv is None:
+        pytest.skip("no Docker Compose v2 binary (`docker compose version` fails)")
+
+    # When it resolves the file, api profile included, into its canonical form
+    resolved = _compose(argv, "--profile", "api", "config", "--format", "json")
+    assert resolved.returncode == 0, resolved.stderr
+    services = json.loads(resolved.stdout)["services"]
+
+    # Then every port it would publish binds 127.0.0.1
+    ports = {name: s.get("ports") or [] for name, s in services.items()}
+    addresses = {(name, p.get("host_ip", "")) for name, each in ports.items() for p in each}
+    assert addresses == {(n, "127.0.0.1") for n in ("postgres", "redis", "flower", "api")}

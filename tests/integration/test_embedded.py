@@ -1,5 +1,6 @@
 """The zero-config path: an embedded PostgreSQL and a filesystem broker under
-LEASEFLOW_HOME, shared by every process of that home and stopped by the last one.
+LEASEFLOW_HOME, shared by every process of that home and stopped by the last one,
+its files private to their user.
 
 Real servers and real processes: each test gets its own home in a fresh temp dir, and its
 teardown kills what it started and stops what is left of the server, so no
@@ -11,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -21,12 +24,14 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import psutil
 import psycopg
 import pytest
 
-from leaseflow import local
+from leaseflow import errors, local
+from leaseflow.local import pgctl, private, system
 from leaseflow.settings import Settings, get_settings, libpq_url, reset_settings
 from tests.helpers import ROOT, eventually
 
@@ -123,6 +128,15 @@ def owner_files(home: Path) -> set[int]:
     return (
         {int(p.name) for p in (home / "owners").iterdir()} if (home / "owners").exists() else set()
     )
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def socket_of(url: str) -> Path:
+    """The socket directory of an embedded server's URL (``...?host=<dir>``)."""
+    return Path(unquote(url.partition("?host=")[2]))
 
 
 def can_query(url: str) -> bool:
@@ -229,12 +243,12 @@ class Home:
 
 @pytest.fixture
 def home() -> Iterator[Home]:
-    """A fresh LEASEFLOW_HOME; afterwards no process or server of it is left.
+    """A fresh LEASEFLOW_HOME; afterwards no process, server or cluster of it is left.
 
-    Not under pytest's tmp_path: run as root, PostgreSQL runs as another user that
-    must traverse the home's parents, and every pytest session makes its base temp
-    dir private again (which would break a restart). Should anything export
-    LEASEFLOW_* variables in this process, they are restored too.
+    The home is ``home`` in a fresh private (0700) directory of ``mkdtemp``, which
+    leaseflow must leave as it is (as root, the cluster lives in a directory of the
+    server's user instead, removed here too). Should anything export LEASEFLOW_*
+    variables in this process, they are restored too.
     """
     saved = {name: os.environ.get(name) for name in EXPORTED}
     base = Path(tempfile.mkdtemp(prefix="lf-embedded-"))
@@ -254,6 +268,8 @@ def home() -> Iterator[Home]:
         timeout=10,
         message="every PostgreSQL process of the test's home gone",
     )
+    if local.cluster_dir(h.path) != h.path:  # as root: the system user's directory
+        shutil.rmtree(local.cluster_dir(h.path), ignore_errors=True)
     shutil.rmtree(base, ignore_errors=True)
 
 
@@ -283,12 +299,6 @@ def test_defaults_are_pure_and_explicit_urls_cost_nothing(tmp_path: Path):
     finally:
         celery_app.dispose_app(app)
     assert not (tmp_path / "h").exists()
-
-
-def test_passwords_are_hidden_when_shown():
-    assert local.shown("redis://:s3cret@host:6379/0") == "redis://:***@host:6379/0"
-    assert local.shown("postgresql://u:pw@h/db") == "postgresql://u:***@h/db"
-    assert local.shown("filesystem:///x/broker") == "filesystem:///x/broker"
 
 
 def test_settings_read_home_and_leave_urls_unset(monkeypatch: pytest.MonkeyPatch):
@@ -329,6 +339,18 @@ def test_a_fresh_home_gets_a_running_migrated_server(home: Home):
     assert lines[0].endswith(f"; broker filesystem://{home.path}/broker")
     # And the home ignores itself in git
     assert (home.path / ".gitignore").read_text().splitlines()[-1] == "*"
+    # And what it keeps is private: the home and its owners 0700, their files 0600, the
+    # cluster 0700; the directory above the home (mkdtemp's, 0700) was not opened up
+    assert mode(home.path) == mode(home.path / "owners") == 0o700
+    assert mode(home.path / "embedded.lock") == 0o600
+    assert mode(home.path / "owners" / str(report["pid"])) == 0o600
+    assert mode(home.pgdata) == 0o700
+    assert mode(home.path.parent) == 0o700
+    if os.geteuid() == 0:  # the cluster is the system user's, in a private directory
+        user = pwd.getpwnam(pgctl.SYSTEM_USER).pw_uid
+        assert not home.pgdata.is_relative_to(home.path)
+        assert os.stat(home.pgdata).st_uid == os.stat(home.pgdata.parent).st_uid == user
+        assert mode(home.pgdata.parent) == mode(system.SYSTEM_DATA) == 0o700
 
 
 def test_a_second_process_reuses_the_server_and_the_last_one_stops_it(home: Home):
@@ -366,7 +388,7 @@ def test_processes_starting_at_once_share_one_server(home: Home):
     assert len({r["url"] for r in reports}) == 1
     assert len({r["postmaster"] for r in reports}) == 1
     assert postmasters(home.pgdata) == {reports[0]["postmaster"]}
-    assert not list(home.path.glob("pgdata.init-*"))
+    assert not list(home.pgdata.parent.glob("pgdata.init-*"))
     assert can_query(reports[0]["url"])
     # And when they have all exited, the server is gone
     for proc in procs:
@@ -414,20 +436,54 @@ def test_a_process_whose_server_died_restarts_it_on_the_next_resolve(home: Home)
     assert local.postgres_pids(home.pgdata) == set()
 
 
-def test_a_home_too_deep_for_a_socket_path_puts_the_socket_in_tmp(home: Home):
-    # Given a home whose data directory is too long a path for a Unix socket
+def test_a_home_too_deep_for_a_socket_path_gets_a_private_socket_directory(
+    home: Home, monkeypatch: pytest.MonkeyPatch
+):
+    # Given a home whose data directory is too long a path for a unix socket, and a
+    # private runtime directory in XDG_RUNTIME_DIR
     home.path = home.path / ("d" * 60) / ("e" * 60)
     home.pgdata = local.pgdata_dir(home.path)
+    runtime = home.path.parents[2] / "run"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
     # When this process resolves it
     settings = local.resolve(home.settings())
-    # Then the socket lives in a private directory of the temp dir, and the server works
+    # Then the socket is where it fits: in the runtime directory (as root, in the short
+    # data directory of the system user's), never in the shared temp dir; the server works
     assert settings.database_url is not None and can_query(settings.database_url)
-    socket_dir = local.ensure_server(home.path).url.partition("?host=")[2]
-    assert socket_dir.startswith(tempfile.gettempdir()) and "leaseflow-pg-" in socket_dir
-    assert os.stat(socket_dir).st_mode & 0o777 == 0o700
-    # And releasing it stops it
+    socket = socket_of(local.ensure_server(home.path).url)
+    as_root = os.geteuid() == 0
+    assert socket == pgctl.socket_dir(home.pgdata, None if as_root else str(runtime))
+    assert socket.parent == (home.pgdata.parent if as_root else runtime)
+    # And it is a private directory of the server's user
+    assert mode(socket) == 0o700
+    assert os.lstat(socket).st_uid == os.stat(home.pgdata).st_uid
+    # And releasing it stops it, and removes the socket's own directory
     local.release(home.path)
     assert local.postgres_pids(home.pgdata) == set()
+    assert socket == home.pgdata or not socket.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as root only: the system user's directories")
+def test_a_symlink_planted_where_the_cluster_goes_is_refused(home: Home):
+    # Given, as root, a symlink where the home's cluster directory goes, to a directory
+    # anyone could have made
+    private.private_dir(system.SYSTEM_DATA, pgctl.prepare_user())
+    planted = local.cluster_dir(home.path)
+    target = home.path.parent / "theirs"
+    target.mkdir()
+    target.chmod(0o777)
+    planted.symlink_to(target)
+    try:
+        # When a process resolves the home
+        with pytest.raises(errors.ConfigurationError, match="symlink"):
+            local.resolve(home.settings())
+        # Then nothing was made, changed or started through it
+        assert list(target.iterdir()) == []
+        assert (mode(target), os.stat(target).st_uid) == (0o777, 0)
+        assert local.postgres_pids(home.pgdata) == set()
+    finally:
+        planted.unlink()
 
 
 def test_a_cli_command_runs_on_the_embedded_server_and_stops_it(home: Home):

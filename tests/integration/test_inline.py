@@ -16,6 +16,8 @@ from leaseflow.beat import jobs
 from leaseflow.fsm import rules
 from leaseflow.heartbeat import LeaseKeeper
 from leaseflow.runner import Runner
+from leaseflow.settings import Settings
+from leaseflow.tasks import runtime
 from tests.integration.test_engine import drive, expire_lease, start
 from tests.workflows import basic
 
@@ -180,6 +182,63 @@ def test_the_inline_budget_bounds_one_task(client, store, settings, db):
     assert drive(runner, result.wakeups[0]) == ["committed", "committed"]
     assert client.get(first.run_id).status == "completed"
     runner.keeper.stop()
+
+
+def test_the_inline_time_budget_stops_a_chain_once_spent(client, store, settings, db):
+    # Given a runner whose tasks may inline for 2 s, on a clock the test moves
+    clock = [1000.0]
+    keeper = LeaseKeeper(store, worker="inline:1", ttl=settings.lease_ttl, interval=30)
+    runner = Runner(
+        store,
+        keeper,
+        worker="inline:1",
+        ttl=settings.lease_ttl,
+        limits=rules.Limits(settings.max_checkpoint_bytes),
+        inline_max_seconds=2.0,
+        monotonic=lambda: clock[0],
+        rand=lambda: 0.5,
+    )
+    first = start(client, basic.inline_chain)
+
+    # And the inlined state b takes 2.5 s by that clock
+    def b_takes_long(info: dict[str, Any]) -> None:
+        if info["state"] == "b":
+            clock[0] += 2.5
+
+    faults.arm("before_commit", b_takes_long)
+    try:
+        # When the first message runs
+        result = runner.run_step(first.run_id, 1)
+
+        # Then b ran inline after a, but c, due once the budget was spent, was published
+        assert (result.result, result.inlined) == ("committed", 1)
+        assert [(d.state, d.step_seq) for d in result.wakeups] == [("c", 3)]
+        assert [r[:4] for r in steps(db, first.run_id)] == [
+            (1, "a", 1, "next"),
+            (2, "b", 1, "next"),
+        ]
+        state = db.execute("SELECT state, status FROM lf_runs WHERE id = %s", (first.run_id,))
+        assert state.fetchone() == ("c", "pending")
+
+        # And c runs in a task of its own, with a budget of its own
+        assert drive(runner, result.wakeups[0]) == ["committed", "committed"]
+        assert client.get(first.run_id).status == "completed"
+    finally:
+        keeper.stop()
+
+
+def test_leaseflow_inline_max_seconds_is_the_workers_inline_time_budget(settings, monkeypatch):
+    # Given LEASEFLOW_INLINE_MAX_SECONDS in the environment
+    monkeypatch.setenv("LEASEFLOW_INLINE_MAX_SECONDS", "0.25")
+    from_env = Settings(database_url=settings.database_url, broker_url=settings.broker_url)
+    # When a worker process builds its runner
+    runtime.configure(from_env)
+    try:
+        engine = runtime.get()
+        # Then its tasks inline for that long
+        assert engine.runner.inline_max_seconds == 0.25
+    finally:
+        runtime.configure(None)
 
 
 def test_duplicate_message_of_an_inlined_run_claims_nothing(client, inline_runner, db):

@@ -21,6 +21,7 @@ from leaseflow import Complete, Retry, Workflow, errors
 from leaseflow.fsm import checkpoint, graph, registry, validation
 from leaseflow.fsm.definition import START
 from leaseflow.fsm.retry import RetryDecision
+from tests.helpers import ROOT
 
 
 class Ctx(BaseModel):
@@ -105,6 +106,95 @@ def test_unknown_on_error_state_is_named():
     )
     problems = problems_of(wf)
     assert mentions(problems, "a", "on_error", "'nowhere'")
+
+
+def test_an_unknown_target_suggests_the_closest_state():
+    # Given a typo in to= and in on_error=
+    wf = declare(
+        "typo_target",
+        ("received", {"initial": True, "to": ["chrage"], "on_error": "rescure"}),
+        ("charge", {}),
+        ("rescue", {}),
+    )
+    # Then each problem names the state the author probably meant
+    problems = problems_of(wf)
+    assert mentions(problems, "received", "unknown target 'chrage'", "did you mean 'charge'?")
+    assert mentions(problems, "received", "on_error state 'rescure'", "did you mean 'rescue'?")
+
+
+def test_an_unknown_target_with_no_close_state_gets_no_suggestion():
+    wf = declare("far_target", ("a", {"initial": True, "to": ["zzz_unrelated"]}), ("done", {}))
+    problems = problems_of(wf)
+    assert mentions(problems, "a", "unknown target 'zzz_unrelated'")
+    assert not mentions(problems, "a", "did you mean")
+
+
+def test_a_suggestion_never_names_a_branch_state_as_a_target():
+    # Given a typo closest to a branch state (never a legal target)
+    wf = declare(
+        "branch_typo",
+        ("a", {"initial": True, "to": ["lookupp", "done"]}),
+        ("lookup", {"branch": True}),
+        ("done", {}),
+    )
+    # Then no branch is suggested
+    assert not mentions(problems_of(wf), "a", "did you mean 'lookup'")
+
+
+def test_branches_must_name_declared_branch_states():
+    # Given a fork whose branches= has a typo and a plain state
+    wf = declare(
+        "bad_branches",
+        ("gather", {"initial": True, "to": ["done"], "branches": ["fetch_dosc", "done"]}),
+        ("fetch_docs", {"branch": True}),
+        ("done", {}),
+    )
+    # Then both are named, the typo with a suggestion
+    problems = problems_of(wf)
+    assert mentions(problems, "gather", "unknown branch state 'fetch_dosc'", "'fetch_docs'?")
+    assert mentions(problems, "gather", "'done' in branches=", "not a branch state")
+
+
+def test_a_state_declaring_branches_needs_its_join_in_to():
+    wf = declare(
+        "fork_without_join",
+        ("gather", {"initial": True, "branches": ["leaf"]}),
+        ("leaf", {"branch": True}),
+    )
+    assert mentions(problems_of(wf), "gather", "branches=", "join must be in to=")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        pytest.param({"end": "failure"}, ("end='failure'", "'completed', 'failed'"), id="value"),
+        pytest.param({"end": "failed", "to": ["done"]}, ("end= and to=",), id="with-to"),
+        pytest.param({"branch": True, "end": "completed"}, ("branch state", "end="), id="branch"),
+        pytest.param({"branch": True, "branches": ["x"]}, ("branch state", "branches="), id="fork"),
+    ],
+)
+def test_a_misplaced_end_or_branches_is_named(kwargs: dict[str, Any], words: tuple[str, ...]):
+    wf = declare(
+        "bad_end",
+        ("a", {"initial": True, "to": ["done"]}),
+        ("odd", kwargs),
+        ("x", {"branch": True}),
+        ("done", {}),
+    )
+    assert mentions(problems_of(wf), "odd", *words)
+
+
+def test_declared_ends_and_branches_validate():
+    wf = declare(
+        "declared",
+        ("gather", {"initial": True, "to": ["decide"], "branches": ["leaf"]}),
+        ("leaf", {"branch": True}),
+        ("decide", {"to": ["ok", "rejected"]}),
+        ("ok", {"end": "completed"}),
+        ("rejected", {"end": "failed"}),
+    )
+    assert wf.validate() is wf
+    assert (wf.states["gather"].branches, wf.states["rejected"].end) == (("leaf",), "failed")
 
 
 def test_no_initial_state_is_a_workflow_problem():
@@ -298,6 +388,47 @@ def test_registry_returns_the_newest_version_and_refuses_a_second_declaration():
         registry.get("fsm_registry_probe")
 
 
+def test_an_unknown_workflow_lists_the_known_ones_and_suggests_the_closest():
+    # Given two registered workflows
+    orders = Workflow("fsm_orders_probe", context=Ctx)
+    other = Workflow("fsm_billing_probe", context=Ctx)
+    try:
+        # When a misspelt one is asked for
+        with pytest.raises(errors.UnknownWorkflow) as caught:
+            registry.get("fsm_ordres_probe")
+    finally:
+        registry.unregister(orders)
+        registry.unregister(other)
+    # Then the error names the closest and lists every known workflow
+    message = str(caught.value)
+    assert "did you mean 'fsm_orders_probe'?" in message
+    assert "fsm_billing_probe" in message and "fsm_orders_probe" in message
+    assert {"fsm_orders_probe", "fsm_billing_probe"} <= set(caught.value.known)
+
+
+def test_an_unknown_version_lists_the_known_versions():
+    v1 = Workflow("fsm_version_probe", context=Ctx, version=1)
+    try:
+        with pytest.raises(errors.UnknownWorkflow) as caught:
+            registry.get("fsm_version_probe", 2)
+    finally:
+        registry.unregister(v1)
+    assert "unknown workflow 'fsm_version_probe v2'" in str(caught.value)
+    assert "did you mean 'fsm_version_probe v1'?" in str(caught.value)
+
+
+def test_unknown_workflow_is_exported_and_survives_pickling():
+    import leaseflow
+
+    exc = errors.UnknownWorkflow("ordrs", None, ["orders", "billing"])
+    again = pickle.loads(pickle.dumps(exc))
+    assert leaseflow.UnknownWorkflow is errors.UnknownWorkflow
+    assert "UnknownWorkflow" in leaseflow.__all__
+    assert (again.name, again.version, again.known) == ("ordrs", None, ("orders", "billing"))
+    assert str(again) == str(exc)
+    assert "this process knows: none" in str(errors.UnknownWorkflow("x"))
+
+
 # -- retry policy -----------------------------------------------------------------
 
 
@@ -374,6 +505,44 @@ def test_by_default_every_exception_but_base_exceptions_is_retried():
     assert policy.max_attempts == 3
     assert policy.decide(1, Exception()).retry is True
     assert policy.decide(1, SystemExit()).retry is False
+
+
+def test_the_default_policy_is_the_one_the_readme_documents():
+    policy = Retry()
+    assert (policy.max_attempts, policy.backoff, policy.max_delay, policy.jitter) == (
+        3,
+        1.0,
+        300.0,
+        0.1,
+    )
+    readme = (ROOT / "README.md").read_text().split("## Writing a workflow", 1)[1]
+    section = readme.split("\n## ", 1)[0]
+    for words in ("3 attempts", "1 s", "300 s", "10%", "give_up_on"):
+        assert words in section, words
+
+
+def test_give_up_on_fails_at_once_even_for_a_retry_on_type():
+    # Given a policy that retries every exception but gives up on ValueError
+    policy = Retry(max_attempts=5, retry_on=(Exception,), give_up_on=(ValueError, KeyError))
+    # Then a ValueError (or subclass) or KeyError is not retried, on any attempt
+    assert policy.decide(1, ValueError("bad input")).retry is False
+    assert policy.decide(1, UnicodeDecodeError("utf-8", b"", 0, 1, "x")).retry is False
+    assert policy.decide(2, KeyError("k")).retry is False
+    assert policy.gives_up_on(ValueError()) is True
+    # And anything else still is
+    assert policy.decide(1, ConnectionError()) == RetryDecision(retry=True, delay=policy.delay(1))
+    assert policy.gives_up_on(ConnectionError()) is False
+    # And by default nothing is given up on
+    assert Retry().give_up_on == ()
+
+
+def test_give_up_on_takes_a_bare_type_or_a_list_and_refuses_non_exceptions():
+    assert Retry(give_up_on=ValueError).give_up_on == (ValueError,)  # type: ignore[arg-type]
+    assert Retry(give_up_on=[TypeError]).give_up_on == (TypeError,)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="give_up_on takes exception types"):
+        Retry(give_up_on=("ValueError",))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="retry_on takes exception types"):
+        Retry(retry_on=(int,))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -574,3 +743,75 @@ def test_graph_refuses_an_unknown_format_and_an_invalid_workflow(rescue_wf: Work
         graph.render(rescue_wf, "svg")
     with pytest.raises(errors.InvalidDefinition):
         graph.render(declare("broken_graph", ("a", {"to": ["ghost"]})), "mermaid")
+
+
+@pytest.fixture
+def fork_wf() -> Workflow:
+    return declare(
+        "forky",
+        ("gather", {"initial": True, "to": ["decide"], "branches": ["credit", "fraud"]}),
+        ("credit", {"branch": True}),
+        ("fraud", {"branch": True}),
+        ("decide", {"to": ["ship", "rejected"]}),
+        ("ship", {"end": "completed"}),
+        ("rejected", {"end": "failed"}),
+    )
+
+
+def test_mermaid_draws_fork_branch_and_join_edges_of_declared_branches(fork_wf: Workflow):
+    lines = graph.render(fork_wf, "mermaid").splitlines()
+    for edge in (
+        "    gather --> credit: fork",
+        "    gather --> fraud: fork",
+        "    credit --> decide: join",
+        "    fraud --> decide: join",
+    ):
+        assert edge in lines, edge
+
+
+def test_dot_draws_fork_branch_and_join_edges_of_declared_branches(fork_wf: Workflow):
+    lines = graph.render(fork_wf, "dot").splitlines()
+    assert '    "gather" -> "credit" [style=dashed, label="fork"];' in lines
+    assert '    "fraud" -> "decide" [style=dashed, label="join"];' in lines
+
+
+def test_without_declared_branches_no_fork_edge_is_guessed():
+    wf = declare(
+        "undeclared_fork",
+        ("gather", {"initial": True, "to": ["decide"]}),
+        ("credit", {"branch": True}),
+        ("decide", {}),
+    )
+    text = graph.render(wf, "mermaid")
+    assert ": fork" not in text and ": join" not in text
+    assert "    credit: credit (branch)" in text.splitlines()
+
+
+def test_the_join_is_drawn_only_when_the_forking_state_has_one_target():
+    # Given a fork whose to= names two states (either may be the join)
+    wf = declare(
+        "two_joins",
+        ("gather", {"initial": True, "to": ["left", "right"], "branches": ["leaf"]}),
+        ("leaf", {"branch": True}),
+        ("left", {}),
+        ("right", {}),
+    )
+    lines = graph.render(wf, "mermaid").splitlines()
+    # Then the fork edge is drawn, but no join edge is guessed
+    assert "    gather --> leaf: fork" in lines
+    assert not [line for line in lines if ": join" in line]
+
+
+def test_mermaid_marks_failed_ends_apart_from_complete_and_undeclared_ends(fork_wf: Workflow):
+    wf = declare("plain_end", ("a", {"initial": True, "to": ["b"]}), ("b", {}))
+    lines = graph.render(fork_wf, "mermaid").splitlines()
+    assert "    ship --> [*]: Complete" in lines
+    assert "    rejected --> [*]: Failed" in lines
+    assert "    class rejected failed_end" in lines
+    assert "    b --> [*]" in graph.render(wf, "mermaid").splitlines()
+
+
+def test_dot_draws_failed_ends_as_red_double_octagons(fork_wf: Workflow):
+    lines = graph.render(fork_wf, "dot").splitlines()
+    assert '    "rejected" [shape=doubleoctagon, color="#b91c1c", style=rounded];' in lines
+    assert '    "ship" [shape=doublecircle, style=rounded];' in lines

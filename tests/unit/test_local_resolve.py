@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from leaseflow import local
-from leaseflow.local import postgres, resolution
+from leaseflow.local import pgctl, postgres, resolution, system
 from leaseflow.settings import Settings, get_settings, reset_settings
 
 EXPLICIT_DB = "postgresql+psycopg://u@db/x"
@@ -214,3 +214,63 @@ def test_exporting_puts_the_child_env_in_os_environ_and_get_settings_follows(
     assert get_settings().broker_url == resolved.broker_url
     # And a process of that environment takes the server as the embedded one, not a foreign one
     assert local.choose(get_settings()).embedded_home == tmp_path / "h"
+
+
+# -- where the files go -------------------------------------------------------------------
+
+
+def test_the_socket_goes_in_the_data_directory_when_its_path_fits(tmp_path: Path):
+    # Given a data directory short enough for a unix socket path
+    pgdata = tmp_path / "pgdata"
+    # Then the socket lives in it, wherever the runtime directory is
+    assert pgctl.socket_dir(pgdata, "/run/user/1000") == pgdata
+    assert pgctl.socket_dir(pgdata, None) == pgdata
+
+
+def test_a_data_directory_too_deep_puts_the_socket_in_the_runtime_dir_else_nowhere():
+    # Given a data directory too deep for a unix socket path
+    pgdata = Path("/srv") / ("d" * 60) / ("e" * 40) / "pgdata"
+    # Then the socket goes to a directory of its own in $XDG_RUNTIME_DIR
+    found = pgctl.socket_dir(pgdata, "/run/user/1000")
+    assert found is not None and found.parent == Path("/run/user/1000")
+    assert found.name.startswith("leaseflow-pg-")
+    assert pgctl.socket_dir(pgdata, "/run/user/1000") == found  # the same every time
+    # And nowhere (never a shared temp dir) without one, or with a relative or deep one
+    assert pgctl.socket_dir(pgdata, None) is None
+    assert pgctl.socket_dir(pgdata, "run/user/1000") is None
+    assert pgctl.socket_dir(pgdata, "/" + "r" * 100) is None
+
+
+def test_a_users_cluster_lives_in_the_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(pgctl, "run_as", lambda: None)
+    assert local.pgdata_dir(tmp_path / "h") == tmp_path / "h" / "pgdata"
+
+
+def test_as_root_the_cluster_lives_in_a_directory_of_the_system_user(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # Given root (PostgreSQL then runs as the system user, who cannot enter the home)
+    monkeypatch.setattr(pgctl, "run_as", lambda: pgctl.SYSTEM_USER)
+    (tmp_path / "h").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "h")
+    # When the cluster of a home is placed
+    pgdata = local.pgdata_dir(tmp_path / "h")
+    # Then it is in a directory of its own under SYSTEM_DATA, one per home
+    assert pgdata.parent.parent == system.SYSTEM_DATA and pgdata.name == "pgdata"
+    assert local.pgdata_dir(tmp_path / "link") == pgdata  # the same home by another path
+    assert local.pgdata_dir(tmp_path / "other") != pgdata
+    # And its socket fits in it
+    assert pgctl.socket_dir(pgdata, None) == pgdata
+
+
+def test_beat_keeps_its_schedule_in_the_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # Given a home that does not exist yet
+    from leaseflow import cli
+
+    monkeypatch.setenv("LEASEFLOW_HOME", str(tmp_path / "h"))
+    reset_settings()
+    # When beat's default schedule is asked for
+    schedule = cli.default_schedule()
+    # Then it is a file of the home, which is made private
+    assert schedule == tmp_path / "h" / "celerybeat-schedule"
+    assert os.stat(tmp_path / "h").st_mode & 0o777 == 0o700

@@ -260,3 +260,86 @@ def test_the_inline_budget_takes_only_immediate_moves_to_inline_states_on_the_sa
     assert not budget.take(wf, move["b"], 102.0)  # past the deadline
     assert budget.take(wf, move["b"], 101.0)
     assert not budget.take(wf, move["b"], 101.0)  # spent
+
+
+# -- values the store cannot take: refused before the commit, naming their field -------
+
+
+def _nested(depth: int) -> Any:
+    value: Any = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("output", "words"),
+    [
+        ({"text": "a\x00b"}, 'output["text"] cannot be stored: contains a NUL byte'),
+        ({"k\x00": 1}, 'output["k\\u0000"] cannot be stored: its key contains a NUL byte'),
+        ({"tree": _nested(5000)}, 'output["tree"][0][0][0]...'),
+    ],
+)
+def test_an_output_the_store_cannot_take_fails_state_error_naming_the_field(
+    output: Any, words: str
+):
+    # When
+    tr = outcome(shop(), "done", Complete(output=output))
+    # Then: failed once, for good (no retry), with the field and why
+    assert (tr.outcome, tr.status, tr.error_code, tr.accepted) == (
+        "failed",
+        "failed",
+        errors.STATE_ERROR,
+        False,
+    )
+    assert words in (tr.error or "")
+
+
+def test_a_context_the_store_cannot_take_fails_context_invalid_naming_the_field():
+    tr = outcome(shop(), "start", "work", Ctx(note="a\x00b"))
+    assert (tr.status, tr.error_code) == ("failed", errors.CONTEXT_INVALID)
+    assert (tr.error or "").startswith('context["note"] cannot be stored: contains a NUL byte')
+
+
+def test_map_items_the_store_cannot_take_fail_state_error_naming_the_item():
+    tr = outcome(shop(), "fan", Map(items=[1, {"text": "\x00"}], branch="leaf", join="join"))
+    assert (tr.status, tr.error_code, tr.fork) == ("failed", errors.STATE_ERROR, None)
+    assert (tr.error or "").startswith('Map.items[1]["text"] cannot be stored')
+
+
+def test_a_branch_result_the_store_cannot_take_fails_the_branch_with_state_error():
+    spec = shop().states["leaf"]
+    bad = rules.on_branch(
+        spec, attempt=1, max_attempts=2, returned={"text": "\x00"}, limits=LIMITS, rand=0
+    )
+    assert bad.status == "failed"  # not "retry", although an attempt is left
+    assert (bad.error or "").startswith(f'{errors.STATE_ERROR}: branch result["text"] cannot')
+
+
+def test_error_texts_with_nul_are_escaped_never_refused():
+    # Given texts with NUL bytes: a Failed reason and code, an exception message
+    wf = shop()
+    failed = outcome(wf, "done", Failed("no\x00pe", code="APP\x00"))
+    boom = ValueError("bad\x00byte")
+    retry = rules.on_error(wf, wf.states["work"], attempt=1, max_attempts=3, exc=boom, rand=0.5)
+    last = rules.on_error(wf, wf.states["work"], attempt=3, max_attempts=3, exc=boom, rand=0.5)
+    rescue = rules.on_error(wf, wf.states["fragile"], attempt=3, max_attempts=3, exc=boom, rand=0)
+    branch = rules.on_branch(
+        wf.states["leaf"], attempt=2, max_attempts=2, raised=boom, limits=LIMITS, rand=0
+    )
+
+    # Then every text reaches its column with the NUL escaped, and nothing is refused
+    assert (failed.status, failed.error, failed.error_code, failed.accepted) == (
+        "failed",
+        "no\\x00pe",
+        "APP\\x00",
+        True,
+    )
+    assert "ValueError: bad\\x00byte" in (retry.step_error or "")
+    assert (last.error or "").startswith("ValueError: bad\\x00byte (attempt 3 of 3")
+    assert "bad\\x00byte" in (last.step_error or "") and rescue.next_state == "rescue"
+    assert "bad\\x00byte" in (rescue.step_error or "")
+    assert (branch.status, (branch.error or "")[:25]) == ("failed", "ValueError: bad\\x00byte (")
+    texts = [failed.error, failed.error_code, retry.step_error, last.error, last.step_error]
+    texts += [rescue.step_error, branch.error]
+    assert not [t for t in texts if t is None or "\x00" in t]

@@ -1,0 +1,88 @@
+"""The log lines of committed steps: what an operator must see in the worker log.
+
+A retry or a handled error is a WARNING, a failed run an ERROR with its code and the
+exception's last line, everything else DEBUG or INFO; every line carries the ids.
+"""
+
+from __future__ import annotations
+
+from leaseflow import errors, logs
+from leaseflow.fsm import rules
+from leaseflow.store import records
+
+
+def committed(claim: records.Claim, decision: rules.Transition, *, inline: bool) -> None:
+    """Log a committed step of a run."""
+    logs.debug(
+        "step_committed",
+        run_id=claim.run_id,
+        state=claim.state,
+        step_seq=claim.step_seq,
+        outcome=decision.outcome,
+        next_state=decision.next_state,
+        error_code=decision.error_code,
+        inline=inline,
+    )
+    if decision.outcome == "retry" or (decision.moves and decision.step_error is not None):
+        logs.warning(
+            "state_retry" if decision.outcome == "retry" else "state_error_handled",
+            run_id=claim.run_id,
+            state=claim.state,
+            step_seq=claim.step_seq,
+            attempt=claim.attempt,
+            max_attempts=claim.max_attempts,
+            next_state=decision.next_state,
+            delay=round(decision.delay, 3) if decision.delay else None,
+            error=rules.error_line(decision.step_error),
+        )
+    if decision.terminal and decision.status == "failed":
+        logs.error(
+            "run_failed",
+            run_id=claim.run_id,
+            state=claim.state,
+            step_seq=claim.step_seq,
+            attempt=claim.attempt,
+            error_code=decision.error_code,
+            error=rules.error_line(decision.step_error or decision.error),
+        )
+    elif decision.terminal:
+        logs.info(
+            "run_finished",
+            run_id=claim.run_id,
+            status=decision.status,
+            error_code=decision.error_code,
+        )
+
+
+def branch_committed(
+    claim: records.BranchClaim, decision: rules.BranchDecision, done: records.BranchCommit
+) -> None:
+    """Log a committed branch attempt (and the run it failed, if any)."""
+    logs.debug(
+        "branch_committed",
+        run_id=claim.run_id,
+        state=claim.state,
+        group_id=claim.group_id,
+        branch=claim.idx,
+        outcome=decision.status,
+    )
+    if decision.status != "completed":
+        logs.warning(
+            "branch_retry" if decision.status == "retry" else "branch_failed",
+            run_id=claim.run_id,
+            state=claim.state,
+            group_id=claim.group_id,
+            branch=claim.idx,
+            attempt=claim.attempt,
+            error=rules.error_line(decision.error),
+        )
+    if done.parent_failed:
+        logs.error(
+            "run_failed",
+            run_id=claim.run_id,
+            state=claim.state,
+            group_id=claim.group_id,
+            branch=claim.idx,
+            error_code=errors.BRANCH_FAILED,
+            error=rules.error_line(decision.error),
+        )
