@@ -63,7 +63,7 @@ def preprocessing(ctx: Context[AgentOp]) -> str:
     return "gather"
 
 
-@agent.state(to=["inferring"])
+@agent.state(to=["inferring"], branches=["fetch_docs", "fetch_memory"])
 def gather(ctx: Context[AgentOp]) -> Parallel:
     # Two lookups side by side (a Celery chord when a result backend is configured);
     # 'inferring' runs once, when both have committed their results.
@@ -122,7 +122,7 @@ def delivering(ctx: Context[AgentOp]) -> str:
     return "completed"
 
 
-@agent.state()
+@agent.state(end="completed")
 def completed(ctx: Context[AgentOp]) -> Complete:
     return Complete(
         output={
