@@ -240,6 +240,12 @@ def _check_definitions(*, need_workflows: bool) -> None:
 @click.option("-P", "--pool", help="Pool: prefork, threads, solo, ...")
 @click.option("-l", "--loglevel", default="INFO", show_default=True)
 @click.option(
+    "-E",
+    "--task-events",
+    is_flag=True,
+    help="Send task events (for Flower), as celery worker -E; off by default.",
+)
+@click.option(
     "--maintenance-only",
     is_flag=True,
     help="Serve only the beat queue (reaper, dispatcher): needs no LEASEFLOW_WORKFLOWS.",
@@ -250,6 +256,7 @@ def worker(
     concurrency: int | None,
     pool: str | None,
     loglevel: str,
+    task_events: bool,
     maintenance_only: bool,
     celery_args: tuple[str, ...],
 ) -> None:
@@ -258,6 +265,8 @@ def worker(
     Every definition is validated first: an invalid one, or no workflow at all
     (unless --maintenance-only), and the worker does not start.
     Arguments after the options go to ``celery worker`` unchanged.
+    Task events are off, as in Celery, unless -E asks for them (Flower shows tasks
+    from them): then the worker also sends ``task-sent`` for each state it publishes.
     """
     from leaseflow.tasks import celery_app
 
@@ -271,6 +280,8 @@ def worker(
         argv += ["-c", str(concurrency)]
     if pool is not None:
         argv += ["--pool", pool]
+    if task_events:
+        argv += ["-E"]
     _exit_with(celery_app.get_app().worker_main([*argv, *celery_args]))
 
 

@@ -37,7 +37,8 @@ def import_workflows(modules: list[str]) -> None:
 
 def celery_settings(queue: str, result_backend: str | None = None) -> dict[str, Any]:
     """The Celery settings leaseflow runs with (benchmark baselines reuse them):
-    JSON only, late acks, requeue on a lost worker, prefetch 1."""
+    JSON only, late acks, requeue on a lost worker, prefetch 1. Task events follow
+    Celery's defaults, off: ``worker -E`` turns them on (see ``follow_task_events``)."""
     return {
         "result_backend": result_backend,
         "task_serializer": "json",
@@ -51,8 +52,6 @@ def celery_settings(queue: str, result_backend: str | None = None) -> dict[str, 
         "task_default_queue": queue,
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,
-        "worker_send_task_events": True,
-        "task_send_sent_event": True,
         "enable_utc": True,
     }
 
@@ -179,9 +178,20 @@ def _consume_maintenance_queue(sender: Any = None, instance: Any = None, **_: An
         application.amqp.queues.select_add(queue)
 
 
+def follow_task_events(worker: Any) -> None:
+    """A worker that sends task events (``-E``, or ``worker_send_task_events``) also
+    sends ``task-sent`` for the states it publishes, so a monitor sees each one queued;
+    without them it sends neither, as Celery does. Before the pool forks."""
+    if worker.task_events:
+        worker.app.conf.task_send_sent_event = True
+
+
 @signals.worker_init.connect
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
-    if _app is not None and getattr(sender, "app", None) is _app:
+    application = getattr(sender, "app", None)
+    if application is not None and id(application) in _listeners:  # a leaseflow app
+        follow_task_events(sender)
+    if _app is not None and application is _app:
         # The queues -Q selected (all declared ones without -Q); not yet the beat queue.
         prepare_worker(list(sender.app.amqp.queues.consume_from))
 

@@ -60,11 +60,12 @@ def publish_all(
 ) -> None:
     """Publish ``wakeups``; inside a chord header task, leave the join to the chord body.
 
-    The messages and their ``task-sent`` events leave as one kombu publish batch (on
-    Redis: one pipelined round trip) from a producer whose Redis channel reuses its
-    client. If the batch fails, each message is published again on its own, with
-    Celery's publish retries: a message sent twice is harmless, every one is claimed
-    fenced.
+    The messages (and their ``task-sent`` events, sent only when the worker runs with
+    task events, ``-E``, or ``task_send_sent_event`` is set) leave as one kombu publish
+    batch (on Redis: one pipelined round trip) from a producer whose Redis channel
+    reuses its client. If the batch fails, each message is published again on its own,
+    with Celery's publish retries: a message sent twice is harmless, every one is
+    claimed fenced.
     """
     todo = [d for d in wakeups if not (in_chord and isinstance(d, messages.JoinWake))]
     if not todo:
@@ -91,9 +92,9 @@ def reuse_redis_client(channel: Any) -> None:
 
     kombu builds a new client for every publish (``Channel.conn_or_acquire``), and
     building one costs about 0.25 ms of CPU in redis-py (its response-callback table,
-    redis/redis-py#3624): two per state message with its ``task-sent`` event. A client
-    over a connection pool is made to be shared, so this channel's ``Client`` factory
-    hands out the same one. Other transports are left alone.
+    redis/redis-py#3624): one per state message, two with its ``task-sent`` event. A
+    client over a connection pool is made to be shared, so this channel's ``Client``
+    factory hands out the same one. Other transports are left alone.
     """
     if not isinstance(channel, kombu_redis.Channel):
         return

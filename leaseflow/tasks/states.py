@@ -52,11 +52,13 @@ def register(app: Celery, wf: Workflow, spec: StateSpec) -> None:
 
 class ReuseRedisClients(bootsteps.StartStopStep):
     """In the worker's main process, the Redis channels that ack messages and publish
-    task events reuse one ``redis.Redis`` client (``dispatch.reuse_redis_client``).
+    events reuse one ``redis.Redis`` client (``dispatch.reuse_redis_client``).
 
-    kombu builds a client per ack and per event (four per task), about a tenth of the
-    main process's CPU per task here. Started after the task consumer, so again after
-    every reconnection, on the new channels.
+    kombu builds a client per ack and per event (one per task, four with task events,
+    ``-E``), about a tenth of the main process's CPU per task here. The event channel
+    exists whenever the worker sends any event (task events, heartbeats, gossip); with
+    none it is skipped. Started after the task consumer, so again after every
+    reconnection, on the new channels.
     """
 
     requires = ("celery.worker.consumer.tasks:Tasks",)

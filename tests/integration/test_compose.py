@@ -199,6 +199,14 @@ def test_worker_runs_leaseflow_worker_and_reports_health(services):
     assert "$$HOSTNAME" in check
 
 
+def test_the_worker_sends_task_events_for_flower(services):
+    # Given the worker service (task events are off by default, as in Celery)
+    argv = _command(services["worker"])
+
+    # Then it runs with -E, so Flower shows each state as its own task
+    assert "-E" in argv or "--task-events" in argv
+
+
 def test_the_worker_can_be_scaled(services):
     # Given the worker service, meant for `docker compose up --scale worker=N`
     worker = services["worker"]

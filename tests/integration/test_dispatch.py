@@ -78,9 +78,11 @@ def test_other_transports_are_left_alone():
         assert getattr(channel, "Client", None) is before
 
 
+@pytest.mark.parametrize("sent_events", [False, True], ids=["no-events", "task-sent"])
 @pytest.mark.parametrize("n", [1, 5])
-def test_publish_all_uses_one_round_trip(app, redis_url, queue_name, monkeypatch, n):
-    """The messages and their task-sent events go out in one pipeline execution."""
+def test_publish_all_uses_one_round_trip(app, redis_url, queue_name, monkeypatch, n, sent_events):
+    """The messages (and their task-sent events, when on) go out in one pipeline."""
+    app.conf.task_send_sent_event = sent_events  # what a worker with -E turns on
     dispatch.publish_all(app, _dispatches(1))  # the first publish declares the queue
     executed: list[int] = []
     original = redis.client.Pipeline.execute
@@ -100,25 +102,47 @@ def test_publish_all_uses_one_round_trip(app, redis_url, queue_name, monkeypatch
     monkeypatch.setattr(redis.Redis, "execute_command", counting_direct)
     dispatch.publish_all(app, _dispatches(n))
     assert single == []  # no command went out on its own
-    assert executed == [2 * n]  # n LPUSH + n PUBLISH (task-sent) in one pipeline
+    # n LPUSH, and n PUBLISH (task-sent) when events are on, in one pipeline
+    assert executed == [2 * n if sent_events else n]
     assert len(_queued(redis_url, queue_name)) == 1 + n
 
 
-def test_the_worker_acks_and_sends_task_events_through_reused_clients(
-    client, inline_worker, monkeypatch
+@pytest.fixture(params=[False, True], ids=["no-events", "events"])
+def events_worker(request, app, settings):
+    """An in-thread worker without task events (Celery's default) or with them (-E)."""
+    from celery.contrib.testing.worker import start_worker
+
+    with start_worker(
+        app,
+        pool="threads",
+        concurrency=2,
+        perform_ping_check=False,
+        queues=[settings.default_queue],
+        shutdown_timeout=20,
+        task_events=request.param,
+    ) as worker:
+        yield worker
+
+
+def test_the_worker_acks_and_sends_events_through_reused_clients(
+    client, app, events_worker, monkeypatch
 ):
-    """The worker's consumer channel (acks) and event channel (task events) reuse one
-    Redis client each, instead of building one per ack and per event."""
+    """The worker's consumer channel (acks) and, with -E, its event channel (task
+    events) reuse one Redis client each, instead of building one per ack and event."""
     from tests.workflows import basic
 
-    consumer = inline_worker.consumer
-    channels = {
-        "acks": consumer.task_consumer.channel,
-        "events": consumer.event_dispatcher.producer.channel,
-    }
+    # Given a worker with or without task events
+    events = events_worker.task_events
+    consumer = events_worker.consumer
+    dispatcher = consumer.event_dispatcher
+    assert bool(dispatcher and dispatcher.enabled) is events
+    # (with -E, the states it publishes carry task-sent events too)
+    assert app.conf.task_send_sent_event is events
+    channels = {"acks": consumer.task_consumer.channel}
+    if events:
+        channels["events"] = dispatcher.producer.channel
     for name, channel in channels.items():
         assert getattr(channel.Client, "reuses_clients", False), name
-
     client.wait_for(client.start(basic.linear, {"n": 1}), timeout=20)  # warm every path
     built: list[int] = []
     original = redis.Redis.__init__
@@ -128,7 +152,11 @@ def test_the_worker_acks_and_sends_task_events_through_reused_clients(
         original(self, *args, **kwargs)
 
     monkeypatch.setattr(redis.Redis, "__init__", counting)
+
+    # When a five-state run goes through it
     done = client.wait_for(client.start(basic.linear, {"n": 2}), timeout=20)
+
+    # Then its five acks, five publishes (with -E also their task events) built no
+    # Redis client
     assert done.status == "completed", done
-    # Five states: five acks and fifteen task events in the worker, five publishes.
     assert built == [], f"{len(built)} Redis clients built for one five-state run"
