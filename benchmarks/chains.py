@@ -3,7 +3,14 @@
 ``celery -A benchmarks.chains worker`` runs the app configured from
 ``LFBENCH_BROKER_URL``, ``LFBENCH_QUEUE`` and (for the naive chain)
 ``LFBENCH_DATABASE_URL``, with the Celery settings leaseflow uses (JSON only,
-``acks_late``, reject on worker lost, prefetch 1, task events, no result backend).
+``acks_late``, reject on worker lost, prefetch 1, no result backend) and task events
+off, as stock Celery, unless ``LFBENCH_EVENTS=1`` (``worker_send_task_events`` and
+``task_send_sent_event`` on, for the ``plain_events`` row).
+
+The stock chain (W1's reference): ``noop`` x 4 then ``last(key)``. ``noop`` does
+nothing at all; ``last`` stamps its end (``time.time()``) into the sorted set
+``key:end`` (``ZADD GT``: the latest end wins) and counts the run done with ``INCR key``,
+one pipelined round trip: the only instrumentation, in one task of five.
 
 ``tick(key, total)``: a no-op that counts itself with one Redis ``INCR`` of ``key`` (in
 the broker's db) and stamps ``key:first`` (its start) when it is the first and
@@ -37,6 +44,8 @@ from celery import Celery
 from leaseflow.tasks import celery_app
 
 TICK = "lfbench.chains.tick"
+NOOP = "lfbench.chains.noop"
+LAST = "lfbench.chains.last"
 NAIVE_STEP = "lfbench.chains.naive_step"
 
 SCHEMA = """
@@ -109,9 +118,25 @@ def _pg(url: str) -> Any:
     return entry[1]
 
 
-def make_app(broker_url: str, queue: str, database_url: str | None = None) -> Celery:
+def make_app(
+    broker_url: str, queue: str, database_url: str | None = None, *, events: bool = False
+) -> Celery:
     app = Celery("lfbench_chains", set_as_current=False)
     app.conf.update(broker_url=broker_url, **celery_app.celery_settings(queue))
+    # Celery's defaults (events off) unless asked, whatever leaseflow's default is
+    app.conf.update(worker_send_task_events=events, task_send_sent_event=events)
+
+    @app.task(name=NOOP, ignore_result=True, shared=False)
+    def noop() -> None:
+        return None
+
+    @app.task(name=LAST, ignore_result=True, shared=False)
+    def last(key: str) -> None:
+        end = time.time()
+        pipe = _redis(app.conf.broker_url).pipeline(transaction=False)
+        pipe.zadd(f"{key}:end", {"end": end}, gt=True)
+        pipe.incr(key)
+        pipe.execute()
 
     @app.task(name=TICK, ignore_result=True, shared=False)
     def tick(key: str, total: int) -> None:
@@ -170,4 +195,5 @@ app = make_app(
     os.environ.get("LFBENCH_BROKER_URL", "memory://"),
     os.environ.get("LFBENCH_QUEUE", "lfbench-chains"),
     os.environ.get("LFBENCH_DATABASE_URL") or None,
+    events=os.environ.get("LFBENCH_EVENTS") == "1",
 )

@@ -271,6 +271,7 @@ class CeleryWorker:
         pool: str = "prefork",
         concurrency: int = 2,
         loglevel: str = "WARNING",
+        extra: Sequence[str] = (),
     ) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
@@ -295,6 +296,7 @@ class CeleryWorker:
             "--without-gossip",
             "--without-mingle",
             "--without-heartbeat",
+            *extra,
         ]
         self._log = open(self.log_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -397,10 +399,17 @@ class Scratch(contextlib.ExitStack):
         return db
 
     def worker(
-        self, app: str, *, name: str, queue: str, env: dict[str, str], args: Any
+        self,
+        app: str,
+        *,
+        name: str,
+        queue: str,
+        env: dict[str, str],
+        args: Any,
+        extra: Sequence[str] = (),
     ) -> CeleryWorker:
-        """A ``celery -A app worker`` with ``args.pool``/``concurrency``/``loglevel``,
-        stopped on the way out."""
+        """A ``celery -A app worker`` with ``args.pool``/``concurrency``/``loglevel``
+        (and ``extra`` options, e.g. ``-E``), stopped on the way out."""
         w = CeleryWorker(
             app,
             name=name,
@@ -410,6 +419,7 @@ class Scratch(contextlib.ExitStack):
             pool=args.pool,
             concurrency=args.concurrency,
             loglevel=args.loglevel,
+            extra=extra,
         )
         self.defer(f"stop worker {name}", w.stop)
         return w
@@ -464,27 +474,61 @@ def _pids_named(*names: str) -> list[int]:
     return found
 
 
+#: Auxiliary PostgreSQL processes (``postgres: <cluster>: <what>``): cluster-wide work a
+#: system's commits cause (WAL writer, checkpointer, ...), counted with its backends.
+PG_AUX = ("checkpointer", "background writer", "walwriter", "autovacuum launcher", "logical")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return (
+            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        )
+    except OSError:
+        return ""
+
+
+def _pg_pids(database: str | None) -> list[int]:
+    """PostgreSQL processes: all of them, or (``database`` given) the postmaster, the
+    auxiliary processes and the backends of ``database`` only, so that other databases'
+    traffic on a shared server is not counted."""
+    pids = _pids_named("postgres", "postmaster")
+    if database is None:
+        return pids
+    out = []
+    for pid in pids:
+        cmd = _cmdline(pid)
+        backend = cmd.startswith("postgres:")
+        if not backend or f" {database} " in cmd or any(a in cmd for a in PG_AUX):
+            out.append(pid)
+    return out
+
+
 class CpuMeter:
-    """CPU seconds spent by the worker's main process, its pool processes, all
-    PostgreSQL processes and all redis-server processes between :meth:`start` and
-    :meth:`stop`.
+    """CPU seconds spent by the worker's main process, its pool processes, PostgreSQL
+    (all processes, or with ``database`` its backends plus the cluster's auxiliary
+    processes) and all redis-server processes between :meth:`start` and :meth:`stop`.
 
     A process born in between counts from zero; one that exits in between is lost,
-    so stop the meter before stopping the worker.
+    so stop the meter before stopping the worker. redis-server is the shared one:
+    other clients' commands meanwhile are counted too.
     """
 
     HZ = os.sysconf("SC_CLK_TCK")
 
-    def __init__(self, worker_pids: Callable[[], list[int]], main_pid: int) -> None:
+    def __init__(
+        self, worker_pids: Callable[[], list[int]], main_pid: int, database: str | None = None
+    ) -> None:
         self.worker_pids = worker_pids
         self.main_pid = main_pid
+        self.database = database
         self.before: dict[str, dict[int, int]] = {}
 
     def _snapshot(self) -> dict[str, dict[int, int]]:
         groups = {
             "worker_main": [self.main_pid],
             "worker_pool": [p for p in self.worker_pids() if p != self.main_pid],
-            "postgres": _pids_named("postgres", "postmaster"),
+            "postgres": _pg_pids(self.database),
             "redis": _pids_named("redis-server"),
         }
         out: dict[str, dict[int, int]] = {}

@@ -7,9 +7,13 @@ to back (the order rotated every round), fed the *same* seeded arrival schedule:
 
   leaseflow     ``benchmarks/workflows.py`` ``linear_bench``: s1 -> ... -> s5 -> Complete,
                 on a fresh migrated database; each run started with ``Client.start``.
-  plain         ``chain(stamp.si() x 5)``, no database: ``stamp`` (defined here; the
+  plain         the stock chain: ``chain(stamp.si() x 5)``, no database, Celery's
+                defaults except ``acks_late``, prefetch 1 and no result backend (task
+                events off: ``benchmarks.chains.make_app``); ``stamp`` (defined here; the
                 worker runs ``celery -A benchmarks.latency``) takes ``time.time()`` at
-                its start and end and pushes both with one Redis ``RPUSH``.
+                its start and end and pushes both with one Redis ``RPUSH``: the only
+                instrumentation, which timing every hop needs. leaseflow runs with its
+                own default (task events as the worker's ``-E`` says).
 
 The schedule (``--seed``) is precomputed: exponential gaps at ``--rate`` runs/s for
 ``--seconds``. A sender thread starts each run at its scheduled time, never waiting for
@@ -121,7 +125,7 @@ def _recorder(url: str) -> Any:
 
 
 def make_app(broker_url: str, queue: str) -> Any:
-    """``benchmarks.chains``' app (leaseflow's Celery settings) plus the ``stamp`` task:
+    """``benchmarks.chains``' stock app (events off) plus the ``stamp`` task:
     a no-op that pushes ``"<run> <k> <start> <end>"`` (``time.time()``) to the Redis
     list ``key`` in the broker's db, one ``RPUSH`` per task."""
     from benchmarks import chains

@@ -1,13 +1,26 @@
-"""W1 linear throughput (backlog drain): leaseflow vs a plain Celery chain vs a
-"naive durable" Celery chain, 5 no-op states per run.
+"""W1 linear throughput (backlog drain): leaseflow vs the stock Celery chain a user
+runs vs a "naive durable" Celery chain, 5 no-op states per run.
 
 Each system is drained by its own real ``celery worker`` subprocess (prefork -c 2,
 JSON, acks_late, prefetch 1, no result backend) on the same Redis server and scratch db,
 back to back (the order rotated every round). For each system and round: all runs are
 enqueued first, then the worker is started; it is stopped once every run is finished.
 
+  plain         the reference of every ratio: the stock chain ``chain(noop.si() x 4,
+                last.si())`` (``benchmarks/chains.py``), Celery's defaults except
+                ``acks_late``, prefetch 1 and no result backend; task events off; nothing
+                in the tasks but the no-op, except that ``last`` records its end and
+                counts the run done (one pipelined Redis round trip per run).
+  plain_events  the same with task events on both sides (``worker_send_task_events``
+                and ``task_send_sent_event``): Celery as Flower needs it.
+  plain_reuse   (on demand) ``plain`` with every kombu Redis channel reusing one client
+                per pool, as leaseflow's workers do (``ReuseRedisClients``); with events
+                off it mostly measures nothing any more, so it is not run by default.
   leaseflow     ``benchmarks/workflows.py`` ``linear_bench``: s1 -> s2 -> s3 -> s4 -> s5
-                -> Complete, on a fresh migrated database; runs started with ``Client``.
+                -> Complete, on a fresh migrated database; runs started with ``Client``;
+                the worker with leaseflow's default task events (printed at the start).
+  leaseflow_events  the same worker run with ``-E`` (as ``leaseflow worker -E``): task
+                events on, whatever the default.
   leaseflow_inline  the same five states with s2..s5 declared ``inline=True``: the
                 commit of each state hands the next one's lease to the same task (inline
                 continuation), so a run is one Celery task and one statement per state.
@@ -22,17 +35,16 @@ enqueued first, then the worker is started; it is stopped once every run is fini
                 which issues the next token carried in the message; no claim and no
                 start check, so not a safe design): the least database work a durable
                 chain with one task per state can do.
-  plain         ``benchmarks/chains.py``: ``chain(tick.si() x 5)``, no database; each
-                ``tick`` is one Redis ``INCR`` (to find the first start and last end).
-  plain_reuse   ``plain`` with every kombu Redis channel reusing one client per pool,
-                as leaseflow's workers do (``ReuseRedisClients``): leaseflow vs this
-                is the cost of durability alone, without that Celery-side fix.
 
 Metrics:
-  states/s      states ÷ (last state end - first state start). leaseflow: ``lf_steps``
-                (``started_at`` = claim, ``finished_at`` = commit; database clock);
-                naive: ``naive_steps`` likewise; plain: the first tick's start and the last
-                tick's end (``time.time()``, host clock).
+  states/s      states ÷ (last state end - the moment the worker took its first message),
+                the same rule for every system. The start is detected from outside: the
+                benchmark polls ``LLEN`` of the queue every millisecond after starting the
+                worker (all runs' first messages are in it) and takes ``time.time()`` when
+                it drops, so the worker's start-up is excluded and no task needs a stamp.
+                The end: leaseflow ``max(lf_steps.finished_at)``, naive/floor
+                ``max(finished_at)`` of their steps (database clock = the host's clock),
+                plain the last ``last`` task's ``time.time()``.
   commits/state Δ ``pg_stat_database.xact_commit`` of the system's own database from just
                 before the worker starts to just after it stopped (its backends exit, which
                 flushes their statistics), minus the benchmark's own polling transactions,
@@ -43,6 +55,14 @@ Metrics:
                 ``pg_stat_wal`` is cluster-wide: run nothing else meanwhile.
   statements/state  Δ ``pg_stat_statements.calls`` when that extension is loaded
                 (``shared_preload_libraries``); otherwise reported as unavailable.
+  CPU ms/state  by process, from ``/proc/<pid>/stat`` (utime + stime), from the first
+                message taken to the last run done, ÷ states: the worker's main process,
+                its pool children, PostgreSQL (the backends of the system's own database
+                plus the postmaster and the auxiliary processes: WAL writer,
+                checkpointer, ...), redis-server (shared: other clients count too), and
+                the client, i.e. this process while it enqueued every run (its own CPU,
+                ``time.process_time()``; not the server side of the enqueue). The table
+                then shows each system minus ``plain``: where the extra CPU goes.
 """
 
 from __future__ import annotations
@@ -52,6 +72,7 @@ import datetime as dt
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -82,28 +103,31 @@ STATES = 5
 PROFILES = {"full": 2000, "quick": 300}
 SYSTEMS = (
     "leaseflow",
+    "leaseflow_events",
     "leaseflow_inline",
     "leaseflow_ref",
     "leaseflow_inline_ref",
     "naive",
     "floor",
     "plain",
+    "plain_events",
     "plain_reuse",
 )
-#: Run by default: the ``_ref`` systems need ``--ref``.
-DEFAULT_SYSTEMS = tuple(s for s in SYSTEMS if not s.endswith("_ref"))
+#: Run by default: the ``_ref`` systems need ``--ref``; ``plain_reuse`` is on demand.
+DEFAULT_SYSTEMS = tuple(s for s in SYSTEMS if not s.endswith(("_ref", "_reuse")))
+#: The reference of every ratio, then the further pairs.
+REFERENCE = "plain"
 PAIRS = (
-    ("leaseflow", "plain"),
+    *((s, REFERENCE) for s in SYSTEMS if s != REFERENCE),
     ("leaseflow", "leaseflow_ref"),
-    ("leaseflow_ref", "plain"),
     ("leaseflow_inline", "leaseflow_inline_ref"),
-    ("leaseflow_inline", "plain"),
-    ("leaseflow", "plain_reuse"),
-    ("plain_reuse", "plain"),
+    ("leaseflow_events", "plain_events"),
     ("leaseflow", "naive"),
-    ("naive", "plain"),
-    ("floor", "plain"),
 )
+#: CPU components of a state (``total`` is the sum of the others).
+CPU_PARTS = ("worker_main", "worker_pool", "postgres", "redis", "client", "total")
+#: The rows of the CPU-per-state difference table (system minus ``plain``).
+CPU_DELTAS = ("leaseflow", "leaseflow_events", "leaseflow_inline", "naive", "plain_events")
 
 
 def _systems(text: str) -> list[str]:
@@ -193,6 +217,8 @@ class Drain:
     """One system's drain: enqueue, idle window, worker, wait, stop, figures."""
 
     name: str
+    #: extra ``celery worker`` options (``-E`` for the events rows)
+    worker_options: tuple[str, ...] = ()
 
     def __init__(self, scratch: Scratch, redis: ScratchRedis, args: Any, tag: str) -> None:
         self.scratch = scratch
@@ -204,7 +230,12 @@ class Drain:
 
     def worker(self, app: str, env: dict[str, str]) -> CeleryWorker:
         return self.scratch.worker(
-            app, name=f"{self.name}-{self.queue[-4:]}", queue=self.queue, env=env, args=self.args
+            app,
+            name=f"{self.name}-{self.queue[-4:]}",
+            queue=self.queue,
+            env=env,
+            args=self.args,
+            extra=self.worker_options,
         )
 
     def new_db(self) -> ScratchDatabase:
@@ -222,18 +253,30 @@ class Drain:
     def done(self) -> int:
         raise NotImplementedError
 
-    def states_done(self) -> int:
-        """States finished so far."""
+    def finish(self) -> tuple[int, float | None]:
+        """``(states, the last state's end as a Unix time)``, once drained."""
         raise NotImplementedError
 
-    def span(self) -> tuple[int, float | None]:
-        """``(states, seconds from first state start to last state end)``."""
-        raise NotImplementedError
+    def wait_consuming(self, worker: CeleryWorker, queued: int, deadline: Deadline) -> float:
+        """The Unix time at which the worker took its first message: polled from outside
+        (``LLEN`` of the queue every millisecond), the same for every system."""
+        for i in range(10_000_000):
+            if int(self.redis.client.llen(self.queue)) < queued:
+                return time.time()
+            if i % 200 == 0:
+                worker.check()
+                deadline.check()
+            time.sleep(0.001)
+        raise RuntimeError(f"{self.name}: the worker never consumed")
 
     def run(self, runs: int, deadline: Deadline) -> dict[str, Any]:
-        t0 = time.monotonic()
+        t0, cpu0 = time.monotonic(), time.process_time()
         self.enqueue(runs)
         enqueue_s = time.monotonic() - t0
+        client_cpu = time.process_time() - cpu0
+        queued = int(self.redis.client.llen(self.queue))
+        if queued != runs:
+            raise RuntimeError(f"{self.name}: {queued} messages in {self.queue}, not {runs}")
         idle = None
         stmts0 = None
         if self.db is not None:
@@ -246,19 +289,17 @@ class Drain:
         log(f"{self.name}: {runs} runs enqueued in {enqueue_s:.1f}s; starting the worker")
         started = time.monotonic()
         worker = self.start_worker()
-        meter = CpuMeter(worker.members, worker.proc.pid)
-        metered_from: int | None = None
+        meter = CpuMeter(worker.members, worker.proc.pid, self.db.name if self.db else None)
+        consuming = self.wait_consuming(worker, queued, deadline)
+        meter.start()  # the worker is up: its start-up CPU is not counted
         for _ in range(100_000):
-            if metered_from is None and (states_done := self.states_done()) > 0:
-                meter.start()  # the worker is up: its start-up CPU is not counted
-                metered_from = states_done
             if self.done() >= runs:
                 break
             worker.check()
             deadline.check()
             time.sleep(0.2)
         drain_wall = time.monotonic() - started
-        cpu = meter.stop() if metered_from is not None else None
+        cpu = meter.stop()
         worker.stop()
         c2 = None
         if self.db is not None:
@@ -270,7 +311,8 @@ class Drain:
             stmts1 = _statements(self.db.url) if stmts0 is not None else None
             self.conn = psycopg.connect(self.db.url, autocommit=True)
             self.scratch.defer("close connection", self.conn.close)
-        states, span_s = self.span()
+        states, end = self.finish()
+        span_s = None if end is None else end - consuming
         out: dict[str, Any] = {
             "runs": runs,
             "states": states,
@@ -280,14 +322,11 @@ class Drain:
             "runs_per_s": round(states / STATES / span_s, 1) if span_s else None,
             "worker_wall_s": round(drain_wall, 2),
         }
-        metered_states = runs * STATES - (metered_from or 0)
-        if cpu is not None and metered_states > 0:
-            out["cpu_ms_per_state"] = {
-                k: round(v * 1000 / metered_states, 3) for k, v in cpu.items()
-            }
-            out["cpu_ms_per_state"]["total"] = round(
-                (cpu["worker"] + cpu["postgres"] + cpu["redis"]) * 1000 / metered_states, 3
-            )
+        if states:
+            cpu["client"] = client_cpu
+            per = {k: round(v * 1000 / states, 3) for k, v in cpu.items()}
+            per["total"] = round(sum(per[k] for k in CPU_PARTS[:-1]), 3)
+            out["cpu_ms_per_state"] = per
         if c2 is not None:
             delta = c2 - c1 - self.polls
             idle_part = (idle or 0.0) * drain_wall
@@ -356,13 +395,9 @@ class LeaseflowDrain(Drain):
             raise RuntimeError(f"leaseflow: {row[1]} runs ended other than completed")
         return int(row[0])
 
-    def states_done(self) -> int:
-        self.polls += 1
-        return int(self.conn.execute("SELECT count(*) FROM lf_steps").fetchone()[0])
-
-    def span(self) -> tuple[int, float | None]:
+    def finish(self) -> tuple[int, float | None]:
         row = self.conn.execute(
-            "SELECT count(*), extract(epoch FROM max(finished_at) - min(started_at))::float8"
+            "SELECT count(*), extract(epoch FROM max(finished_at))::float8"
             " FROM lf_steps WHERE outcome <> 'lease_expired'"
         ).fetchone()
         return int(row[0]), row[1]
@@ -420,6 +455,13 @@ def ref_worktree(scratch: Scratch, ref: str | None) -> Path:
     return _worktrees[ref]
 
 
+class LeaseflowEventsDrain(LeaseflowDrain):
+    """The default mode with the worker run as ``leaseflow worker -E`` would: ``-E``."""
+
+    name = "leaseflow_events"
+    worker_options = ("-E",)
+
+
 class LeaseflowInlineDrain(LeaseflowDrain):
     """The same five states declared ``inline=True``: one Celery task per run."""
 
@@ -439,14 +481,9 @@ class TableDrain(Drain):
         ).fetchone()
         return int(row[0])
 
-    def states_done(self) -> int:
-        self.polls += 1
-        row = self.conn.execute(f"SELECT count(*) FROM {self.prefix}_steps").fetchone()
-        return int(row[0])
-
-    def span(self) -> tuple[int, float | None]:
+    def finish(self) -> tuple[int, float | None]:
         row = self.conn.execute(
-            "SELECT count(*), extract(epoch FROM max(finished_at) - min(started_at))::float8"
+            "SELECT count(*), extract(epoch FROM max(finished_at))::float8"
             f" FROM {self.prefix}_steps"
         ).fetchone()
         return int(row[0]), row[1]
@@ -534,22 +571,28 @@ class FloorDrain(TableDrain):
 
 
 class PlainDrain(Drain):
+    """The stock chain: ``noop`` x 4 then ``last``, Celery's defaults (events off)."""
+
     name = "plain"
+    events = False
 
     def enqueue(self, runs: int) -> None:
         from celery import chain
 
         from benchmarks import chains
 
-        self.key = f"lfbench:{self.redis.token}:{self.queue}:ticks"
-        self.total = runs * STATES
-        self.env = clean_env(LFBENCH_BROKER_URL=self.redis.url, LFBENCH_QUEUE=self.queue)
-        app = chains.make_app(self.redis.url, self.queue)
+        self.key = f"lfbench:{self.redis.token}:{self.queue}:runs"
+        self.env = clean_env(
+            LFBENCH_BROKER_URL=self.redis.url,
+            LFBENCH_QUEUE=self.queue,
+            LFBENCH_EVENTS="1" if self.events else "0",
+        )
+        app = chains.make_app(self.redis.url, self.queue, events=self.events)
         try:
-            tick = app.tasks[chains.TICK]
+            noop, last = app.tasks[chains.NOOP], app.tasks[chains.LAST]
             with app.producer_or_acquire() as producer:
                 for _ in range(runs):
-                    links = [tick.si(self.key, self.total) for _ in range(STATES)]
+                    links = [noop.si() for _ in range(STATES - 1)] + [last.si(self.key)]
                     chain(*links, app=app).apply_async(producer=producer)
         finally:
             app.close()
@@ -558,22 +601,22 @@ class PlainDrain(Drain):
         return self.worker("benchmarks.chains", self.env)
 
     def done(self) -> int:
-        return int(self.redis.client.get(self.key) or 0) // STATES
-
-    def states_done(self) -> int:
         return int(self.redis.client.get(self.key) or 0)
 
-    def span(self) -> tuple[int, float | None]:
-        first = self.redis.client.get(f"{self.key}:first")
-        last = self.redis.client.get(f"{self.key}:last")
-        states = int(self.redis.client.get(self.key) or 0)
-        if first is None or last is None:
-            return states, None
-        return states, float(last) - float(first)
+    def finish(self) -> tuple[int, float | None]:
+        end = self.redis.client.zscore(f"{self.key}:end", "end")
+        return self.done() * STATES, None if end is None else float(end)
+
+
+class PlainEventsDrain(PlainDrain):
+    """The stock chain with task events on both sides (worker and publisher)."""
+
+    name = "plain_events"
+    events = True
 
 
 class PlainReuseDrain(PlainDrain):
-    """Plain Celery whose Redis channels reuse their client, as leaseflow's do."""
+    """The stock chain whose Redis channels reuse their client, as leaseflow's do."""
 
     name = "plain_reuse"
 
@@ -583,12 +626,14 @@ class PlainReuseDrain(PlainDrain):
 
 DRAINS = {
     "leaseflow": LeaseflowDrain,
+    "leaseflow_events": LeaseflowEventsDrain,
     "leaseflow_inline": LeaseflowInlineDrain,
     "leaseflow_ref": LeaseflowRefDrain,
     "leaseflow_inline_ref": LeaseflowInlineRefDrain,
     "naive": NaiveDrain,
     "floor": FloorDrain,
     "plain": PlainDrain,
+    "plain_events": PlainEventsDrain,
     "plain_reuse": PlainReuseDrain,
 }
 
@@ -600,6 +645,9 @@ def run(args: Any) -> int:
         profile = f"{profile}+runs={runs}"
     fp = fingerprint()
     print(fingerprint_line(fp), flush=True)
+    _warm_client()
+    events_default = _leaseflow_events_default()
+    log(f"leaseflow's default worker_send_task_events: {events_default}")
     pgss = pg_stat_statements_status()
     log(f"pg_stat_statements: {pgss}")
     began = time.monotonic()
@@ -620,9 +668,33 @@ def run(args: Any) -> int:
         with ignoring_sigint():
             log("stopping workers, dropping databases")
     report = _report(fp, args, profile, runs, rounds, pgss, time.monotonic() - began)
+    report["config"]["leaseflow_default_task_events"] = events_default
     _print_table(report)
     print(json.dumps(report, separators=(",", ":")), flush=True)
     return 0
+
+
+def _warm_client() -> None:
+    """Import what the enqueuing client uses, so that no system's client CPU per state
+    pays the imports."""
+    import celery.canvas  # noqa: F401
+    import psycopg  # noqa: F401
+
+    from benchmarks import chains, floor, workflows  # noqa: F401
+    from leaseflow import client  # noqa: F401
+
+
+def _leaseflow_events_default() -> Any:
+    """``worker_send_task_events`` of leaseflow's Celery settings, as a fresh process
+    (a worker) reads them now (the code may change between runs)."""
+    code = (
+        "from leaseflow.tasks import celery_app as c;"
+        "print(c.celery_settings('q').get('worker_send_task_events', 'unset (off)'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    return out.stdout.strip() or f"unknown: {out.stderr.strip()[-200:]}"
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -650,7 +722,7 @@ def _report(
             "statements_per_state": _median([x.get("statements_per_state") for x in results]),
             "cpu_ms_per_state": {
                 part: _median([(x.get("cpu_ms_per_state") or {}).get(part) for x in results])
-                for part in ("worker_main", "worker_pool", "worker", "postgres", "redis", "total")
+                for part in CPU_PARTS
             },
             "rounds": results,
         }
@@ -716,15 +788,6 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _cpu(c: dict[str, float | None]) -> str:
-    if c.get("total") is None:
-        return "-"
-    return (
-        f"{c['worker_main']:.2f}+{c['worker_pool']:.2f}+{c['postgres']:.2f}+{c['redis']:.2f}"
-        f" = {c['total']:.2f}"
-    )
-
-
 def _print_table(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -734,30 +797,64 @@ def _print_table(report: dict[str, Any]) -> None:
         "system",
         "states/s (median)",
         "states/s (rounds)",
+        f"vs {REFERENCE}",
         "commits/state",
         "WAL flushes/state",
         "statements/state",
-        "CPU ms/state main+pool+pg+redis",
         "drain s",
     ):
         table.add_column(column, justify="left" if column == "system" else "right")
     for name, f in report["systems"].items():
+        vs = report["ratios"].get(f"{name}/{REFERENCE}")
         table.add_row(
             name,
             _fmt(f["states_per_s"]),
             ", ".join(_fmt(v) for v in f["states_per_s_all"]),
+            "1.00x" if name == REFERENCE else (f"{vs:.2f}x" if vs is not None else "-"),
             "-" if f["commits_per_state"] is None else f"{f['commits_per_state']:.3f}",
             "-" if f["wal_flushes_per_state"] is None else f"{f['wal_flushes_per_state']:.3f}",
             _fmt(f["statements_per_state"]) if f["statements_per_state"] is not None else "n/a",
-            _cpu(f["cpu_ms_per_state"]),
             ", ".join(_fmt(x["drain_s"]) for x in f["rounds"]),
         )
     console = Console(width=140)
     console.print(table)
-    ratios = Table(title="throughput ratios (same run)")
+    console.print(_cpu_table(report))
+    ratios = Table(title="throughput ratios (same run; per round in the JSON)")
     ratios.add_column("ratio")
-    ratios.add_column("value", justify="right")
+    ratios.add_column("median", justify="right")
+    ratios.add_column("rounds", justify="right")
     for name, value in report["ratios"].items():
-        ratios.add_row(name, _fmt(value) + "x" if value is not None else "-")
+        if value is None:
+            continue
+        rounds = report["ratios_per_round"].get(name, [])
+        ratios.add_row(name, f"{value:.2f}x", ", ".join(_fmt(v) for v in rounds))
     console.print(ratios)
     console.print(f"pg_stat_statements: {report['config']['pg_stat_statements']}")
+
+
+def _cpu_table(report: dict[str, Any]) -> Any:
+    """CPU ms per state by process (medians over rounds), then each system minus plain."""
+    from rich.table import Table
+
+    systems = report["systems"]
+    table = Table(title="CPU ms per state by process (median of rounds)")
+    table.add_column("system")
+    for part in CPU_PARTS:
+        table.add_column(part.replace("_", " "), justify="right")
+
+    def cell(v: float | None, signed: bool = False) -> str:
+        return "-" if v is None else (f"{v:+.2f}" if signed else f"{v:.2f}")
+
+    for name, f in systems.items():
+        table.add_row(name, *(cell(f["cpu_ms_per_state"].get(p)) for p in CPU_PARTS))
+    ref = systems.get(REFERENCE, {}).get("cpu_ms_per_state")
+    if ref and ref.get("total") is not None:
+        for name in CPU_DELTAS:
+            c = systems.get(name, {}).get("cpu_ms_per_state")
+            if not c or c.get("total") is None:
+                continue
+            table.add_row(
+                f"{name} - {REFERENCE}",
+                *(cell((c.get(p) or 0.0) - (ref.get(p) or 0.0), signed=True) for p in CPU_PARTS),
+            )
+    return table
