@@ -125,7 +125,7 @@ def _variant(name: str, runs: int) -> dict[str, float]:
     import psycopg
 
     from benchmarks import workflows
-    from leaseflow.fsm import checkpoint
+    from leaseflow.fsm import checkpoint, rules
     from leaseflow.heartbeat import LeaseKeeper
     from leaseflow.runner import Runner
     from leaseflow.store import queries
@@ -158,7 +158,7 @@ def _variant(name: str, runs: int) -> dict[str, float]:
             conn.execute("VACUUM ANALYZE lf_runs")
         if name == "runner":
             keeper = LeaseKeeper(store, worker="bench", ttl=60, interval=30)
-            runner = Runner(store, keeper, worker="bench", ttl=60, max_checkpoint_bytes=1 << 20)
+            runner = Runner(store, keeper, worker="bench", ttl=60, limits=rules.Limits(1 << 20))
             runner.run_step(ids[0], 1)  # warm: registry, pool, prepared statements
             with psycopg.connect(db.url, autocommit=True) as conn:
                 pids = [  # every pooled connection: claim and commit may use either
