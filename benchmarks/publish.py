@@ -47,10 +47,10 @@ def _app(broker: str, queue: str) -> Any:
 
 
 def _round(variant: str, app: Any, messages: int) -> dict[str, float]:
-    from leaseflow.runner import Dispatch
+    from leaseflow import messages as wakeups
     from leaseflow.tasks import dispatch
 
-    todo = [Dispatch(f"run-{i}", "bench", "s1", 1) for i in range(messages)]
+    todo = [wakeups.StateStep(f"run-{i}", "bench", "s1", 1) for i in range(messages)]
     t0, c0 = time.perf_counter(), time.process_time()
     for d in todo:
         if variant == "celery":
