@@ -141,7 +141,10 @@ def as_json(value: Any) -> Any:
 def refuse_unstorable(what: str, decision: Transition | BranchDecision) -> None:
     """``UnstorableValue`` for what PostgreSQL refuses in a commit (``PostgresStore``
     maps its ``DataError``): a NUL byte or a lone surrogate in a text column or in a
-    string or key of a JSON column, NaN or an infinity in a JSON column."""
+    string or key of a JSON column, NaN or an infinity in a JSON column.
+
+    Written apart from ``checkpoint.check`` on purpose: it stands for the database, the
+    line behind the codec, and the tests switch the codec off to prove that line holds."""
     values: tuple[Any, ...]
     texts: tuple[str | None, ...]
     if isinstance(decision, Transition):
