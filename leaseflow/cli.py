@@ -416,7 +416,14 @@ def runs_show(run_id: str, as_json: bool) -> None:
 @main.command()
 @click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--crash", is_flag=True, help="SIGKILL the worker mid-state; the reaper recovers.")
-@click.option("-c", "--concurrency", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option(
+    "-c",
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Worker processes, and runs kept in flight (the states mostly wait).",
+)
 @click.option("--timeout", type=click.FloatRange(min=1), default=120.0, show_default=True)
 def demo(runs: int, crash: bool, concurrency: int, timeout: float) -> None:
     """Run the example agent workflow end to end and summarise it.

@@ -39,7 +39,7 @@ class Settings(BaseSettings):
 
     #: ``None``: the embedded PostgreSQL under ``home`` (see ``leaseflow.local``).
     database_url: str | None = None
-    #: ``None``: the filesystem broker under ``home`` (needs no server).
+    #: ``None``: the embedded Redis under ``home`` (see ``leaseflow.local.redis``).
     broker_url: str | None = None
     #: Where the zero-config database and broker live (relative to the working directory).
     home: Path = Path(".leaseflow")

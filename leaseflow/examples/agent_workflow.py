@@ -113,7 +113,7 @@ class DeliveryTimeout(ConnectionError):
     """The webhook did not answer in time (transient)."""
 
 
-@agent.state(to=["completed"], retry=Retry(max_attempts=3, backoff=0.2, jitter=0.2))
+@agent.state(to=["completed"], retry=Retry(max_attempts=3, backoff=0.05, jitter=0.2))
 def delivering(ctx: Context[AgentOp]) -> str:
     _work(ctx.data)
     if ctx.attempt == 1:

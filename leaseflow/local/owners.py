@@ -1,11 +1,12 @@
-"""The home's lock and its owner registry, for the embedded PostgreSQL.
+"""The home's locks and owner registries, for the embedded PostgreSQL and Redis.
 
 Start, reuse and stop of a home's server are serialised by an exclusive ``flock``
-on ``$LEASEFLOW_HOME/embedded.lock`` (:func:`home_lock`). Every process using the
-server registers as an *owner*: a file ``$LEASEFLOW_HOME/owners/<pid>`` holding the
-process's start time, so a reused pid is not mistaken for an owner. Owners that died
-without releasing are pruned by whoever looks next (:func:`live_owners`). The home
-and ``owners/`` are 0700, the files in them 0600.
+on a lock file of the home (:func:`home_lock`): ``$LEASEFLOW_HOME/embedded.lock`` for
+PostgreSQL, ``redis.lock`` for Redis. Every process using a server registers as one of
+its *owners*: a file ``<registry>/<pid>`` of the home (``owners/`` for PostgreSQL,
+``redis/owners/`` for Redis) holding the process's start time, so a reused pid is not
+mistaken for an owner. Owners that died without releasing are pruned by whoever looks
+next (:func:`live_owners`). The home and the registries are 0700, the files in them 0600.
 """
 
 from __future__ import annotations
@@ -24,16 +25,25 @@ from leaseflow.local import private
 
 #: Seconds to wait for another process holding the home's lock (it may be running initdb).
 LOCK_TIMEOUT = 180.0
+#: The embedded PostgreSQL's lock file and owner registry, in the home.
+POSTGRES_LOCK = "embedded.lock"
+POSTGRES_OWNERS = "owners"
 
 
 @contextlib.contextmanager
-def home_lock(home: Path, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
-    """An exclusive ``flock`` on ``home/embedded.lock`` (released if the holder dies).
+def home_lock(
+    home: Path,
+    timeout: float = LOCK_TIMEOUT,
+    *,
+    name: str = POSTGRES_LOCK,
+    what: str = "the embedded PostgreSQL",
+) -> Iterator[None]:
+    """An exclusive ``flock`` on ``home/<name>`` (released if the holder dies).
 
     The home is made private (0700) if missing, the lock file 0600.
     """
     private.ensure_home(home)
-    fd = private.open_private(home / "embedded.lock", os.O_RDWR)
+    fd = private.open_private(home / name, os.O_RDWR)
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -43,8 +53,8 @@ def home_lock(home: Path, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     raise errors.ConfigurationError(
-                        f"the embedded PostgreSQL of {home} is locked by another process "
-                        f"for more than {timeout:.0f}s ({home / 'embedded.lock'})"
+                        f"{what} of {home} is locked by another process "
+                        f"for more than {timeout:.0f}s ({home / name})"
                     ) from None
                 time.sleep(0.02)
         yield
@@ -60,23 +70,23 @@ def _owner_key(pid: int) -> str | None:
         return None
 
 
-def register(home: Path, pid: int) -> None:
-    owners = private.private_dir(home / "owners", repair=True)
+def register(home: Path, pid: int, registry: str = POSTGRES_OWNERS) -> None:
+    owners = private.private_dir(home / registry, repair=True)
     key = _owner_key(pid)
     if key is not None:
         private.write_private(owners / str(pid), key)
 
 
-def unregister(home: Path, pid: int) -> None:
+def unregister(home: Path, pid: int, registry: str = POSTGRES_OWNERS) -> None:
     with contextlib.suppress(FileNotFoundError):
-        (home / "owners" / str(pid)).unlink()
+        (home / registry / str(pid)).unlink()
 
 
-def live_owners(home: Path) -> list[int]:
+def live_owners(home: Path, registry: str = POSTGRES_OWNERS) -> list[int]:
     """The owners still alive; forgets the dead ones (killed without releasing)."""
     alive = []
     with contextlib.suppress(FileNotFoundError):
-        for entry in (home / "owners").iterdir():
+        for entry in (home / registry).iterdir():
             try:
                 pid = int(entry.name)
                 key = entry.read_text().strip()

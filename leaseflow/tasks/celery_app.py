@@ -60,16 +60,16 @@ def make_app(settings: Settings | None = None) -> Celery:
     """A Celery app for ``settings``: it imports the modules of ``LEASEFLOW_WORKFLOWS``
     and registers a task per state (also for workflows declared later). No I/O.
 
-    Without ``LEASEFLOW_BROKER_URL`` it uses the filesystem broker under
-    ``LEASEFLOW_HOME``; the embedded database is started only when a worker starts
-    (``worker_init``), a task first needs the store, or a client is made.
+    Without ``LEASEFLOW_BROKER_URL`` it uses the embedded Redis of ``LEASEFLOW_HOME``
+    (its socket's URL is known without I/O); that server, and the embedded database,
+    are started only when a worker starts (``worker_init``), beat starts
+    (``beat_init``), a task first needs the store, or a client is made.
     """
     settings = settings or get_settings()
     broker_url = local.broker_url(settings)
     app = Celery("leaseflow", set_as_current=False)
     app.conf.update(
         broker_url=broker_url,
-        **local.broker_options(broker_url),
         **celery_settings(settings.default_queue, settings.result_backend),
         beat_schedule=beat_tasks.schedule(settings),
         leaseflow_maintenance_queue=settings.maintenance_queue,

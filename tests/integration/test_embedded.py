@@ -1,10 +1,10 @@
-"""The zero-config path: an embedded PostgreSQL and a filesystem broker under
-LEASEFLOW_HOME, shared by every process of that home and stopped by the last one,
-its files private to their user.
+"""The zero-config path: an embedded PostgreSQL and an embedded Redis (the broker)
+under LEASEFLOW_HOME, each shared by every process of that home and stopped by the last
+one, their files private to their user.
 
 Real servers and real processes: each test gets its own home in a fresh temp dir, and its
-teardown kills what it started and stops what is left of the server, so no
-PostgreSQL outlives a test even when it fails.
+teardown kills what it started and stops what is left of the servers, so no
+PostgreSQL or redis-server outlives a test even when it fails.
 """
 
 from __future__ import annotations
@@ -54,14 +54,17 @@ settings = local.resolve(get_settings())
 env_before = {k: v for k, v in os.environ.items() if k.startswith("LEASEFLOW_")}
 local.export_env(settings)
 server = local.ensure_server(local.home_dir(settings))
+redis = local.ensure_redis(local.home_dir(settings))
 print(json.dumps({
     "pid": os.getpid(),
     "url": settings.database_url,
     "broker": settings.broker_url,
     "postmaster": server.postmaster_pid,
+    "redis": redis.pid,
     "env_before": env_before,
     "env_url": os.environ.get("LEASEFLOW_DATABASE_URL"),
     "env_marker": os.environ.get("LEASEFLOW_EMBEDDED_DATABASE_URL"),
+    "env_broker_marker": os.environ.get("LEASEFLOW_EMBEDDED_BROKER_URL"),
 }), flush=True)
 sys.stdin.read()
 """
@@ -77,7 +80,7 @@ name, done = sys.argv[1], Path(sys.argv[2])
 queue = Queue(name, Exchange(name), routing_key=name)
 got = []
 url = os.environ["LEASEFLOW_BROKER_URL"]
-with Connection(url, transport="leaseflow.local.fsbroker:FilesystemTransport") as conn:
+with Connection(url) as conn:
     channel = conn.channel()
     channel.basic_qos(0, 1, False)
     def on_message(body, message):
@@ -101,6 +104,7 @@ EXPORTED = (
     local.ENV_DATABASE_URL,
     local.ENV_BROKER_URL,
     local.ENV_EMBEDDED_URL,
+    local.ENV_EMBEDDED_BROKER_URL,
 )
 
 
@@ -124,10 +128,29 @@ def postmasters(pgdata: Path) -> set[int]:
     return found
 
 
-def owner_files(home: Path) -> set[int]:
-    return (
-        {int(p.name) for p in (home / "owners").iterdir()} if (home / "owners").exists() else set()
-    )
+def owner_files(home: Path, registry: str = "owners") -> set[int]:
+    folder = home / registry
+    return {int(p.name) for p in folder.iterdir()} if folder.exists() else set()
+
+
+def redis_owner_files(home: Path) -> set[int]:
+    return owner_files(home, "redis/owners")
+
+
+def redis_socket(url: str) -> Path:
+    """The socket of an embedded Redis's URL (``redis+socket:///<socket>``)."""
+    assert url.startswith("redis+socket://"), url
+    return Path(unquote(url.removeprefix("redis+socket://")))
+
+
+def redis_answers(url: str) -> bool:
+    import redis
+
+    client = redis.Redis(unix_socket_path=str(redis_socket(url)), socket_timeout=5)
+    try:
+        return bool(client.ping())
+    finally:
+        client.close()
 
 
 def mode(path: Path) -> int:
@@ -230,13 +253,15 @@ class Home:
         return Settings(home=self.path, database_url=None, broker_url=None, **values)
 
     def cleanup(self) -> None:
-        """Kill our processes, stop the server, kill whatever of it is left."""
+        """Kill our processes, stop the servers, kill whatever of them is left."""
         for proc in self.procs:
             proc.close()
-        local.release(self.path)
+        with contextlib.suppress(Exception):
+            local.release(self.path)
         if self.path.exists():
-            local.stop(self.path)
-        for pid in local.postgres_pids(self.pgdata):
+            with contextlib.suppress(Exception):
+                local.stop(self.path)
+        for pid in local.postgres_pids(self.pgdata) | local.redis_pids(self.path):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
@@ -264,9 +289,9 @@ def home() -> Iterator[Home]:
                 os.environ[name] = value
         reset_settings()
     eventually(
-        lambda: not local.postgres_pids(h.pgdata),
+        lambda: not local.postgres_pids(h.pgdata) and not local.redis_pids(h.path),
         timeout=10,
-        message="every PostgreSQL process of the test's home gone",
+        message="every PostgreSQL and redis-server process of the test's home gone",
     )
     if local.cluster_dir(h.path) != h.path:  # as root: the system user's directory
         shutil.rmtree(local.cluster_dir(h.path), ignore_errors=True)
@@ -279,8 +304,8 @@ def home() -> Iterator[Home]:
 def test_defaults_are_pure_and_explicit_urls_cost_nothing(tmp_path: Path):
     # Given no URLs in the environment
     settings = Settings(home=tmp_path / "h", database_url=None, broker_url=None)
-    # Then the broker defaults to a directory of the home, and nothing is created
-    assert local.broker_url(settings) == f"filesystem://{tmp_path}/h/broker"
+    # Then the broker defaults to the socket of the home's Redis, and nothing is created
+    assert local.broker_url(settings) == f"redis+socket://{tmp_path}/h/redis/redis.sock"
     assert not (tmp_path / "h").exists()
     # And explicit URLs are returned as they are, without starting anything
     explicit = settings.model_copy(
@@ -288,13 +313,13 @@ def test_defaults_are_pure_and_explicit_urls_cost_nothing(tmp_path: Path):
     )
     assert local.resolve(explicit) is explicit
     assert not (tmp_path / "h").exists()
-    # And the Celery app of the defaults uses the filesystem broker, still without I/O
+    # And the Celery app of the defaults uses kombu's Redis transport, still without I/O
     from leaseflow.tasks import celery_app
 
     app = celery_app.make_app(settings)
     try:
         assert app.conf.broker_url == local.broker_url(settings)
-        assert app.conf.broker_transport == local.FILESYSTEM_TRANSPORT
+        assert app.conf.broker_transport is None  # from the URL: redis
         assert celery_app.same_broker(app, settings)
     finally:
         celery_app.dispose_app(app)
@@ -326,17 +351,24 @@ def test_a_fresh_home_gets_a_running_migrated_server(home: Home):
     assert report["url"].startswith("postgresql+psycopg://postgres@/leaseflow?host=")
     assert can_query(report["url"])
     assert postmasters(home.pgdata) == {report["postmaster"]}
-    # And the broker is the filesystem one under the same home
-    assert report["broker"] == f"filesystem://{home.path}/broker"
-    # And resolving left its environment alone; exporting gives its children the URL
-    # and the marker that makes them owners too; it says once what it uses
+    # And the broker is a Redis of the same home, on a unix socket there, answering
+    data = home.path / "redis"
+    assert report["broker"] == f"redis+socket://{data}/redis.sock"
+    assert redis_answers(report["broker"])
+    assert local.redis_pids(home.path) == {report["redis"]}
+    assert psutil.Process(report["redis"]).net_connections(kind="inet") == []  # no TCP port
+    # And resolving left its environment alone; exporting gives its children the URLs
+    # and the markers that make them owners too; it says once what it uses
     assert report["env_before"] == {"LEASEFLOW_HOME": str(home.path)}
     assert report["env_url"] == report["env_marker"] == report["url"]
+    assert report["env_broker_marker"] == report["broker"]
     lines = [line for line in owner.log().splitlines() if line.startswith("leaseflow: ")]
     assert len(lines) == 1, owner.log()
     assert lines[0].startswith("leaseflow: database embedded PostgreSQL 18.")
     assert f"at {home.pgdata} (postgresql://postgres@/leaseflow?host=" in lines[0]
-    assert lines[0].endswith(f"; broker filesystem://{home.path}/broker")
+    assert lines[0].endswith(
+        f"; broker embedded Redis 6.2.14 at {data} (redis+socket://{data}/redis.sock)"
+    )
     # And the home ignores itself in git
     assert (home.path / ".gitignore").read_text().splitlines()[-1] == "*"
     # And what it keeps is private: the home and its owners 0700, their files 0600, the
@@ -344,6 +376,14 @@ def test_a_fresh_home_gets_a_running_migrated_server(home: Home):
     assert mode(home.path) == mode(home.path / "owners") == 0o700
     assert mode(home.path / "embedded.lock") == 0o600
     assert mode(home.path / "owners" / str(report["pid"])) == 0o600
+    # And so is what the Redis keeps: its directory and owners 0700, its socket 0700,
+    # every file in it 0600
+    assert mode(data) == mode(data / "owners") == mode(data / "redis.sock") == 0o700
+    assert mode(home.path / "redis.lock") == 0o600
+    files = [p for p in data.iterdir() if p.is_file() and not p.is_socket()]
+    assert {p.name for p in files} >= {"redis.conf", "redis.pid", "redis.log", "appendonly.aof"}
+    assert {p.name: mode(p) for p in files} == {p.name: 0o600 for p in files}
+    assert mode(data / "owners" / str(report["pid"])) == 0o600
     assert mode(home.pgdata) == 0o700
     assert mode(home.path.parent) == 0o700
     if os.geteuid() == 0:  # the cluster is the system user's, in a private directory
@@ -360,19 +400,24 @@ def test_a_second_process_reuses_the_server_and_the_last_one_stops_it(home: Home
     # When a second process of the same home resolves
     second = home.owner()
     b = second.report()
-    # Then it gets the same server: same URL, same postmaster, still only one
+    # Then it gets the same servers: same URLs, same postmaster and redis-server
     assert (b["url"], b["postmaster"]) == (a["url"], a["postmaster"])
+    assert (b["broker"], b["redis"]) == (a["broker"], a["redis"])
     assert postmasters(home.pgdata) == {a["postmaster"]}
-    assert owner_files(home.path) == {a["pid"], b["pid"]}
-    # When the first exits, the server stays for the second
+    assert local.redis_pids(home.path) == {a["redis"]}
+    assert owner_files(home.path) == redis_owner_files(home.path) == {a["pid"], b["pid"]}
+    # When the first exits, the servers stay for the second
     assert first.exit() == 0
     assert postmasters(home.pgdata) == {a["postmaster"]}
-    assert can_query(b["url"])
-    # When the last one exits, no PostgreSQL process of that home is left
+    assert can_query(b["url"]) and redis_answers(b["broker"])
+    # When the last one exits, no PostgreSQL or redis-server process of that home is left
     assert second.exit() == 0
     assert local.postgres_pids(home.pgdata) == set()
-    assert owner_files(home.path) == set()
+    assert local.redis_pids(home.path) == set()
+    assert owner_files(home.path) == redis_owner_files(home.path) == set()
     assert not (home.pgdata / "postmaster.pid").exists()  # a clean shutdown
+    assert not (home.path / "redis" / "redis.pid").exists()
+    assert not (home.path / "redis" / "redis.sock").exists()
 
 
 def test_processes_starting_at_once_share_one_server(home: Home):
@@ -384,37 +429,47 @@ def test_processes_starting_at_once_share_one_server(home: Home):
     # When they all resolve at once
     go.touch()
     reports = [proc.report() for proc in procs]
-    # Then they share one server: one URL, one postmaster, one data directory
+    # Then they share one server of each: one URL, one postmaster, one redis-server
     assert len({r["url"] for r in reports}) == 1
     assert len({r["postmaster"] for r in reports}) == 1
+    assert len({(r["broker"], r["redis"]) for r in reports}) == 1
     assert postmasters(home.pgdata) == {reports[0]["postmaster"]}
+    assert local.redis_pids(home.path) == {reports[0]["redis"]}
     assert not list(home.pgdata.parent.glob("pgdata.init-*"))
     assert can_query(reports[0]["url"])
-    # And when they have all exited, the server is gone
+    # And when they have all exited, the servers are gone
     for proc in procs:
         assert proc.exit() == 0
     assert local.postgres_pids(home.pgdata) == set()
+    assert local.redis_pids(home.path) == set()
 
 
 def test_a_server_killed_with_everything_is_restarted(home: Home):
-    # Given a server whose owner and postmaster are both killed -9
+    # Given servers whose owner, postmaster and redis-server are all killed -9
     owner = home.owner()
     before = owner.report()
     owner.kill()
     os.kill(before["postmaster"], signal.SIGKILL)
+    os.kill(before["redis"], signal.SIGKILL)
     eventually(lambda: not postmasters(home.pgdata), timeout=15, message="postmaster dead")
+    eventually(lambda: not local.redis_pids(home.path), timeout=15, message="redis dead")
     assert (home.pgdata / "postmaster.pid").exists()  # stale
+    assert (home.path / "redis" / "redis.pid").exists()  # stale
     # When another process resolves the home
     again = home.owner()
     after = again.report()
-    # Then it detects the stale server and starts a new one that works
+    # Then it detects the stale servers and starts new ones that work
     assert after["postmaster"] != before["postmaster"]
     assert postmasters(home.pgdata) == {after["postmaster"]}
     assert can_query(after["url"])
-    # And the dead owner is forgotten, so the new one is the last and stops it
-    assert owner_files(home.path) == {after["pid"]}
+    assert after["redis"] != before["redis"]
+    assert local.redis_pids(home.path) == {after["redis"]}
+    assert redis_answers(after["broker"])
+    # And the dead owner is forgotten, so the new one is the last and stops them
+    assert owner_files(home.path) == redis_owner_files(home.path) == {after["pid"]}
     assert again.exit() == 0
     assert local.postgres_pids(home.pgdata) == set()
+    assert local.redis_pids(home.path) == set()
 
 
 def test_a_process_whose_server_died_restarts_it_on_the_next_resolve(home: Home):
@@ -434,6 +489,52 @@ def test_a_process_whose_server_died_restarts_it_on_the_next_resolve(home: Home)
     # And releasing it, as the last owner, stops it
     local.release(home.path)
     assert local.postgres_pids(home.pgdata) == set()
+
+
+def test_a_process_whose_redis_died_restarts_it_on_the_next_resolve(home: Home):
+    # Given this process resolved the home's broker, and then its redis-server was killed -9
+    first = local.resolve(home.settings(), database=False)
+    server = local.ensure_redis(home.path)
+    assert first.broker_url == server.url and redis_answers(server.url)
+    assert local.redis_pids(home.path) == {server.pid}
+    os.kill(server.pid, signal.SIGKILL)
+    eventually(lambda: not local.redis_pids(home.path), timeout=15, message="redis dead")
+    # When it resolves again
+    second = local.resolve(home.settings(), database=False)
+    # Then it notices and restarts the server, on the same socket, which works
+    restarted = local.ensure_redis(home.path)
+    assert restarted.pid != server.pid
+    assert local.redis_pids(home.path) == {restarted.pid}
+    assert second.broker_url == restarted.url == server.url and redis_answers(restarted.url)
+    # And releasing it, as the last owner, stops it
+    local.release(home.path)
+    assert local.redis_pids(home.path) == set()
+
+
+def test_a_queued_message_survives_a_restart_of_the_embedded_redis(home: Home):
+    # Given a message published to the home's Redis
+    from kombu import Connection
+
+    url = local.resolve(home.settings(), database=False).broker_url
+    assert url is not None
+    with Connection(url) as conn:
+        queue = conn.SimpleQueue("survivor")
+        queue.put({"i": 1})
+        queue.close()
+    # When the server is stopped (its append-only file is written) and started again
+    first = local.ensure_redis(home.path).pid
+    local.release(home.path)
+    assert local.redis_pids(home.path) == set()
+    again = local.resolve(home.settings(), database=False).broker_url
+    assert again == url and local.ensure_redis(home.path).pid != first
+    # Then the message is still queued
+    with Connection(again) as conn:
+        queue = conn.SimpleQueue("survivor")
+        message = queue.get(timeout=5)
+        assert message.payload == {"i": 1}
+        message.ack()
+        queue.close()
+    local.release(home.path)
 
 
 def test_a_home_too_deep_for_a_socket_path_gets_a_private_socket_directory(
@@ -458,10 +559,16 @@ def test_a_home_too_deep_for_a_socket_path_gets_a_private_socket_directory(
     # And it is a private directory of the server's user
     assert mode(socket) == 0o700
     assert os.lstat(socket).st_uid == os.stat(home.pgdata).st_uid
-    # And releasing it stops it, and removes the socket's own directory
+    # And the Redis's socket is in a private directory of its own there too
+    assert settings.broker_url is not None and redis_answers(settings.broker_url)
+    sock = redis_socket(settings.broker_url)
+    assert sock.parent.parent == runtime and sock.parent.name.startswith("leaseflow-redis-")
+    assert mode(sock.parent) == 0o700
+    # And releasing it stops them, and removes the sockets' own directories
     local.release(home.path)
     assert local.postgres_pids(home.pgdata) == set()
     assert socket == home.pgdata or not socket.exists()
+    assert local.redis_pids(home.path) == set() and not sock.parent.exists()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="as root only: the system user's directories")
@@ -497,18 +604,20 @@ def test_a_cli_command_runs_on_the_embedded_server_and_stops_it(home: Home):
     assert cli.proc.wait(timeout=60) == 0, cli.log()
     assert cli.line() == "[]"
     assert "leaseflow: database embedded PostgreSQL" in cli.log()
-    # And, as the last owner, stops the server when it exits
+    # And, as the last owner, stops the servers when it exits
     assert (home.pgdata / "PG_VERSION").exists()
     assert local.postgres_pids(home.pgdata) == set()
-    assert owner_files(home.path) == set()
+    assert local.redis_pids(home.path) == set()
+    assert owner_files(home.path) == redis_owner_files(home.path) == set()
 
 
-# -- the filesystem broker -------------------------------------------------------------
+# -- the embedded Redis as a broker -----------------------------------------------------
 
 
 def test_two_consumers_never_share_or_lose_a_message(home: Home):
-    # Given two consumer processes on one queue of the filesystem broker
-    url = local.broker_url(home.settings())
+    # Given two consumer processes on one queue of the home's embedded Redis
+    url = local.resolve(home.settings(), database=False).broker_url
+    assert url is not None
     queue = f"q-{uuid.uuid4().hex[:8]}"
     done = home.path.parent / "published"
     consumers = [
@@ -525,7 +634,7 @@ def test_two_consumers_never_share_or_lose_a_message(home: Home):
     from kombu import Connection, Exchange, Producer, Queue
 
     bound = Queue(queue, Exchange(queue), routing_key=queue)
-    with Connection(url, transport=local.FILESYSTEM_TRANSPORT) as conn:
+    with Connection(url) as conn:
         producer = Producer(conn.default_channel)
         for i in range(1000):
             producer.publish({"i": i}, exchange=bound.exchange, routing_key=queue, declare=[bound])
@@ -583,22 +692,25 @@ def test_a_run_completes_with_no_database_or_broker_configured(home: Home):
         # Then the run completes through its five states
         assert run.status == "completed"
         assert [step.state for step in run.steps] == ["s1", "s2", "s3", "s4", "s5"]
-        # And worker and client share one server, owned by the worker's main process
-        # and by this process, never by the pool children
+        # And worker and client share one server of each, owned by the worker's main
+        # process and by this process, never by the pool children
         assert postmasters(home.pgdata) == {local.ensure_server(home.path).postmaster_pid}
-        assert owner_files(home.path) == {worker.pid, os.getpid()}
+        assert local.redis_pids(home.path) == {local.ensure_redis(home.path).pid}
+        assert owner_files(home.path) == redis_owner_files(home.path) == {worker.pid, os.getpid()}
     # And the worker said once which database and broker it uses
     said = [line for line in worker.log().splitlines() if line.startswith("leaseflow: ")]
     assert said == [
         f"leaseflow: database embedded PostgreSQL {local.ensure_server(home.path).version} "
         f"at {home.pgdata} (postgresql://postgres@/leaseflow?host={home.pgdata}); "
-        f"broker filesystem://{home.path}/broker"
+        f"broker embedded Redis 6.2.14 at {home.path / 'redis'} "
+        f"(redis+socket://{home.path}/redis/redis.sock)"
     ]
-    # When the client lets go and the worker shuts down warmly, the server stops
+    # When the client lets go and the worker shuts down warmly, the servers stop
     local.release(home.path)
-    assert postmasters(home.pgdata)  # the worker still owns it
+    assert postmasters(home.pgdata) and local.redis_pids(home.path)  # the worker owns them
     assert worker.terminate() == 0
     assert local.postgres_pids(home.pgdata) == set()
+    assert local.redis_pids(home.path) == set()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="as root only: the system user runs the programs")

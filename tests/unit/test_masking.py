@@ -66,7 +66,10 @@ properties = settings(database=None, max_examples=300)
         ("password=se\\ cret host=h", "password=*** host=h"),
         ("host=h sslpassword='k 3y'", "host=h sslpassword=***"),
         # nothing to hide
-        ("filesystem:///x/broker", "filesystem:///x/broker"),
+        (
+            "redis+socket:///x/.leaseflow/redis/redis.sock",
+            "redis+socket:///x/.leaseflow/redis/redis.sock",
+        ),
         (
             "postgresql+psycopg://postgres@/leaseflow?host=/tmp/x",
             "postgresql+psycopg://postgres@/leaseflow?host=/tmp/x",
