@@ -16,7 +16,7 @@ from psycopg.types.json import Jsonb
 from leaseflow import errors, logs
 from leaseflow.fsm.definition import Workflow
 from leaseflow.fsm.rules import Transition
-from leaseflow.store import queries, records
+from leaseflow.store import prepared, queries, records
 
 #: Where a statement runs: a pooled connection, or a thread's pinned cursor.
 Executor = psycopg.Connection[Any] | psycopg.Cursor[Any]
@@ -128,9 +128,9 @@ def claim_txn(
     cur: psycopg.Cursor[Any], run_id: str, seq: int, *, owner: str, ttl: float
 ) -> records.Claim | None:
     """One statement: lease the run at ``seq`` if it is pending and due."""
-    row = cur.execute(
-        queries.CLAIM, {"run_id": run_id, "seq": seq, "owner": owner, "ttl": ttl}
-    ).fetchone()
+    row = prepared.statement(queries.CLAIM).one(
+        cur.connection, {"run_id": run_id, "seq": seq, "owner": owner, "ttl": ttl}
+    )
     if row is None:
         return None
     return records.Claim(
@@ -143,7 +143,7 @@ def claim_txn(
         max_attempts=row[5],
         lease_token=row[6],
         started_at=row[7],
-        checkpoint=bytes(row[8]),
+        checkpoint=row[8],
         context_version=row[9],
         input=row[10],
         group_id=row[11],
@@ -179,9 +179,9 @@ def commit_params(
 
 
 def fenced_txn(db: Executor, sql: str, params: dict[str, Any]) -> tuple[Any, ...] | None:
-    """One fenced commit statement: its row, or None when the lease was lost."""
-    row: tuple[Any, ...] | None = db.execute(sql, params).fetchone()
-    return row
+    """One fenced commit statement (prepared): its row, or None when the lease was lost."""
+    conn = db.connection if isinstance(db, psycopg.Cursor) else db
+    return prepared.statement(sql).one(conn, params)
 
 
 def commit_txn(

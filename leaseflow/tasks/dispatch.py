@@ -12,6 +12,7 @@ from kombu.transport import redis as kombu_redis
 
 from leaseflow import errors, faults, logs, messages
 from leaseflow.fsm import registry
+from leaseflow.tasks import wire
 
 
 def task_name(workflow: str, state: str) -> str:
@@ -60,12 +61,13 @@ def publish_all(
 ) -> None:
     """Publish ``wakeups``; inside a chord header task, leave the join to the chord body.
 
-    The messages (and their ``task-sent`` events, sent only when the worker runs with
-    task events, ``-E``, or ``task_send_sent_event`` is set) leave as one kombu publish
-    batch (on Redis: one pipelined round trip) from a producer whose Redis channel
-    reuses its client. If the batch fails, each message is published again on its own,
-    with Celery's publish retries: a message sent twice is harmless, every one is
-    claimed fenced.
+    The messages leave as one kombu publish batch (on Redis: one pipelined round trip)
+    from a producer whose Redis channel reuses its client. Each is built by ``wire``
+    at a third of ``send_task``'s CPU, unless something observes ``send_task`` (see
+    ``wire.usable``; e.g. a worker run with task events, ``-E``, which sends a
+    ``task-sent`` event for each). If the batch fails, each message is published
+    again on its own through ``send_task``, with Celery's publish retries: a message
+    sent twice is harmless, every one is claimed fenced.
     """
     todo = [d for d in wakeups if not (in_chord and isinstance(d, messages.JoinWake))]
     if not todo:
@@ -73,13 +75,27 @@ def publish_all(
     try:
         with app.producer_or_acquire() as producer:
             reuse_redis_client(producer.channel)
+            sender = wire.Sender(app, producer) if wire.usable(app) else None
+            default = app.conf.task_default_queue
             with _batch(producer):
                 for d in todo:
-                    publish(app, d, producer)
+                    if sender is not None:
+                        _publish_lean(app, sender, d, default)
+                    else:
+                        publish(app, d, producer)
     except Exception as exc:
         logs.warning("publish_batch_failed", error=repr(exc), messages=len(todo))
         for d in todo:
             publish(app, d)
+
+
+def _publish_lean(app: Celery, sender: wire.Sender, d: messages.Message, default: str) -> None:
+    """``publish`` without ``send_task``: the same message, built by ``wire``."""
+    name = task_name(d.workflow, d.state)
+    task = app._tasks.get(name)  # as send_task: the registry, not finalizing the app
+    limits = [getattr(task, "time_limit", None), getattr(task, "soft_time_limit", None)]
+    sender.publish(d, name=name, queue=queue_for(d.workflow, d.state, default), time_limits=limits)
+    logs.debug("step_published", run_id=d.run_id, state=d.state, task_id=d.task_id)
 
 
 def _batch(producer: Any) -> Any:
