@@ -272,6 +272,7 @@ class CeleryWorker:
         concurrency: int = 2,
         loglevel: str = "WARNING",
         extra: Sequence[str] = (),
+        cwd: Path = ROOT,
     ) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
@@ -305,7 +306,9 @@ class CeleryWorker:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            cwd=ROOT,
+            # ``python -m`` puts the working directory first on sys.path: it decides which
+            # leaseflow the worker imports (a ``--ref`` worktree's, for the A/B systems)
+            cwd=cwd,
             start_new_session=True,  # pgid == pid; Ctrl-C in the terminal does not reach it
         )
 
@@ -407,9 +410,11 @@ class Scratch(contextlib.ExitStack):
         env: dict[str, str],
         args: Any,
         extra: Sequence[str] = (),
+        cwd: Path = ROOT,
     ) -> CeleryWorker:
         """A ``celery -A app worker`` with ``args.pool``/``concurrency``/``loglevel``
-        (and ``extra`` options, e.g. ``-E``), stopped on the way out."""
+        (and ``extra`` options, e.g. ``-E``), run in ``cwd`` (whose packages it imports
+        first), stopped on the way out."""
         w = CeleryWorker(
             app,
             name=name,
@@ -420,6 +425,7 @@ class Scratch(contextlib.ExitStack):
             concurrency=args.concurrency,
             loglevel=args.loglevel,
             extra=extra,
+            cwd=cwd,
         )
         self.defer(f"stop worker {name}", w.stop)
         return w

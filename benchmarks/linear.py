@@ -228,7 +228,7 @@ class Drain:
         self.db: ScratchDatabase | None = None
         self.polls = 0
 
-    def worker(self, app: str, env: dict[str, str]) -> CeleryWorker:
+    def worker(self, app: str, env: dict[str, str], cwd: Path = ROOT) -> CeleryWorker:
         return self.scratch.worker(
             app,
             name=f"{self.name}-{self.queue[-4:]}",
@@ -236,6 +236,7 @@ class Drain:
             env=env,
             args=self.args,
             extra=self.worker_options,
+            cwd=cwd,
         )
 
     def new_db(self) -> ScratchDatabase:
@@ -412,7 +413,14 @@ class LeaseflowRefDrain(LeaseflowDrain):
 
     def start_worker(self) -> CeleryWorker:
         tree = ref_worktree(self.scratch, self.args.ref)
-        return self.worker("leaseflow.tasks", {**self.env, "PYTHONPATH": str(tree)})
+        env = {**self.env, "PYTHONPATH": str(tree)}
+        imported = subprocess.run(
+            [sys.executable, "-c", "import leaseflow; print(leaseflow.__file__)"],
+            env=env, cwd=tree, capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        if not imported.startswith(str(tree)):  # the A/B would compare the code with itself
+            raise RuntimeError(f"{self.name}: the worker would import {imported}, not {tree}")
+        return self.worker("leaseflow.tasks", env, cwd=tree)
 
 
 class LeaseflowInlineRefDrain(LeaseflowRefDrain):

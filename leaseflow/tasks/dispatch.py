@@ -62,10 +62,10 @@ def publish_all(
     """Publish ``wakeups``; inside a chord header task, leave the join to the chord body.
 
     The messages leave as one kombu publish batch (on Redis: one pipelined round trip)
-    from a producer whose Redis channel reuses its client. Each is built by ``wire``
-    at a third of ``send_task``'s CPU, unless something observes ``send_task`` (see
-    ``wire.usable``; e.g. a worker run with task events, ``-E``, which sends a
-    ``task-sent`` event for each). If the batch fails, each message is published
+    from a producer whose Redis channel reuses its client. Each is built by ``wire``,
+    for about a third less CPU than ``send_task``, unless something observes
+    ``send_task`` (see ``wire.usable``; e.g. a worker run with task events, ``-E``,
+    which sends a ``task-sent`` event for each). If the batch fails, each message is published
     again on its own through ``send_task``, with Celery's publish retries: a message
     sent twice is harmless, every one is claimed fenced.
     """
