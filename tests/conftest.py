@@ -6,6 +6,8 @@ A missing service skips the test on a laptop and fails it when ``CI=true``.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -58,15 +60,63 @@ def pg_template() -> Iterator[str]:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+class _Databases:
+    """The tests' databases: each cloned from the template for one test, never reused.
+
+    A background thread does the server's work while tests run: it creates the next
+    test's database ahead of time, and drops each used one (``WITH (FORCE)``: whatever
+    still connects to it is cut off) after its test. A database's name is fresh and
+    never handed out twice, so nothing a test left behind can reach a later test's.
+    """
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lf-test-db")
+        self._next = self._thread.submit(self._create)
+        self._drops: list[concurrent.futures.Future[None]] = []
+
+    def _create(self) -> str:
+        name = f"lf_test_{uuid.uuid4().hex[:12]}"
+        with _admin() as conn:
+            conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{self.template}"')
+        return name
+
+    @staticmethod
+    def _drop(name: str) -> None:
+        with _admin() as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    def take(self) -> str:
+        """A fresh database of the template's; the next one is started at once."""
+        ready, self._next = self._next, self._thread.submit(self._create)
+        return ready.result()
+
+    def release(self, name: str) -> None:
+        """Drop ``name`` soon (its test is over); :meth:`close` reports a failure."""
+        self._drops.append(self._thread.submit(self._drop, name))
+
+    def close(self) -> None:
+        """Drop the database made ahead, wait for every drop; raise the first failure."""
+        with contextlib.suppress(Exception):  # its failure was a test's to report
+            self.release(self._next.result())
+        self._thread.shutdown(wait=True)
+        for dropped in self._drops:
+            dropped.result()
+
+
+@pytest.fixture(scope="session")
+def _databases(pg_template: str) -> Iterator[_Databases]:
+    databases = _Databases(pg_template)
+    yield databases
+    databases.close()
+
+
 @pytest.fixture
-def database_url(pg_template: str) -> Iterator[str]:
+def database_url(_databases: _Databases) -> Iterator[str]:
     """A fresh migrated database for this test (``CREATE DATABASE ... TEMPLATE``)."""
-    name = f"lf_test_{uuid.uuid4().hex[:12]}"
-    with _admin() as conn:
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}"')
+    name = _databases.take()
     yield sqlalchemy_url(_url_for(name))
-    with _admin() as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    _databases.release(name)
 
 
 @pytest.fixture

@@ -71,6 +71,7 @@ class _Subprocess:
     name: str
     log_path: Path
     proc: subprocess.Popen[bytes]
+    _terminated = False  # SIGTERM sent (by :meth:`terminate`)
 
     def _spawn(self, cmd: list[str], env: dict[str, str]) -> None:
         self.marker = f"{MARKER}={uuid.uuid4().hex}"
@@ -118,14 +119,24 @@ class _Subprocess:
                 os.kill(pid, signal.SIGCONT)
                 os.kill(pid, signal.SIGKILL)
 
+    def terminate(self) -> None:
+        """Ask for a warm shutdown (SIGCONT + SIGTERM to the group) without waiting; once.
+
+        :func:`stop_together` asks every process first, then waits for each: stopping
+        several takes as long as the slowest one, not as long as all of them.
+        """
+        if self.proc.returncode is None and not self._terminated:
+            self._terminated = True
+            self._signal_group(signal.SIGCONT)
+            self._signal_group(signal.SIGTERM)
+
     def stop(self, timeout: float = 15.0) -> None:
         """Warm shutdown (SIGCONT + SIGTERM), SIGKILL after ``timeout``; idempotent.
 
         Whatever of the family outlives its main process is SIGKILLed too.
         """
         if self.proc.returncode is None:
-            self._signal_group(signal.SIGCONT)
-            self._signal_group(signal.SIGTERM)
+            self.terminate()  # unless already asked: a second SIGTERM is not sent
             try:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -250,20 +261,31 @@ class BeatProcess(_Subprocess):
         super().stop(timeout)
 
 
+def stop_together(procs: Iterable[_Subprocess]) -> None:
+    """Warm-stop ``procs`` at once: every one is asked (SIGCONT + SIGTERM) before any is
+    waited for, then each gets its :meth:`~_Subprocess.stop` (SIGKILL after its timeout).
+    Every process is stopped even when one stop fails; the first error is raised."""
+    chosen = list(procs)
+    for proc in chosen:
+        proc.terminate()
+    errors: list[BaseException] = []
+    for proc in chosen:
+        try:
+            proc.stop()
+        except Exception as exc:  # stop the others first, then report
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
 @contextlib.contextmanager
 def processes(*procs: WorkerProcess | BeatProcess) -> Iterator[None]:
-    """Stop every process on the way out, even when the body or one stop fails."""
+    """Stop every process on the way out (all at once), even when the body or one stop
+    fails."""
     try:
         yield
     finally:
-        errors: list[BaseException] = []
-        for proc in procs:
-            try:
-                proc.stop()
-            except Exception as exc:  # stop the others first, then report
-                errors.append(exc)
-        if errors:
-            raise errors[0]
+        stop_together(procs)
 
 
 def _processes_with(marker: str) -> list[tuple[int, str]]:

