@@ -96,6 +96,7 @@ from benchmarks.common import (
     ratio,
     rotated,
 )
+from leaseflow.tasks import dispatch
 
 HELP = "W1: leaseflow 5-state runs vs plain Celery chain vs naive durable chain"
 
@@ -258,11 +259,19 @@ class Drain:
         """``(states, the last state's end as a Unix time)``, once drained."""
         raise NotImplementedError
 
+    def queued(self) -> int:
+        """Messages waiting in the queue: leaseflow's carry a priority, and on Redis
+        kombu keeps one list per priority step (stock Celery's use the first)."""
+        with self.redis.client.pipeline(transaction=False) as pipe:
+            for key in dispatch.redis_queue_keys(self.queue):
+                pipe.llen(key)
+            return sum(int(n) for n in pipe.execute())
+
     def wait_consuming(self, worker: CeleryWorker, queued: int, deadline: Deadline) -> float:
         """The Unix time at which the worker took its first message: polled from outside
         (``LLEN`` of the queue every millisecond), the same for every system."""
         for i in range(10_000_000):
-            if int(self.redis.client.llen(self.queue)) < queued:
+            if self.queued() < queued:
                 return time.time()
             if i % 200 == 0:
                 worker.check()
@@ -275,7 +284,7 @@ class Drain:
         self.enqueue(runs)
         enqueue_s = time.monotonic() - t0
         client_cpu = time.process_time() - cpu0
-        queued = int(self.redis.client.llen(self.queue))
+        queued = self.queued()
         if queued != runs:
             raise RuntimeError(f"{self.name}: {queued} messages in {self.queue}, not {runs}")
         idle = None

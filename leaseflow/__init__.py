@@ -8,24 +8,30 @@ from leaseflow.errors import (
     IdempotencyConflict,
     InvalidDefinition,
     InvalidInput,
+    InvalidSignal,
     LeaseflowError,
     LeaseLost,
     PayloadTooLarge,
+    RunActive,
+    RunCompleted,
+    RunFinished,
     RunNotFound,
     UnknownWorkflow,
 )
 from leaseflow.fsm.definition import Workflow
-from leaseflow.fsm.outcomes import Complete, Failed, Map, Next, Parallel
+from leaseflow.fsm.outcomes import Complete, Failed, Map, Next, Parallel, Wait
 from leaseflow.fsm.retry import Retry
 from leaseflow.types import RunStatus
 
 if TYPE_CHECKING:
     from leaseflow.client import Client, RunView
     from leaseflow.context import StateContext as Context
+    from leaseflow.store.records import CancelResult, SignalReceipt
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CancelResult",
     "Client",
     "Complete",
     "Context",
@@ -33,6 +39,7 @@ __all__ = [
     "IdempotencyConflict",
     "InvalidDefinition",
     "InvalidInput",
+    "InvalidSignal",
     "LeaseLost",
     "LeaseflowError",
     "Map",
@@ -40,10 +47,15 @@ __all__ = [
     "Parallel",
     "PayloadTooLarge",
     "Retry",
+    "RunActive",
+    "RunCompleted",
+    "RunFinished",
     "RunNotFound",
     "RunStatus",
     "RunView",
+    "SignalReceipt",
     "UnknownWorkflow",
+    "Wait",
     "Workflow",
 ]
 
@@ -54,6 +66,10 @@ def __getattr__(name: str) -> Any:
         from leaseflow import client
 
         return getattr(client, name)
+    if name in ("SignalReceipt", "CancelResult"):
+        from leaseflow.store import records
+
+        return getattr(records, name)
     if name == "Context":
         from leaseflow import context
 

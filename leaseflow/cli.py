@@ -20,13 +20,13 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import pydantic
 
+from leaseflow import cli_args, cli_control, errors
 from leaseflow import cli_render as render
-from leaseflow import errors
 from leaseflow.fsm import graph as graph_mod
 from leaseflow.fsm import registry
 from leaseflow.settings import Settings, get_settings
@@ -321,37 +321,6 @@ def beat(loglevel: str, schedule: Path | None) -> None:
 # -- runs -------------------------------------------------------------------------
 
 
-def _input_text(value: str, stdin: IO[bytes]) -> str:
-    """The text of ``--input``: inline JSON, ``@path`` (a file) or ``-`` (stdin)."""
-    if value == "-":
-        raw, where = stdin.read(), "stdin"
-    elif value.startswith("@"):
-        where = value[1:]
-        try:
-            raw = Path(where).read_bytes()
-        except OSError as exc:
-            raise click.BadParameter(
-                f"cannot read {where}: {exc.strerror or exc}", param_hint="'--input'"
-            ) from exc
-    else:
-        return value
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise click.BadParameter(f"{where} is not UTF-8: {exc}", param_hint="'--input'") from exc
-
-
-def _parse_input(workflow: str, text: str) -> Any:
-    """The JSON of ``--input``; malformed is a usage error, too deeply nested an
-    ``InvalidInput`` (the parser's own recursion must not escape as a traceback)."""
-    try:
-        return json.loads(text)
-    except RecursionError as exc:
-        raise errors.InvalidInput(workflow, "the JSON is nested too deeply") from exc
-    except ValueError as exc:
-        raise click.BadParameter(f"not valid JSON: {exc}", param_hint="'--input'") from exc
-
-
 @main.command()
 @click.argument("workflow")
 @click.option(
@@ -363,17 +332,32 @@ def _parse_input(workflow: str, text: str) -> Any:
 )
 @click.option("--idempotency-key", help="Starting twice with one key yields one run.")
 @click.option("--version", type=click.IntRange(min=1), help="[default: the newest]")
-def start(workflow: str, input_json: str, idempotency_key: str | None, version: int | None) -> None:
+@click.option(
+    "--priority",
+    type=click.IntRange(0, 9),
+    default=0,
+    show_default=True,
+    help="0 (default) to 9 (most urgent): the run's messages are served in this order.",
+)
+def start(
+    workflow: str,
+    input_json: str,
+    idempotency_key: str | None,
+    version: int | None,
+    priority: int,
+) -> None:
     """Start a run of WORKFLOW and print its id."""
     from leaseflow import local
     from leaseflow.client import Client
 
-    text = _input_text(input_json, sys.stdin.buffer)
-    payload = _parse_input(workflow, text)
+    text = cli_args.json_text(input_json, sys.stdin.buffer, option="--input")
+    payload = cli_args.parse_json(
+        text, option="--input", too_deep=lambda: errors.InvalidInput(workflow, cli_args.TOO_DEEP)
+    )
     wf = _workflow(workflow, version)
     settings = local.resolve(get_settings())
     with _celery_app(settings) as app, Client(settings=settings, app=app) as client:
-        run_id = client.start(wf, payload, idempotency_key=idempotency_key)
+        run_id = client.start(wf, payload, idempotency_key=idempotency_key, priority=priority)
     click.echo(run_id)
 
 
@@ -466,6 +450,8 @@ def graph(workflow: str, fmt: str, version: int | None) -> None:
     """Print the state graph of WORKFLOW as Mermaid or Graphviz dot."""
     click.echo(graph_mod.render(_workflow(workflow, version), fmt), nl=False)
 
+
+cli_control.register(main)
 
 if __name__ == "__main__":
     main()

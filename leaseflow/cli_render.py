@@ -90,6 +90,17 @@ def print_run(run: RunRecord) -> None:
         rows.append(("finished", when(run.finished_at)))
     if run.lease_owner is not None:
         rows.append(("lease", f"{run.lease_owner} until {when(run.lease_expires_at)}"))
+    if run.status == "waiting" and run.wait_event is not None:
+        until = f" until {when(run.wait_deadline)}" if run.wait_deadline else ""
+        rows.append(("waiting for", f"signal {run.wait_event!r}{until}"))
+    elif run.status == "waiting" and run.wait_deadline is not None:
+        rows.append(("waiting for", f"a timer ending {when(run.wait_deadline)}"))
+    if run.cancel_requested and not run.terminal:
+        rows.append(("cancel", "requested: the running state stops at its commit"))
+    if run.run_deadline is not None:
+        rows.append(("deadline", when(run.run_deadline)))
+    if run.priority:
+        rows.append(("priority", str(run.priority)))
     if run.idempotency_key is not None:
         rows.append(("idempotency key", run.idempotency_key))
     rows.append(("input", json.dumps(run.input, ensure_ascii=False)))
@@ -128,6 +139,26 @@ def print_run(run: RunRecord) -> None:
     for group in run.groups:
         out.print()
         out.print(_group_table(group))
+    if run.signals:
+        out.print()
+        out.print(_signals_table(run))
+
+
+def _signals_table(run: RunRecord) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"{len(run.signals)} signal(s)", title_justify="left")
+    for column in ("id", "event", "received", "consumed at step", "payload"):
+        table.add_column(column)
+    for signal in run.signals:
+        table.add_row(
+            signal.signal_id,
+            signal.event,
+            when(signal.received_at),
+            "" if signal.consumed_seq is None else str(signal.consumed_seq),
+            summary(json.dumps(signal.payload, ensure_ascii=False, default=str)),
+        )
+    return table
 
 
 def _group_table(group: GroupRecord) -> Any:

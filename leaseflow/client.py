@@ -1,4 +1,5 @@
-"""The Python client: start runs, read them, wait for them."""
+"""The Python client: start runs, signal, cancel and re-drive them, read them, wait
+for them."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ from typing import Any
 from celery import Celery
 
 from leaseflow import errors, local, logs, messages
-from leaseflow.fsm import registry, rules
+from leaseflow.fsm import registry, rules, waits
 from leaseflow.fsm.definition import Workflow
 from leaseflow.settings import Settings, get_settings
 from leaseflow.store import base
-from leaseflow.store.records import RunRecord
+from leaseflow.store.records import CancelResult, Due, RunRecord, SignalReceipt
 from leaseflow.tasks import dispatch, runtime
 from leaseflow.types import RunStatus
 
@@ -86,14 +87,20 @@ class Client:
         input: dict[str, Any] | None = None,
         *,
         idempotency_key: str | None = None,
+        version: int | None = None,
+        priority: int = 0,
     ) -> str:
         """Create a run and publish its first step; returns the run id.
 
+        A workflow named by a string runs its newest version declared in this process
+        unless ``version`` is given; the run keeps its version for life. ``priority``
+        (0, the default, to 9, the most urgent) goes with every message of the run.
         The input is validated against the workflow's context model first: invalid
         or non-JSON input raises ``InvalidInput`` and creates nothing. With an
         ``idempotency_key`` already used for this workflow, returns that run's id.
         """
-        wf = self._workflow(workflow)
+        wf = self._workflow(workflow, version)
+        priority = self._priority(wf, priority)
         blob, payload = self._initial_checkpoint(wf, input)
         found = self.store.create_run(
             run_id=str(uuid.uuid4()),
@@ -101,13 +108,19 @@ class Client:
             checkpoint=blob,
             input=payload,
             idempotency_key=idempotency_key,
+            priority=priority,
         )
         if found.created:
-            self._publish_first(wf, [found.run_id])
+            self._publish_first(wf, [found.run_id], priority)
         return found.run_id
 
     def start_many(
-        self, workflow: Workflow | str, inputs: Iterable[dict[str, Any] | None]
+        self,
+        workflow: Workflow | str,
+        inputs: Iterable[dict[str, Any] | None],
+        *,
+        version: int | None = None,
+        priority: int = 0,
     ) -> list[str]:
         """Create one run per input in ONE transaction, then publish their first steps
         over one broker connection; returns the run ids in input order.
@@ -115,23 +128,38 @@ class Client:
         Every input is validated before anything is written: one invalid input raises
         ``InvalidInput`` (naming its position) and creates no run at all.
         """
-        wf = self._workflow(workflow)
+        wf = self._workflow(workflow, version)
+        priority = self._priority(wf, priority)
         prepared = []
         for position, payload in enumerate(inputs):
             try:
                 prepared.append(self._initial_checkpoint(wf, payload))
             except errors.InvalidInput as exc:
                 raise errors.InvalidInput(wf.name, f"input #{position}: {exc.detail}") from exc
-        runs = [base.NewRun(str(uuid.uuid4()), blob, payload) for blob, payload in prepared]
+        runs = [
+            base.NewRun(str(uuid.uuid4()), blob, payload, priority) for blob, payload in prepared
+        ]
         self.store.create_runs(wf=wf, runs=runs)
         run_ids = [run.run_id for run in runs]
-        self._publish_first(wf, run_ids)
+        self._publish_first(wf, run_ids, priority)
         return run_ids
 
-    def _workflow(self, workflow: Workflow | str) -> Workflow:
-        wf = registry.get(workflow) if isinstance(workflow, str) else workflow
+    def _workflow(self, workflow: Workflow | str, version: int | None = None) -> Workflow:
+        if isinstance(workflow, str):
+            wf = registry.get(workflow, version)
+        elif version is not None and version != workflow.version:
+            wf = registry.get(workflow.name, version)
+        else:
+            wf = workflow
         wf.validate()
         return wf
+
+    @staticmethod
+    def _priority(wf: Workflow, priority: int) -> int:
+        try:
+            return waits.check_priority(priority)
+        except ValueError as exc:
+            raise errors.InvalidInput(wf.name, str(exc)) from None
 
     def _initial_checkpoint(
         self, wf: Workflow, input: dict[str, Any] | None
@@ -139,17 +167,99 @@ class Client:
         """The validated input and the run's first checkpoint; ``InvalidInput`` if bad."""
         return rules.first_checkpoint(wf, input, runtime.limits(self.settings))
 
-    def _publish_first(self, wf: Workflow, run_ids: list[str]) -> None:
+    def _publish_first(self, wf: Workflow, run_ids: list[str], priority: int = 0) -> None:
         """Publish the first step of new runs; a failure is left to the dispatcher."""
         for run_id in run_ids:
             logs.info("run_started", run_id=run_id, workflow=wf.name, version=wf.version)
+        first = wf.initial.name
+        self._publish(
+            [
+                messages.StateStep(run_id, wf.name, first, 1, 0.0, priority, wf.version)
+                for run_id in run_ids
+            ]
+        )
+
+    def _publish(self, wakeups: list[messages.Message]) -> None:
+        """Publish wake-ups of runs made pending; a failure is left to the dispatcher."""
         try:
-            dispatch.publish_all(
-                self.app,
-                [messages.StateStep(run_id, wf.name, wf.initial.name, 1) for run_id in run_ids],
-            )
+            dispatch.publish_all(self.app, wakeups)
         except Exception as exc:  # the runs are durable: the dispatcher will publish them
-            logs.warning("publish_failed", runs=len(run_ids), error=repr(exc))
+            logs.warning("publish_failed", runs=len(wakeups), error=repr(exc))
+
+    def _wakeup(self, due: Due) -> messages.StateStep:
+        return messages.StateStep(
+            due.run_id, due.workflow, due.state, due.step_seq, 0.0, due.priority, due.version
+        )
+
+    # -- signals, cancel, re-drive --------------------------------------------------
+
+    def signal(
+        self,
+        run_id: str,
+        event: str,
+        payload: Any = None,
+        *,
+        signal_id: str | None = None,
+    ) -> SignalReceipt:
+        """Send ``event`` (with a JSON ``payload``) to a run.
+
+        If the run waits for ``event`` it resumes at once at the Wait's ``next``, with
+        ``ctx.signal`` = ``payload``; otherwise the signal is stored and consumed by the
+        first Wait for ``event`` the run reaches (never lost). The same ``signal_id``
+        twice is delivered once (the receipt says ``duplicate``). Raises
+        ``RunNotFound``, ``RunFinished`` (``E-RUN-FINISHED``), ``InvalidSignal``,
+        ``PayloadTooLarge``.
+        """
+        limit = self.settings.max_checkpoint_bytes
+        event, given = waits.check_signal(event, payload, signal_id, limit=limit)
+        done = self.store.signal(str(run_id), event, payload, signal_id=given or str(uuid.uuid4()))
+        if done.due is not None:
+            self._publish([self._wakeup(done.due)])
+        logs.info(
+            "signal_received",
+            run_id=str(run_id),
+            event=event,
+            signal_id=done.receipt.signal_id,
+            result=done.receipt.result,
+        )
+        return done.receipt
+
+    def cancel(self, run_id: str, reason: str | None = None) -> CancelResult:
+        """Cancel a run: a pending or waiting one is ``cancelled`` at once; a running
+        state learns it at its next heartbeat (``ctx.cancel_requested()``) and its
+        commit ends the run ``cancelled`` instead of advancing. Idempotent: a finished
+        run is left alone (``result="finished"``). Raises ``RunNotFound``."""
+        done = self.store.cancel(str(run_id), reason)
+        logs.info("run_cancel", run_id=str(run_id), result=done.result, reason=reason)
+        return done
+
+    def retry(self, run_id: str, from_state: str | None = None) -> str:
+        """Re-drive a ``failed``, ``cancelled`` or ``timed_out`` run: back to pending at
+        the state where it stopped (or ``from_state`` of its version), with its last
+        checkpoint and a fresh attempt budget; the step log keeps the history and a
+        ``redriven`` step. Returns the state it resumes at. Raises ``RunActive``,
+        ``RunCompleted``, ``UnknownState``, ``RunNotFound``."""
+        run = self.store.get_run(str(run_id), with_steps=False)
+        max_attempts = run_timeout = None
+        try:
+            wf = registry.get(run.workflow, run.version)
+        except errors.UnknownWorkflow:
+            wf = None  # the store still checks that the state exists in that version
+        if wf is not None:
+            target = from_state or run.state
+            if target not in wf.states or wf.states[target].branch:
+                raise errors.UnknownState(f"{wf.name} v{wf.version}", target)
+            max_attempts = wf.states[target].retry.max_attempts
+            run_timeout = wf.run_timeout
+        due = self.store.redrive(
+            str(run_id),
+            from_state=from_state,
+            max_attempts=max_attempts,
+            run_timeout=run_timeout,
+        )
+        logs.info("run_redriven", run_id=str(run_id), state=due.state, step_seq=due.step_seq)
+        self._publish([self._wakeup(due)])
+        return due.state
 
     # -- reading --------------------------------------------------------------------
 

@@ -33,6 +33,8 @@ class StateContext(Generic[D]):
     #: In a map branch: the item and its index; in a parallel branch: its index.
     item: Any = None
     index: int | None = None
+    #: In the state a signal resumed: the signal's payload (a JSON value).
+    signal: Any = None
 
     def join(self, branches: list[records.BranchResult]) -> None:
         """Give a join state its group's results (None for a failed branch) and errors."""
@@ -49,6 +51,12 @@ class StateContext(Generic[D]):
     def lease_lost(self) -> bool:
         """True once the heartbeat learnt that this lease is gone: stop early."""
         return self._keeper.lost(self.fencing_token)
+
+    def cancel_requested(self) -> bool:
+        """True once the heartbeat learnt that the run was cancelled (``client.cancel``):
+        stop early. Whatever the state returns, its commit ends the run ``cancelled``
+        and the next state never runs. ``ctx.heartbeat()`` asks at once."""
+        return self._keeper.cancel_requested(self.fencing_token)
 
     def in_commit(self, fn: Callable[[Any], None]) -> None:
         """Run ``fn(conn)`` inside the transition's own transaction (a psycopg

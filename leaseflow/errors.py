@@ -20,6 +20,9 @@ CONTEXT_INVALID = "E-CONTEXT-INVALID"
 CHECKPOINT_CORRUPT = "E-CHECKPOINT-CORRUPT"
 CHECKPOINT_STALE = "E-CHECKPOINT-STALE"
 PAYLOAD_TOO_LARGE = "E-PAYLOAD-TOO-LARGE"
+WAIT_TIMEOUT = "E-WAIT-TIMEOUT"
+RUN_TIMEOUT = "E-RUN-TIMEOUT"
+CANCELLED = "E-CANCELLED"
 
 
 class LeaseflowError(Exception):
@@ -252,3 +255,60 @@ class InCommitError(LeaseflowError):
 
     def __str__(self) -> str:
         return f"in_commit callback of run {self.run_id} failed: {self.detail}"
+
+
+class RunFinished(LeaseflowError):
+    """The run has finished: it takes no more signals."""
+
+    code = "E-RUN-FINISHED"
+
+    def __init__(self, run_id: str, status: str) -> None:
+        super().__init__(run_id, status)
+        self.run_id = run_id
+        self.status = status
+
+    def __str__(self) -> str:
+        return f"run {self.run_id} is {self.status}: it takes no more signals"
+
+
+class RunActive(LeaseflowError):
+    """Only a finished run (failed, cancelled, timed out) can be re-driven."""
+
+    code = "E-RUN-ACTIVE"
+
+    def __init__(self, run_id: str, status: str) -> None:
+        super().__init__(run_id, status)
+        self.run_id = run_id
+        self.status = status
+
+    def __str__(self) -> str:
+        return (
+            f"run {self.run_id} is {self.status}: only a failed, cancelled or timed-out run "
+            "can be retried (cancel it first)"
+        )
+
+
+class RunCompleted(LeaseflowError):
+    """A completed run cannot be re-driven: start a new run instead."""
+
+    code = "E-RUN-COMPLETED"
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(run_id)
+        self.run_id = run_id
+
+    def __str__(self) -> str:
+        return f"run {self.run_id} completed: nothing to retry (start a new run instead)"
+
+
+class InvalidSignal(LeaseflowError):
+    """A signal's event name or payload is malformed."""
+
+    code = "E-SIGNAL-INVALID"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"invalid signal: {self.detail}"

@@ -23,6 +23,7 @@ class _Lease:
     deadline: float | None  # time.monotonic() after which the lease is no longer extended
     branch: tuple[int, int] | None = None  # (group_id, idx) for a branch lease
     lost: bool = False
+    cancelled: bool = False  # the run was asked to cancel (a branch: cancelled)
 
     @property
     def ref(self) -> base.LeaseRef:
@@ -81,6 +82,12 @@ class LeaseKeeper:
             lease = self._leases.get(token)
             return lease is not None and lease.lost
 
+    def cancel_requested(self, token: str) -> bool:
+        """Did a heartbeat learn that the run of this lease was asked to cancel?"""
+        with self._lock:
+            lease = self._leases.get(token)
+            return lease is not None and lease.cancelled
+
     def beat_now(self, token: str) -> None:
         """Extend one lease at once (``ctx.heartbeat()``); raise ``LeaseLost`` if gone."""
         with self._lock:
@@ -92,9 +99,16 @@ class LeaseKeeper:
             raise errors.LeaseLost(lease.run_id, token)
 
     def _extend(self, leases: list[_Lease]) -> frozenset[str]:
-        return self.store.heartbeat(
+        """Extend ``leases``; those whose run was asked to cancel are marked so."""
+        alive = self.store.heartbeat(
             [lease.ref for lease in leases], worker=self.worker, ttl=self.ttl
         )
+        cancelled: frozenset[str] = getattr(alive, "cancelled", frozenset())
+        for lease in leases:
+            if lease.token in cancelled and not lease.cancelled:
+                lease.cancelled = True
+                logs.info("cancel_learnt", run_id=lease.run_id, lease_token=lease.token)
+        return alive
 
     def stop(self) -> None:
         self._stopped = True

@@ -21,6 +21,8 @@ class StateStep:
     state: str
     step_seq: int
     countdown: float = 0.0
+    priority: int = 0  # the run's priority, 0 (default) to 9 (most urgent)
+    version: int | None = None  # the run's workflow version (its state's queue), if known
 
     @property
     def args(self) -> tuple[str, int]:
@@ -42,6 +44,8 @@ class BranchStep:
     group_id: int
     idx: int
     countdown: float = 0.0
+    priority: int = 0
+    version: int | None = None
 
     @property
     def args(self) -> tuple[int, int]:

@@ -82,16 +82,23 @@ class Runner:
     def handle(self, message: messages.Message) -> StepResult:
         """Run what a wake-up message names: a state (or join) step, or a branch."""
         if isinstance(message, messages.BranchStep):
-            return self.run_branch(message.group_id, message.idx)
-        return self.run_step(message.run_id, message.step_seq)
+            return self.run_branch(message.group_id, message.idx, workflow=message.workflow)
+        return self.run_step(message.run_id, message.step_seq, workflow=message.workflow)
 
-    def run_step(self, run_id: str, step_seq: int) -> StepResult:
-        """Claim ``run_id`` at ``step_seq``, run its state (and any inline successors)."""
+    def run_step(self, run_id: str, step_seq: int, *, workflow: str | None = None) -> StepResult:
+        """Claim ``run_id`` at ``step_seq``, run its state (and any inline successors).
+
+        With ``workflow`` (the task's), only a run of a version of it that this process
+        declares is claimed: a run of another version is left untouched for a worker
+        that has it (logged and counted as ``version_unknown``)."""
         started = time.perf_counter()
-        claim = self.store.claim(run_id, step_seq, owner=self.worker, ttl=self.ttl)
+        versions = registry.versions(workflow) if workflow is not None else None
+        claim = self.store.claim(
+            run_id, step_seq, owner=self.worker, ttl=self.ttl, versions=versions
+        )
         metrics.CLAIM_SECONDS.observe(time.perf_counter() - started)
         if claim is None:
-            return explain_miss(self.store, run_id, step_seq)
+            return explain_miss(self.store, run_id, step_seq, versions)
         metrics.CLAIMS.labels("claimed").inc()
         budget = rules.InlineBudget.for_task(
             _spec(claim),
@@ -106,9 +113,12 @@ class Runner:
                 return replace(result, inlined=inlined) if inlined else result
             claim, inlined = handoff, inlined + 1
 
-    def run_branch(self, group_id: int, idx: int) -> StepResult:
+    def run_branch(self, group_id: int, idx: int, *, workflow: str | None = None) -> StepResult:
         """Claim branch ``idx`` of group ``group_id``, run it, commit its result."""
-        claim = self.store.claim_branch(group_id, idx, owner=self.worker, ttl=self.ttl)
+        versions = registry.versions(workflow) if workflow is not None else None
+        claim = self.store.claim_branch(
+            group_id, idx, owner=self.worker, ttl=self.ttl, versions=versions
+        )
         if claim is None:
             return explain_branch_miss(self.store, group_id, idx)
         metrics.CLAIMS.labels("claimed").inc()
@@ -167,8 +177,10 @@ class Runner:
         )
         if isinstance(claim, records.BranchClaim):
             ctx.item, ctx.index = claim.item, claim.idx
-        elif claim.group_id is not None:  # this state is the join of a group
-            ctx.join(self.store.branch_results(claim.group_id))
+        else:
+            ctx.signal = claim.signal
+            if claim.group_id is not None:  # this state is the join of a group
+                ctx.join(self.store.branch_results(claim.group_id))
         return ctx
 
     def _call(
@@ -239,8 +251,12 @@ class Runner:
         )
         if committed is None:
             return lease_lost(self.store, self.worker, claim), None
+        if committed.ended is not None:  # cancelled, or past its deadline, meanwhile
+            metrics.STEPS.labels(committed.ended).inc()
+            steplog.ended(claim, committed.ended)
+            return StepResult("committed", outcome=committed.ended), None
         metrics.STEPS.labels(decision.outcome).inc()
-        steplog.committed(claim, decision, inline=inline)
+        steplog.committed(claim, decision, inline=inline, resumed=committed.resumed)
         faults.point("after_commit_before_enqueue", **_where(claim))
         if committed.handoff is not None:
             metrics.CLAIMS.labels("inline").inc()
@@ -248,14 +264,17 @@ class Runner:
         done = StepResult("committed", outcome=decision.outcome)
         if decision.fork is not None and committed.group_id is not None:
             return replace(done, fork=_fork_start(claim, decision.fork, committed)), None
-        if decision.status != "pending":
+        next_state = committed.resumed or decision.next_state or claim.state
+        if decision.status != "pending" and committed.resumed is None:
             return done, None
         step = messages.StateStep(
             claim.run_id,
             claim.workflow,
-            decision.next_state or claim.state,
+            next_state,
             committed.step_seq,
             decision.delay,
+            claim.priority,
+            claim.version,
         )
         return replace(done, wakeups=(step,)), None
 
@@ -276,7 +295,13 @@ class Runner:
         return StepResult(
             "committed",
             wakeups=branch_messages(
-                claim.workflow, done, claim.group_id, claim.idx, decision.delay
+                claim.workflow,
+                done,
+                claim.group_id,
+                claim.idx,
+                decision.delay,
+                priority=claim.priority,
+                version=claim.version,
             ),
             outcome=decision.status,
         )
@@ -332,11 +357,14 @@ def _fork_start(
 ) -> messages.ForkStart:
     assert committed.group_id is not None
     group_id, join_seq = committed.group_id, committed.step_seq
+    prio, version = claim.priority, claim.version
     branches = tuple(
-        messages.BranchStep(claim.run_id, claim.workflow, name, group_id, idx)
+        messages.BranchStep(claim.run_id, claim.workflow, name, group_id, idx, 0.0, prio, version)
         for idx, name in enumerate(fork.states[: fork.released])
     )
-    join = messages.JoinWake(claim.run_id, claim.workflow, fork.join_state, join_seq)
+    join = messages.JoinWake(
+        claim.run_id, claim.workflow, fork.join_state, join_seq, 0.0, prio, version
+    )
     logs.info(
         "run_forked",
         run_id=claim.run_id,
@@ -350,30 +378,71 @@ def _fork_start(
 
 
 def branch_messages(
-    workflow: str, done: records.BranchCommit, group_id: int, idx: int, delay: float = 0.0
+    workflow: str,
+    done: records.BranchCommit,
+    group_id: int,
+    idx: int,
+    delay: float = 0.0,
+    *,
+    priority: int = 0,
+    version: int | None = None,
 ) -> tuple[messages.Message, ...]:
     """The messages a branch commit calls for: its retry, released branches, the join."""
     out: list[messages.Message] = []
+    run_id = done.run_id
     if done.retry_state is not None:
         out.append(
-            messages.BranchStep(done.run_id, workflow, done.retry_state, group_id, idx, delay)
+            messages.BranchStep(
+                run_id, workflow, done.retry_state, group_id, idx, delay, priority, version
+            )
         )
     for ref in done.released:
-        out.append(messages.BranchStep(done.run_id, workflow, ref.state, group_id, ref.idx))
+        out.append(
+            messages.BranchStep(
+                run_id, workflow, ref.state, group_id, ref.idx, 0.0, priority, version
+            )
+        )
     if done.join is not None:
         join = done.join
-        out.append(messages.JoinWake(done.run_id, join.workflow, join.state, join.step_seq))
+        out.append(
+            messages.JoinWake(
+                run_id, join.workflow, join.state, join.step_seq, 0.0, join.priority, join.version
+            )
+        )
     return tuple(out)
 
 
-def explain_miss(store: base.RunStore, run_id: str, step_seq: int) -> StepResult:
-    """The claim found nothing: a duplicate, a stale message, or one that came early."""
+def explain_miss(
+    store: base.RunStore, run_id: str, step_seq: int, versions: Sequence[int] | None = None
+) -> StepResult:
+    """The claim found nothing: a duplicate, a stale message, one that came early, a
+    run of a version this worker lacks, or one past its deadline."""
     peek = store.peek(run_id)
-    if peek is not None and peek.status == "pending" and peek.step_seq == step_seq:
+    ours = peek is not None and peek.status == "pending" and peek.step_seq == step_seq
+    if ours and peek is not None and versions is not None and peek.version not in versions:
+        metrics.CLAIMS.labels("version_unknown").inc()
+        logs.warning(
+            "version_unknown",
+            run_id=run_id,
+            workflow=peek.workflow,
+            version=peek.version,
+            versions=",".join(map(str, versions)),
+            hint="the run is left pending for a worker that declares its version",
+        )
+        return StepResult("skipped")
+    if ours and peek is not None and not peek.past_deadline:
         # Our step, not yet due when the claim ran (a retry's backoff, or the
         # message outran not_before): publish it again for when it is due.
         metrics.CLAIMS.labels("deferred").inc()
-        again = messages.StateStep(run_id, peek.workflow, peek.state, step_seq, peek.wait_seconds)
+        again = messages.StateStep(
+            run_id,
+            peek.workflow,
+            peek.state,
+            step_seq,
+            peek.wait_seconds,
+            peek.priority,
+            peek.version,
+        )
         return StepResult("deferred", wakeups=(again,))
     metrics.CLAIMS.labels("idle").inc()
     logs.debug(
@@ -393,7 +462,7 @@ def explain_branch_miss(store: base.RunStore, group_id: int, idx: int) -> StepRe
         metrics.CLAIMS.labels("deferred").inc()
         again = messages.BranchStep(
             peek.run_id, peek.workflow, peek.state, group_id, idx, peek.wait_seconds
-        )
+        )  # without its priority: a branch retry's re-publish is rare
         return StepResult("deferred", wakeups=(again,))
     metrics.CLAIMS.labels("idle").inc()
     logs.debug(

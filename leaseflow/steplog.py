@@ -11,7 +11,13 @@ from leaseflow.fsm import rules
 from leaseflow.store import records
 
 
-def committed(claim: records.Claim, decision: rules.Transition, *, inline: bool) -> None:
+def committed(
+    claim: records.Claim,
+    decision: rules.Transition,
+    *,
+    inline: bool,
+    resumed: str | None = None,
+) -> None:
     """Log a committed step of a run."""
     logs.debug(
         "step_committed",
@@ -35,6 +41,17 @@ def committed(claim: records.Claim, decision: rules.Transition, *, inline: bool)
             delay=round(decision.delay, 3) if decision.delay else None,
             error=rules.error_line(decision.step_error),
         )
+    if decision.wait is not None:
+        wait = decision.wait
+        logs.info(
+            "run_resumed" if resumed else "run_waiting",
+            run_id=claim.run_id,
+            state=claim.state,
+            step_seq=claim.step_seq,
+            event=wait.event,
+            timeout=wait.timeout,
+            next_state=resumed,
+        )
     if decision.terminal and decision.status == "failed":
         logs.error(
             "run_failed",
@@ -52,6 +69,17 @@ def committed(claim: records.Claim, decision: rules.Transition, *, inline: bool)
             status=decision.status,
             error_code=decision.error_code,
         )
+
+
+def ended(claim: records.Claim, status: str) -> None:
+    """The state's commit found its run cancelled, or past its deadline: it ended so."""
+    logs.warning(
+        "run_cancelled" if status == "cancelled" else "run_timed_out",
+        run_id=claim.run_id,
+        state=claim.state,
+        step_seq=claim.step_seq,
+        error_code=errors.CANCELLED if status == "cancelled" else errors.RUN_TIMEOUT,
+    )
 
 
 def branch_committed(

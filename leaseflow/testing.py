@@ -8,8 +8,10 @@
 
 The engine runs the production runner, rules and beat jobs in this process, on the
 in-memory store (``leaseflow.store.memory``), under a clock that only the test
-moves: ``eng.advance(seconds)`` makes retries with backoff come due and leases
-expire, so a test of an hour of retries runs in milliseconds. Validation, error
+moves: ``eng.advance(seconds)`` makes retries with backoff come due, leases
+expire, timers and wait timeouts fire and run deadlines pass, so a test of an hour
+of retries runs in milliseconds. ``eng.signal``, ``eng.cancel`` and ``eng.retry``
+do what ``Client.signal``, ``Client.cancel`` and ``Client.retry`` do. Validation, error
 codes and the step log are those of production. ``eng.crash_next(state)`` makes
 the next attempt of a state die mid-body, as a ``kill -9`` of its worker would: its
 lease is held by no one until the reaper hands the run on.
@@ -32,12 +34,12 @@ from celery.exceptions import SoftTimeLimitExceeded
 from leaseflow import errors, logs, messages
 from leaseflow.beat import jobs
 from leaseflow.context import StateContext
-from leaseflow.fsm import registry, rules
+from leaseflow.fsm import registry, rules, waits
 from leaseflow.fsm.definition import StateSpec, Workflow
 from leaseflow.heartbeat import LeaseKeeper
 from leaseflow.runner import Runner, StepResult, call_state
 from leaseflow.store import memory
-from leaseflow.store.records import RunRecord
+from leaseflow.store.records import CancelResult, Due, RunRecord, SignalReceipt
 
 __all__ = ["Clock", "Engine", "WorkerCrashed", "engine"]
 
@@ -120,9 +122,14 @@ class Engine:
         input: dict[str, Any] | None = None,
         *,
         idempotency_key: str | None = None,
+        priority: int = 0,
     ) -> str:
         """Create a run (validated as ``Client.start`` does) and queue its first step."""
         wf = self._known(workflow.validate())
+        try:
+            waits.check_priority(priority)
+        except ValueError as exc:
+            raise errors.InvalidInput(wf.name, str(exc)) from None
         blob, payload = rules.first_checkpoint(wf, input, self.limits)
         found = self.store.create_run(
             run_id=str(uuid.UUID(int=self._ids.getrandbits(128), version=4)),
@@ -130,10 +137,46 @@ class Engine:
             checkpoint=blob,
             input=payload,
             idempotency_key=idempotency_key,
+            priority=priority,
         )
         if found.created:
-            self._publish(messages.StateStep(found.run_id, wf.name, wf.initial.name, 1))
+            first = messages.StateStep(
+                found.run_id, wf.name, wf.initial.name, 1, 0.0, priority, wf.version
+            )
+            self._publish(first)
         return found.run_id
+
+    def signal(
+        self, run_id: str, event: str, payload: Any = None, *, signal_id: str | None = None
+    ) -> SignalReceipt:
+        """Send a signal, as ``Client.signal`` does (the resumed state is queued: run it
+        with ``run_until_idle``)."""
+        limit = self.limits.max_payload_bytes
+        event, given = waits.check_signal(event, payload, signal_id, limit=limit)
+        done = self.store.signal(run_id, event, payload, signal_id=given or str(uuid.uuid4()))
+        if done.due is not None:
+            self._publish(_wakeup(done.due))
+        return done.receipt
+
+    def cancel(self, run_id: str, reason: str | None = None) -> CancelResult:
+        """Cancel a run, as ``Client.cancel`` does."""
+        return self.store.cancel(run_id, reason)
+
+    def retry(self, run_id: str, from_state: str | None = None) -> str:
+        """Re-drive a failed, cancelled or timed-out run, as ``Client.retry`` does."""
+        run = self.store.get_run(run_id, with_steps=False)
+        wf = registry.get(run.workflow, run.version)
+        target = from_state or run.state
+        if target not in wf.states or wf.states[target].branch:
+            raise errors.UnknownState(f"{wf.name} v{wf.version}", target)
+        due = self.store.redrive(
+            run_id,
+            from_state=from_state,
+            max_attempts=wf.states[target].retry.max_attempts,
+            run_timeout=wf.run_timeout,
+        )
+        self._publish(_wakeup(due))
+        return due.state
 
     def get(self, run_id: str) -> RunRecord:
         """The run with its step log and groups, as ``Client.get`` returns it."""
@@ -256,8 +299,14 @@ class Engine:
         return returned
 
     def _beat(self) -> None:
-        for message in jobs.reap(self.store):
+        for message in jobs.reap(self.store) + jobs.sweep_timeouts(self.store):
             self._publish(message)
+
+
+def _wakeup(due: Due) -> messages.StateStep:
+    return messages.StateStep(
+        due.run_id, due.workflow, due.state, due.step_seq, 0.0, due.priority, due.version
+    )
 
 
 @contextmanager

@@ -33,3 +33,9 @@ class StepOutcome(StrEnum):
     RETRY = "retry"  # the state raised and will run again
     FORK = "fork"  # started a Parallel or Map group; the run waits for its join
     LEASE_EXPIRED = "lease_expired"  # written by the reaper
+    WAIT = "wait"  # the run waits for a signal or a timer
+    SIGNALLED = "signalled"  # a signal resumed the waiting run at next_state
+    WAIT_TIMEOUT = "wait_timeout"  # the wait ran out (a timer's end, or a timeout)
+    CANCELLED = "cancelled"  # the run was cancelled
+    TIMED_OUT = "timed_out"  # the run passed its deadline (run_timeout=)
+    REDRIVEN = "redriven"  # a finished run was sent back to pending (client.retry)

@@ -21,7 +21,7 @@ def reap(store: base.RunStore, *, limit: int = 1000) -> list[messages.Message]:
     out: list[messages.Message] = []
     for row in store.reap(limit=limit):
         metrics.REAPED.labels(row.status).inc()
-        failed = row.status != "pending"  # no attempt left: the run fails E-LEASE-EXPIRED
+        failed = row.status == "failed"  # no attempt left: the run fails E-LEASE-EXPIRED
         (logs.error if failed else logs.warning)(
             "lease_reaped",
             run_id=row.run_id,
@@ -29,11 +29,20 @@ def reap(store: base.RunStore, *, limit: int = 1000) -> list[messages.Message]:
             step_seq=row.step_seq - 1,
             attempt=row.attempt,
             lease_owner=row.lease_owner,
-            result="failed" if failed else "requeued",
+            result="requeued" if row.status == "pending" else row.status,
             error_code=errors.LEASE_EXPIRED if failed else None,
         )
         if row.status == "pending":
-            out.append(messages.StateStep(row.run_id, row.workflow, row.state, row.step_seq))
+            out.append(
+                messages.StateStep(
+                    row.run_id,
+                    row.workflow,
+                    row.state,
+                    row.step_seq,
+                    priority=row.priority,
+                    version=row.version,
+                )
+            )
     out.extend(reap_branches(store, limit=limit))
     return out
 
@@ -73,7 +82,40 @@ def reap_branches(store: base.RunStore, *, limit: int = 1000) -> list[messages.M
                 error_code=errors.BRANCH_FAILED,
                 error=rules.error_line(decision.error),
             )
-        out.extend(runner.branch_messages(b.workflow, done, b.group_id, b.idx))
+        out.extend(
+            runner.branch_messages(
+                b.workflow, done, b.group_id, b.idx, priority=b.priority, version=b.version
+            )
+        )
+    return out
+
+
+def sweep_timeouts(store: base.RunStore, *, limit: int = 1000) -> list[messages.Message]:
+    """Runs past their deadline end ``timed_out``; waits past theirs move to
+    ``on_timeout`` (a timer to ``next``: published) or fail ``E-WAIT-TIMEOUT``.
+
+    Judged by the store's clock alone. Deadlines first: a waiting run past both its
+    deadline and its wait's ends ``timed_out``."""
+    out: list[messages.Message] = []
+    for row in store.sweep_deadlines(limit=limit):
+        metrics.STEPS.labels("timed_out").inc()
+        logs.warning("run_timed_out", run_id=row.run_id, state=row.state, error_code=row.error_code)
+    for row in store.sweep_waits(limit=limit):
+        metrics.STEPS.labels("wait_timeout").inc()
+        if row.status != "pending":
+            logs.error("run_failed", run_id=row.run_id, state=row.state, error_code=row.error_code)
+            continue
+        logs.info("wait_timed_out", run_id=row.run_id, next_state=row.state)
+        out.append(
+            messages.StateStep(
+                row.run_id,
+                row.workflow,
+                row.state,
+                row.step_seq,
+                priority=row.priority,
+                version=row.version,
+            )
+        )
     return out
 
 
@@ -137,7 +179,15 @@ def dispatch_overdue(
         metrics.REDISPATCHED.inc()
         logs.info("run_redispatched", run_id=row.run_id, state=row.state, step_seq=row.step_seq)
         out.wakeups.append(
-            messages.StateStep(row.run_id, row.workflow, row.state, row.step_seq, row.countdown)
+            messages.StateStep(
+                row.run_id,
+                row.workflow,
+                row.state,
+                row.step_seq,
+                row.countdown,
+                row.priority,
+                row.version,
+            )
         )
     lost_branches = [
         (b.group_id, b.idx) for b in branches if gone(b.workflow, b.state, b.published_by)
@@ -153,7 +203,14 @@ def dispatch_overdue(
         )
         out.wakeups.append(
             messages.BranchStep(
-                due.run_id, due.workflow, due.state, due.group_id, due.idx, due.countdown
+                due.run_id,
+                due.workflow,
+                due.state,
+                due.group_id,
+                due.idx,
+                due.countdown,
+                due.priority,
+                due.version,
             )
         )
     for queue in sorted(unproven) if probe else ():

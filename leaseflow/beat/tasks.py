@@ -30,9 +30,10 @@ from leaseflow.tasks import dispatch, runtime
 
 REAP_TASK = "leaseflow.beat.reap"
 DISPATCH_TASK = "leaseflow.beat.dispatch"
+TIMEOUTS_TASK = "leaseflow.beat.timeouts"
 PROBE_TASK = dispatch.PROBE_TASK
 #: The periodic jobs whose idle ticks Celery logs at DEBUG only.
-TICK_TASKS = frozenset({REAP_TASK, DISPATCH_TASK})
+TICK_TASKS = frozenset({REAP_TASK, DISPATCH_TASK, TIMEOUTS_TASK})
 #: Celery's loggers of a task's "received", "succeeded" and "Discarding" lines.
 CELERY_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace", "celery.worker.request")
 #: Celery's line for a message it drops unrun (expired or revoked).
@@ -75,7 +76,8 @@ def quiet_ticks() -> None:
 
 
 def schedule(settings: Settings) -> dict[str, Any]:
-    """Celery's ``beat_schedule`` for ``settings``: the reaper and the dispatcher."""
+    """Celery's ``beat_schedule`` for ``settings``: the reaper, the dispatcher and the
+    timeout sweeper (wait timeouts, timers, run deadlines)."""
 
     def entry(task: str, every: float) -> dict[str, Any]:
         return {
@@ -94,6 +96,7 @@ def schedule(settings: Settings) -> dict[str, Any]:
     return {
         "leaseflow-reaper": entry(REAP_TASK, settings.reaper_interval),
         "leaseflow-dispatcher": entry(DISPATCH_TASK, settings.dispatch_interval),
+        "leaseflow-timeouts": entry(TIMEOUTS_TASK, settings.timeout_interval),
     }
 
 
@@ -105,6 +108,13 @@ def register(app: Celery) -> None:
     def reap() -> int:
         engine = runtime.get()
         found = jobs.reap(engine.store, limit=engine.settings.dispatch_batch)
+        dispatch.publish_all(app, found)
+        return len(found)
+
+    @app.task(name=TIMEOUTS_TASK, ignore_result=True, shared=False)
+    def timeouts() -> int:
+        engine = runtime.get()
+        found = jobs.sweep_timeouts(engine.store, limit=engine.settings.dispatch_batch)
         dispatch.publish_all(app, found)
         return len(found)
 

@@ -65,6 +65,7 @@ class Workflow:
         context: type[BaseModel],
         version: int = 1,
         context_version: int = 1,
+        run_timeout: float | None = None,
         register: bool = True,
     ) -> None:
         if not name or not name.replace("_", "").replace("-", "").isalnum():
@@ -79,7 +80,11 @@ class Workflow:
             raise errors.InvalidDefinition(
                 name, {"<workflow>": ["version and context_version start at 1"]}
             )
+        if run_timeout is not None and not run_timeout > 0:
+            raise errors.InvalidDefinition(name, {"<workflow>": ["run_timeout must be > 0"]})
         self.name = name
+        #: Seconds from a run's start (or re-drive) after which it ends ``timed_out``.
+        self.run_timeout = None if run_timeout is None else float(run_timeout)
         self.context = context
         self.version = version
         self.context_version = context_version

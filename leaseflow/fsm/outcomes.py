@@ -59,4 +59,22 @@ class Map:
     on_branch_error: str = "fail_fast"
 
 
-Outcome = Next | Complete | Failed | Parallel | Map | str
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Wait:
+    """Park the run (no lease, no worker, no message) until ``event`` is signalled, then
+    move to ``next`` with ``ctx.signal`` set to the signal's payload.
+
+    ``timeout`` (seconds, judged by the database clock): past it the run moves to
+    ``on_timeout``, or fails ``E-WAIT-TIMEOUT`` when none is given. With no
+    ``event`` it is a durable timer: the run moves to ``next`` once ``timeout`` has
+    passed. ``next`` and ``on_timeout`` must be in the state's ``to=``. A signal
+    sent before the run reaches the Wait is kept, and resumes it at once.
+    """
+
+    next: str
+    event: str | None = None
+    timeout: float | None = None
+    on_timeout: str | None = None
+
+
+Outcome = Next | Complete | Failed | Parallel | Map | Wait | str

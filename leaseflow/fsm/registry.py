@@ -85,6 +85,12 @@ def get(name: str, version: int | None = None) -> Workflow:
     return wf
 
 
+def versions(name: str) -> list[int]:
+    """The versions of workflow ``name`` declared in this process (oldest first)."""
+    with _lock:
+        return sorted(v for (n, v) in _workflows if n == name)
+
+
 def all_workflows() -> list[Workflow]:
     with _lock:
         return sorted(_workflows.values(), key=lambda w: (w.name, w.version))

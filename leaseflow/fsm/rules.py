@@ -17,9 +17,17 @@ import pydantic
 import pydantic_core
 
 from leaseflow import errors
-from leaseflow.fsm import checkpoint
+from leaseflow.fsm import checkpoint, waits
 from leaseflow.fsm.definition import StateSpec, Workflow
-from leaseflow.fsm.outcomes import BRANCH_ERROR_POLICIES, Complete, Failed, Map, Next, Parallel
+from leaseflow.fsm.outcomes import (
+    BRANCH_ERROR_POLICIES,
+    Complete,
+    Failed,
+    Map,
+    Next,
+    Parallel,
+    Wait,
+)
 from leaseflow.types import TERMINAL_STATUSES, StepOutcome
 
 
@@ -75,6 +83,7 @@ class Transition:
     error: str | None = None
     step_error: str | None = None  # the traceback or reason, for the step log
     fork: Fork | None = None  # a Parallel or Map group to create
+    wait: waits.WaitPlan | None = None  # the run waits for a signal or a timer
     #: The engine accepted the outcome: the state's ``ctx.in_commit`` writes commit with it.
     accepted: bool = True
 
@@ -201,6 +210,18 @@ def on_outcome(
         return replace(fail(returned.code, returned.reason), accepted=True)
     if isinstance(returned, Parallel | Map):
         return _on_fork(wf, spec, returned, fail, data=data, stored=stored, limits=limits)
+    if isinstance(returned, Wait):
+        planned = waits.plan(wf, spec, returned)
+        if isinstance(planned, str):
+            return fail(errors.ILLEGAL_TRANSITION, planned)
+        parked = Transition(
+            outcome=StepOutcome.WAIT,
+            status="waiting",
+            attempt=0,
+            max_attempts=planned.next_attempts,
+            wait=planned,
+        )
+        return with_context(parked, wf, data, stored, limits, fail)
     if isinstance(returned, Complete):
         try:
             checkpoint.dumps(returned.output, what="output", limit=limits.max_payload_bytes)
@@ -219,7 +240,7 @@ def on_outcome(
     if not isinstance(returned, Next):
         reason = (
             f"state {spec.name!r} returned {returned!r}; expected a state name, Next, "
-            "Complete, Failed, Parallel or Map"
+            "Complete, Failed, Parallel, Map or Wait"
         )
         return fail(errors.ILLEGAL_TRANSITION, reason)
     if returned.state not in spec.to:

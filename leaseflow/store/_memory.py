@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import threading
 import uuid
 from collections.abc import Callable, Sequence
@@ -15,8 +14,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from leaseflow import errors
-from leaseflow.fsm.rules import BranchDecision, Fork, Transition
+from leaseflow.fsm import waits
+from leaseflow.fsm.rules import BranchDecision, Fork
 from leaseflow.store import records as rec
+from leaseflow.store._refusals import refuse_json, refuse_unstorable
+
+__all__ = ["refuse_json", "refuse_unstorable"]
 
 Clock = Callable[[], datetime]
 
@@ -65,8 +68,19 @@ class Run:
     error: str | None = None
     group_id: int | None = None
     finished_at: datetime | None = None
+    priority: int = 0
+    run_deadline: datetime | None = None
+    wait: dict[str, Any] | None = None  # a WaitPlan's JSON while the run waits
+    wait_event: str | None = None
+    wait_deadline: datetime | None = None
+    signal: Any = None  # the payload that resumed the run, until it moves on
+    cancel_requested: bool = False
+    cancel_reason: str | None = None
     not_before: datetime = field(init=False)
     updated_at: datetime = field(init=False)
+
+    def past_deadline(self, now: datetime) -> bool:
+        return self.run_deadline is not None and self.run_deadline <= now
 
     def __post_init__(self) -> None:
         self.not_before = self.updated_at = self.created_at
@@ -128,6 +142,28 @@ class Branch:
 
 
 @dataclass(slots=True)
+class SignalRow:
+    id: int
+    run_id: str
+    signal_id: str
+    event: str
+    payload: Any
+    received_at: datetime
+    consumed_at: datetime | None = None
+    consumed_seq: int | None = None
+
+    def record(self) -> rec.SignalRecord:
+        return rec.SignalRecord(
+            self.signal_id,
+            self.event,
+            as_json(self.payload),
+            self.received_at,
+            self.consumed_at,
+            self.consumed_seq,
+        )
+
+
+@dataclass(slots=True)
 class Mark:
     probe_sent_at: datetime | None = None
     passed_at: datetime | None = None
@@ -136,59 +172,6 @@ class Mark:
 def as_json(value: Any) -> Any:
     """``value`` as a JSONB column gives it back: a copy, tuples as lists."""
     return None if value is None else json.loads(json.dumps(value))
-
-
-def refuse_unstorable(what: str, decision: Transition | BranchDecision) -> None:
-    """``UnstorableValue`` for what PostgreSQL refuses in a commit (``PostgresStore``
-    maps its ``DataError``): a NUL byte or a lone surrogate in a text column or in a
-    string or key of a JSON column, NaN or an infinity in a JSON column.
-
-    Written apart from ``checkpoint.check`` on purpose: it stands for the database, the
-    line behind the codec, and the tests switch the codec off to prove that line holds."""
-    values: tuple[Any, ...]
-    texts: tuple[str | None, ...]
-    if isinstance(decision, Transition):
-        items = None if decision.fork is None else decision.fork.items
-        values = (decision.output, items)
-        texts = (decision.error_code, decision.error, decision.step_error)
-    else:
-        values, texts = (decision.result,), (decision.error,)
-    for value in values:
-        why = _json_refusal(value)
-        if why is not None:
-            raise errors.UnstorableValue(what, why)
-    for text in texts:
-        why = None if text is None else _text_refusal(text)
-        if why is not None:
-            raise errors.UnstorableValue(what, why)
-
-
-def _json_refusal(value: Any) -> str | None:
-    if isinstance(value, str):
-        return _text_refusal(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return f'invalid input syntax for type json: Token "{value}" is invalid.'
-    if isinstance(value, dict):
-        for key, item in value.items():
-            why = _text_refusal(key) if isinstance(key, str) else None
-            if why is not None or (why := _json_refusal(item)) is not None:
-                return why
-    elif isinstance(value, list | tuple):
-        for item in value:
-            if (why := _json_refusal(item)) is not None:
-                return why
-    return None
-
-
-def _text_refusal(text: str) -> str | None:
-    if "\x00" in text:
-        return "text cannot contain NUL (0x00) bytes"
-    if not text.isascii():
-        try:
-            text.encode()
-        except UnicodeEncodeError:
-            return "text is not UTF-8 (a lone surrogate)"
-    return None
 
 
 def run_key(run_id: str) -> str | None:
@@ -230,6 +213,8 @@ class Tables:
         self._groups: dict[int, Group] = {}
         self._branches: dict[tuple[int, int], Branch] = {}
         self._marks: dict[str, Mark] = {}
+        self._signals: dict[str, list[SignalRow]] = {}
+        self._signal_ids = itertools.count(1)
         self._order = itertools.count()
         self._group_ids = itertools.count(1)
         #: The writes of ``in_commit`` callbacks whose commit landed, in commit order.
@@ -276,7 +261,13 @@ class Branches(Tables):
     """Parallel / Map branches: claims, fenced commits, the join (exactly once)."""
 
     def claim_branch(
-        self, group_id: int, idx: int, *, owner: str, ttl: float
+        self,
+        group_id: int,
+        idx: int,
+        *,
+        owner: str,
+        ttl: float,
+        versions: Sequence[int] | None = None,
     ) -> rec.BranchClaim | None:
         with self._lock:
             now = self._now()
@@ -287,6 +278,8 @@ class Branches(Tables):
             if group.status != "running":
                 return None
             run = self._runs[branch.run_id]
+            if versions is not None and run.version not in versions:
+                return None
             branch.status, branch.attempt = "running", branch.attempt + 1
             branch.lease_token, branch.lease_owner = str(uuid.uuid4()), owner
             branch.lease_expires_at, branch.claimed_at = self._later(now, ttl), now
@@ -306,6 +299,7 @@ class Branches(Tables):
                 context_version=group.fork.context_version,
                 input=as_json(run.input),
                 kind=group.fork.kind,
+                priority=run.priority,
             )
 
     def peek_branch(self, group_id: int, idx: int) -> rec.BranchPeek | None:
@@ -369,7 +363,7 @@ class Branches(Tables):
                 run.max_attempts = group.fork.join_max_attempts
                 run.not_before = run.updated_at = now
                 run.redispatch_at = self._later(now, self.dispatch_timeout)
-                join = rec.JoinDue(run.workflow, run.state, run.step_seq)
+                join = rec.JoinDue(run.workflow, run.state, run.step_seq, run.version, run.priority)
                 return rec.BranchCommit(run_id=run.id, join=join)
             return rec.BranchCommit(run_id=run.id, released=self._release(group, now))
 
@@ -435,12 +429,15 @@ class Reaper(Tables):
                     lease_token=run.lease_token,
                     error=f"lease of {owner or 'unknown worker'} expired",
                 )
-                requeue = run.attempt < run.max_attempts
+                requeue = run.attempt < run.max_attempts and not run.cancel_requested
                 run.status = "pending" if requeue else "failed"
                 run.error_code = None if requeue else errors.LEASE_EXPIRED
                 run.finished_at = None if requeue else now
                 run.error = None
-                if not requeue:
+                if run.cancel_requested:
+                    run.status, run.error_code = "cancelled", errors.CANCELLED
+                    run.error = waits.cancel_reason(run.cancel_reason)
+                elif not requeue:
                     run.error = (
                         f"lease expired on attempt {run.attempt} of {run.max_attempts} "
                         f"in state {run.state}"
@@ -450,7 +447,7 @@ class Reaper(Tables):
                 run.not_before = run.updated_at = now
                 run.redispatch_at = self._later(now, self.dispatch_timeout)
                 fields = (run.id, run.workflow, run.version, run.state, run.step_seq)
-                reaped.append(rec.Reaped(*fields, run.status, run.attempt, owner))
+                reaped.append(rec.Reaped(*fields, run.status, run.attempt, owner, run.priority))
             return reaped
 
     def expired_branches(self, *, limit: int = 1000) -> list[rec.ExpiredBranch]:
@@ -475,6 +472,8 @@ class Reaper(Tables):
                     b.max_attempts,
                     b.state,
                     self._runs[b.run_id].workflow,
+                    self._runs[b.run_id].version,
+                    self._runs[b.run_id].priority,
                 )
                 for b in expired[:limit]
             ]

@@ -19,7 +19,7 @@ The semantics every store keeps:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
@@ -31,6 +31,7 @@ from leaseflow.store.records import (
     BranchCommit,
     BranchPeek,
     BranchResult,
+    CancelResult,
     Claim,
     Committed,
     Created,
@@ -43,6 +44,8 @@ from leaseflow.store.records import (
     Peek,
     Reaped,
     RunRecord,
+    Signalled,
+    WaitEnded,
 )
 
 
@@ -53,6 +56,19 @@ class NewRun:
     run_id: str
     checkpoint: bytes
     input: dict[str, Any]
+    priority: int = 0
+
+
+class Extended(frozenset[str]):
+    """What a heartbeat answers: the lease tokens it extended (a token missing was
+    lost); ``cancelled``: those whose run was asked to cancel (a branch's, cancelled)."""
+
+    cancelled: frozenset[str]
+
+    def __new__(cls, extended: Iterable[str] = (), cancelled: Iterable[str] = ()) -> Extended:
+        self = super().__new__(cls, extended)
+        self.cancelled = frozenset(cancelled)
+        return self
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,17 +98,28 @@ class RunStore(Protocol):
         checkpoint: bytes,
         input: dict[str, Any],
         idempotency_key: str | None,
+        priority: int = 0,
     ) -> Created:
-        """A pending run in the initial state; with a used idempotency key, that run
-        (``IdempotencyConflict`` when its input differs). A taken id: ``RunExists``."""
+        """A pending run in the initial state, with ``wf.run_timeout`` as its deadline;
+        with a used idempotency key, that run (``IdempotencyConflict`` when its input
+        differs). A taken id: ``RunExists``."""
 
     def create_runs(self, *, wf: Workflow, runs: Sequence[NewRun]) -> None:
         """Create pending runs in one transaction: all or none (``RunExists``)."""
 
     # -- the step --------------------------------------------------------------------
 
-    def claim(self, run_id: str, step_seq: int, *, owner: str, ttl: float) -> Claim | None:
-        """Lease the run if it is pending, due and at ``step_seq``; else None."""
+    def claim(
+        self,
+        run_id: str,
+        step_seq: int,
+        *,
+        owner: str,
+        ttl: float,
+        versions: Sequence[int] | None = None,
+    ) -> Claim | None:
+        """Lease the run if it is pending, due, at ``step_seq``, not past its deadline
+        and (when ``versions`` is given) of one of them; else None."""
 
     def peek(self, run_id: str) -> Peek | None:
         """The run as it is now, to explain a claim that found nothing."""
@@ -106,14 +133,18 @@ class RunStore(Protocol):
         callbacks: Sequence[InCommit] = (),
         handoff_ttl: float | None = None,
     ) -> Committed | None:
-        """Write ``tr`` (and its fork, if any) iff ``claim``'s lease still holds; None
-        when it was lost. ``callbacks`` run in the same transaction. With
+        """Write ``tr`` (and its fork or wait, if any) iff ``claim``'s lease still holds;
+        None when it was lost. ``callbacks`` run in the same transaction. With
         ``handoff_ttl`` the same commit leases the next state to ``worker``
-        (inline continuation), returned as ``Committed.handoff``."""
+        (inline continuation), returned as ``Committed.handoff``. A Wait that finds
+        a stored signal for its event resumes at once (``Committed.resumed``). A run
+        asked to cancel, or past its deadline, is ended so instead, nothing else
+        written (``Committed.ended``)."""
 
-    def heartbeat(self, leases: Sequence[LeaseRef], *, worker: str, ttl: float) -> frozenset[str]:
+    def heartbeat(self, leases: Sequence[LeaseRef], *, worker: str, ttl: float) -> Extended:
         """Extend the leases still held (and record the worker as alive); returns the
-        tokens extended. A token missing from the answer was lost."""
+        tokens extended (a token missing from the answer was lost) and those asked to
+        cancel."""
 
     def count_lease_lost(self, worker: str) -> None:
         """Count a commit that was fenced out, against the worker."""
@@ -121,7 +152,13 @@ class RunStore(Protocol):
     # -- Parallel / Map branches ------------------------------------------------------
 
     def claim_branch(
-        self, group_id: int, idx: int, *, owner: str, ttl: float
+        self,
+        group_id: int,
+        idx: int,
+        *,
+        owner: str,
+        ttl: float,
+        versions: Sequence[int] | None = None,
     ) -> BranchClaim | None:
         """Lease branch ``idx`` of a running group if it is pending and due; else None."""
 
@@ -174,6 +211,40 @@ class RunStore(Protocol):
 
     def probe_passed(self, queue: str, sent_at: datetime) -> None:
         """The probe of ``queue`` sent at ``sent_at`` came through."""
+
+    # -- waits, signals, cancel, re-drive ------------------------------------------------
+
+    def signal(self, run_id: str, event: str, payload: Any, *, signal_id: str) -> Signalled:
+        """Store a signal once per ``(run_id, signal_id)`` (a second one is a
+        ``duplicate``); if the run waits for ``event`` (and its wait has not timed out),
+        resume it at the wait's ``next`` with ``payload`` as ``ctx.signal``.
+        ``RunNotFound``; ``RunFinished`` for a finished run."""
+
+    def cancel(self, run_id: str, reason: str | None = None) -> CancelResult:
+        """A pending or waiting run is cancelled at once (its open groups stop); a
+        running one is asked to (its heartbeat and its commit learn it); a finished
+        one is left alone. ``RunNotFound``."""
+
+    def redrive(
+        self,
+        run_id: str,
+        *,
+        from_state: str | None = None,
+        max_attempts: int | None = None,
+        run_timeout: float | None = None,
+    ) -> Due:
+        """A failed, cancelled or timed-out run back to ``pending`` at the state where it
+        stopped (or ``from_state``, which its version must declare: else
+        ``UnknownState``), attempts reset (to ``max_attempts`` when given), its
+        checkpoint kept, a ``redriven`` step logged, a new deadline ``run_timeout``
+        from now when given. ``RunActive``, ``RunCompleted``, ``RunNotFound``."""
+
+    def sweep_waits(self, *, limit: int = 1000) -> list[WaitEnded]:
+        """Waits past their deadline by the store's clock: to ``on_timeout`` (a timer:
+        to ``next``), else failed ``E-WAIT-TIMEOUT``. Once per wait under two beats."""
+
+    def sweep_deadlines(self, *, limit: int = 1000) -> list[WaitEnded]:
+        """Runs past their deadline end ``timed_out`` (``E-RUN-TIMEOUT``)."""
 
     # -- reading ---------------------------------------------------------------------
 

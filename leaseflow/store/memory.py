@@ -17,16 +17,18 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from leaseflow import errors
-from leaseflow.fsm import definition
+from leaseflow.fsm import definition, waits
 from leaseflow.fsm.rules import Fork, Transition
 from leaseflow.store import _memory as tables
 from leaseflow.store import records as rec
 from leaseflow.store._memory import Clock, InCommitWrite, WorkerRow
-from leaseflow.store.base import LeaseRef, NewRun
+from leaseflow.store._memory_dispatch import Dispatcher
+from leaseflow.store._memory_ops import Lifecycle
+from leaseflow.store.base import Extended, LeaseRef, NewRun
 
 __all__ = ["InCommitWrite", "MemoryStore", "RecordingConnection", "WorkerRow"]
 
@@ -61,7 +63,7 @@ class RecordingConnection:
         return None
 
 
-class _Runs(tables.Tables):
+class _Runs(Lifecycle):
     """Definitions, new runs, claims, commits and leases of runs."""
 
     def register_workflow(self, wf: definition.Workflow) -> None:
@@ -77,6 +79,7 @@ class _Runs(tables.Tables):
         checkpoint: bytes,
         input: dict[str, Any],
         idempotency_key: str | None,
+        priority: int = 0,
     ) -> rec.Created:
         self.register_workflow(wf)
         with self._lock:
@@ -87,7 +90,7 @@ class _Runs(tables.Tables):
                             raise errors.IdempotencyConflict(wf.name, idempotency_key, run.id)
                         return rec.Created(run.id, False)
             key = self._new_ids([run_id])[0]
-            self._insert(wf, key, checkpoint, input, idempotency_key)
+            self._insert(wf, key, checkpoint, input, idempotency_key, priority)
             return rec.Created(key, True)
 
     def create_runs(self, *, wf: definition.Workflow, runs: Sequence[NewRun]) -> None:
@@ -97,7 +100,7 @@ class _Runs(tables.Tables):
         with self._lock:
             keys = self._new_ids([new.run_id for new in runs])  # all checked before any insert
             for key, new in zip(keys, runs, strict=True):
-                self._insert(wf, key, new.checkpoint, new.input, None)
+                self._insert(wf, key, new.checkpoint, new.input, None, new.priority)
 
     def _new_ids(self, run_ids: Sequence[str]) -> list[str]:
         """The canonical ids of new runs; ``RunExists`` if one is malformed or taken."""
@@ -118,8 +121,10 @@ class _Runs(tables.Tables):
         checkpoint: bytes,
         input: dict[str, Any],
         idempotency_key: str | None,
+        priority: int,
     ) -> None:
         now = self._now()
+        deadline = None if wf.run_timeout is None else self._later(now, wf.run_timeout)
         self._runs[key] = tables.Run(
             id=key,
             workflow=wf.name,
@@ -133,16 +138,28 @@ class _Runs(tables.Tables):
             created_at=now,
             redispatch_at=self._later(now, self.dispatch_timeout),
             order=next(self._order),
+            priority=priority,
+            run_deadline=deadline,
         )
         self._steps[key] = []
 
-    def claim(self, run_id: str, step_seq: int, *, owner: str, ttl: float) -> rec.Claim | None:
+    def claim(
+        self,
+        run_id: str,
+        step_seq: int,
+        *,
+        owner: str,
+        ttl: float,
+        versions: Sequence[int] | None = None,
+    ) -> rec.Claim | None:
         with self._lock:
             now = self._now()
             run = self._runs.get(tables.run_key(run_id) or "")
             if run is None or run.status != "pending" or run.step_seq != step_seq:
                 return None
-            if run.not_before > now:
+            if run.not_before > now or run.past_deadline(now):
+                return None
+            if versions is not None and run.version not in versions:
                 return None
             run.status, run.attempt, run.updated_at = "running", run.attempt + 1, now
             run.lease_token, run.lease_owner = str(uuid.uuid4()), owner
@@ -161,6 +178,8 @@ class _Runs(tables.Tables):
                 context_version=run.context_version,
                 input=tables.as_json(run.input),
                 group_id=run.group_id,
+                priority=run.priority,
+                signal=tables.as_json(run.signal),
             )
 
     def peek(self, run_id: str) -> rec.Peek | None:
@@ -169,7 +188,16 @@ class _Runs(tables.Tables):
             if run is None:
                 return None
             wait = tables.wait_seconds(run.not_before, self._now())
-            return rec.Peek(run.status, run.step_seq, run.workflow, run.state, wait)
+            return rec.Peek(
+                run.status,
+                run.step_seq,
+                run.workflow,
+                run.state,
+                wait,
+                run.version,
+                run.priority,
+                run.past_deadline(self._now()),
+            )
 
     def commit(
         self,
@@ -190,6 +218,10 @@ class _Runs(tables.Tables):
             run = self._runs.get(tables.run_key(claim.run_id) or "")
             if run is None or not tables.holds(run, claim.lease_token, now):
                 return None
+            ended = self._ended_instead(run, now)
+            if ended is not None:  # asked to cancel, or past its deadline: ends so instead
+                self._end_leased(run, now, ended, worker=worker, started_at=claim.started_at)
+                return rec.Committed(step_seq=run.step_seq, ended=ended)
             if tr.next_state is not None:
                 self._check_edge(run, tr.next_state)
             writes = self._callbacks(run.id, callbacks)
@@ -207,7 +239,7 @@ class _Runs(tables.Tables):
                 error=tr.step_error,
             )
             if tr.next_state is not None:
-                run.prev_state, run.state = run.state, tr.next_state
+                run.prev_state, run.state, run.signal = run.state, tr.next_state, None
             tables.clear_lease(run)
             run.status, run.step_seq, run.group_id = tr.status, run.step_seq + 1, None
             run.attempt, run.max_attempts = tr.attempt, tr.max_attempts
@@ -222,6 +254,16 @@ class _Runs(tables.Tables):
             run.finished_at, run.updated_at = (now if tr.terminal else None), now
             if tr.fork is not None:
                 run.group_id = self._fork(run, claim, tr.fork, now)
+            resumed = None
+            if tr.wait is not None:
+                self._park(run, tr.wait, now)
+                stored = (
+                    None if tr.wait.event is None else self._take_signal(run, tr.wait.event, now)
+                )
+                if stored is not None:
+                    to = waits.on_signal(tr.wait)
+                    self._resume(run, to, stored.payload, now)
+                    resumed = to.state
             handoff = None
             if handoff_ttl is not None:
                 run.status, run.attempt, run.claimed_at = "running", 1, now
@@ -229,7 +271,9 @@ class _Runs(tables.Tables):
                 run.lease_expires_at = self._later(now, handoff_ttl)
                 handoff = claim.handed_off(tr, token=run.lease_token, started_at=now)
             self.in_commit_log.extend(writes)
-            return rec.Committed(step_seq=run.step_seq, group_id=run.group_id, handoff=handoff)
+            return rec.Committed(
+                step_seq=run.step_seq, group_id=run.group_id, handoff=handoff, resumed=resumed
+            )
 
     def _fork(self, run: tables.Run, claim: rec.Claim, fork: Fork, now: datetime) -> int:
         """Create the group of a fork and its branches (``held`` beyond the window)."""
@@ -253,12 +297,13 @@ class _Runs(tables.Tables):
             )
         return group.id
 
-    def heartbeat(self, leases: Sequence[LeaseRef], *, worker: str, ttl: float) -> frozenset[str]:
+    def heartbeat(self, leases: Sequence[LeaseRef], *, worker: str, ttl: float) -> Extended:
         with self._lock:
             now = self._now()
             seen = self.workers.setdefault(worker, WorkerRow(now))
             seen.last_seen_at = now
             extended: set[str] = set()
+            cancelled: set[str] = set()
             for lease in leases:
                 row: tables.Run | tables.Branch | None
                 if lease.group_id is None:
@@ -274,7 +319,15 @@ class _Runs(tables.Tables):
                     assert row is not None
                     row.lease_expires_at = self._later(now, ttl)
                     extended.add(lease.token)
-            return frozenset(extended)
+                    if isinstance(row, tables.Run) and row.cancel_requested:
+                        cancelled.add(lease.token)
+                elif (
+                    isinstance(row, tables.Branch)
+                    and row.status == "cancelled"
+                    and row.lease_token == lease.token
+                ):
+                    cancelled.add(lease.token)
+            return Extended(extended, cancelled)
 
     def count_lease_lost(self, worker: str) -> None:
         with self._lock:
@@ -284,96 +337,7 @@ class _Runs(tables.Tables):
             seen.last_seen_at = now
 
 
-class _Dispatcher(tables.Tables):
-    """The dispatcher: overdue messages of pending runs and branches, queue probes."""
-
-    def _overdue(self, rows: Sequence[tables.Run | tables.Branch], now: datetime) -> list[Any]:
-        due = [
-            row
-            for row in rows
-            if row.finished_at is None and row.status == "pending" and row.redispatch_at <= now
-        ]
-        return sorted(due, key=lambda row: row.redispatch_at)
-
-    def _published_by(self, row: tables.Run | tables.Branch) -> datetime:
-        return row.redispatch_at - timedelta(seconds=self.dispatch_timeout)
-
-    def overdue_runs(self, *, limit: int = 1000) -> list[rec.OverdueRun]:
-        with self._lock:
-            rows: list[tables.Run] = self._overdue(list(self._runs.values()), self._now())[:limit]
-            return [
-                rec.OverdueRun(run.id, run.workflow, run.state, self._published_by(run))
-                for run in rows
-            ]
-
-    def overdue_branches(self, *, limit: int = 1000) -> list[rec.OverdueBranch]:
-        with self._lock:
-            rows: list[tables.Branch] = self._overdue(list(self._branches.values()), self._now())
-            return [
-                rec.OverdueBranch(
-                    b.group_id,
-                    b.idx,
-                    self._runs[b.run_id].workflow,
-                    b.state,
-                    self._published_by(b),
-                )
-                for b in rows[:limit]
-            ]
-
-    def redispatch_runs(self, run_ids: Sequence[str]) -> list[rec.Due]:
-        with self._lock:
-            now = self._now()
-            wanted = [self._runs.get(tables.run_key(run_id) or "") for run_id in run_ids]
-            due: list[rec.Due] = []
-            for run in self._overdue([r for r in wanted if r is not None], now):
-                run.redispatch_at = self._later(now, self.dispatch_timeout)
-                wait = tables.wait_seconds(run.not_before, now)
-                due.append(
-                    rec.Due(run.id, run.workflow, run.version, run.state, run.step_seq, wait)
-                )
-            return due
-
-    def redispatch_branches(self, keys: Sequence[tuple[int, int]]) -> list[rec.DueBranch]:
-        with self._lock:
-            now = self._now()
-            wanted = [self._branches.get((group_id, idx)) for group_id, idx in keys]
-            due: list[rec.DueBranch] = []
-            for b in self._overdue([b for b in wanted if b is not None], now):
-                b.redispatch_at = self._later(now, self.dispatch_timeout)
-                workflow = self._runs[b.run_id].workflow
-                wait = tables.wait_seconds(b.not_before, now)
-                due.append(rec.DueBranch(b.run_id, b.group_id, b.idx, workflow, b.state, wait))
-            return due
-
-    def queue_marks(self, queues: Sequence[str]) -> dict[str, datetime]:
-        with self._lock:
-            marks = {queue: self._marks.get(queue) for queue in queues}
-            return {q: m.passed_at for q, m in marks.items() if m and m.passed_at is not None}
-
-    def send_probe(self, queue: str) -> datetime | None:
-        with self._lock:
-            now = self._now()
-            mark = self._marks.setdefault(queue, tables.Mark())
-            sent, passed = mark.probe_sent_at, mark.passed_at
-            on_its_way = (
-                sent is not None
-                and (passed is None or sent > passed)
-                and sent >= now - timedelta(seconds=self.dispatch_timeout)
-            )
-            if on_its_way:
-                return None
-            mark.probe_sent_at = now
-            return now
-
-    def probe_passed(self, queue: str, sent_at: datetime) -> None:
-        with self._lock:
-            mark = self._marks.get(queue)
-            if mark is not None:
-                passed = mark.passed_at
-                mark.passed_at = sent_at if passed is None else max(passed, sent_at)
-
-
-class MemoryStore(_Runs, tables.Branches, tables.Reaper, _Dispatcher):
+class MemoryStore(_Runs, tables.Branches, tables.Reaper, Dispatcher):
     """An in-memory ``RunStore`` with ``PostgresStore``'s semantics; thread-safe.
 
     ``clock`` (default: the wall clock, UTC) is the store's database time;
@@ -407,7 +371,9 @@ class MemoryStore(_Runs, tables.Branches, tables.Reaper, _Dispatcher):
                 for group in sorted(self._groups.values(), key=lambda g: g.id)
                 if group.run_id == run.id
             )
-            return self._record(run, tuple(self._steps[run.id]), groups)
+            return self._record(
+                run, tuple(self._steps[run.id]), groups, self.signal_records(run.id)
+            )
 
     def list_runs(
         self, *, status: str | None = None, workflow: str | None = None, limit: int = 50
@@ -427,6 +393,7 @@ class MemoryStore(_Runs, tables.Branches, tables.Reaper, _Dispatcher):
         run: tables.Run,
         steps: tuple[rec.StepRecord, ...] = (),
         groups: tuple[rec.GroupRecord, ...] = (),
+        signals: tuple[rec.SignalRecord, ...] = (),
     ) -> rec.RunRecord:
         return rec.RunRecord(
             id=run.id,
@@ -449,8 +416,14 @@ class MemoryStore(_Runs, tables.Branches, tables.Reaper, _Dispatcher):
             created_at=run.created_at,
             updated_at=run.updated_at,
             finished_at=run.finished_at,
+            priority=run.priority,
+            wait_event=run.wait_event,
+            wait_deadline=run.wait_deadline,
+            run_deadline=run.run_deadline,
+            cancel_requested=run.cancel_requested,
             steps=steps,
             groups=groups,
+            signals=signals,
         )
 
     def close(self) -> None:

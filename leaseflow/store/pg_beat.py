@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 
 from leaseflow import errors
-from leaseflow.store import queries, records
+from leaseflow.store import base, group_sql, queries, records
 
 HOSTNAME = socket.gethostname()
 
@@ -25,9 +25,10 @@ def heartbeat_txn(
     *,
     worker: str,
     ttl: float,
-) -> frozenset[str]:
+) -> base.Extended:
     """One statement: extend the run leases ``(run_id, token)`` and branch leases
-    ``(group_id, token)`` still held, and record the worker as alive."""
+    ``(group_id, token)`` still held, record the worker as alive, and learn which of
+    them were asked to cancel."""
     params = {
         "worker": worker,
         "hostname": HOSTNAME,
@@ -38,7 +39,11 @@ def heartbeat_txn(
         "group_ids": [group_id for group_id, _ in branches],
         "branch_tokens": [token for _, token in branches],
     }
-    return frozenset(row[0] for row in conn.execute(queries.HEARTBEAT, params))
+    rows = conn.execute(queries.HEARTBEAT, params).fetchall()
+    return base.Extended(
+        (token for token, _cancel, extended in rows if extended),
+        (token for token, cancel, _extended in rows if cancel),
+    )
 
 
 def count_lease_lost_txn(conn: psycopg.Connection[Any], worker: str) -> None:
@@ -50,14 +55,19 @@ def count_lease_lost_txn(conn: psycopg.Connection[Any], worker: str) -> None:
 def reap_txn(
     conn: psycopg.Connection[Any], *, limit: int, dispatch_timeout: float
 ) -> list[records.Reaped]:
-    params = {"limit": limit, "dispatch_timeout": dispatch_timeout, "code": errors.LEASE_EXPIRED}
+    params = {
+        "limit": limit,
+        "dispatch_timeout": dispatch_timeout,
+        "code": errors.LEASE_EXPIRED,
+        "cancelled": errors.CANCELLED,
+    }
     return [records.Reaped(*row) for row in conn.execute(queries.REAP, params)]
 
 
 def expired_branches_txn(
     conn: psycopg.Connection[Any], *, limit: int
 ) -> list[records.ExpiredBranch]:
-    rows = conn.execute(queries.EXPIRED_BRANCHES, {"limit": limit})
+    rows = conn.execute(group_sql.EXPIRED_BRANCHES, {"limit": limit})
     return [records.ExpiredBranch(*row) for row in rows]
 
 
@@ -72,7 +82,7 @@ def overdue_branches_txn(
     conn: psycopg.Connection[Any], *, limit: int, dispatch_timeout: float
 ) -> list[records.OverdueBranch]:
     params = {"limit": limit, "dispatch_timeout": dispatch_timeout}
-    return [records.OverdueBranch(*row) for row in conn.execute(queries.OVERDUE_BRANCHES, params)]
+    return [records.OverdueBranch(*row) for row in conn.execute(group_sql.OVERDUE_BRANCHES, params)]
 
 
 def redispatch_runs_txn(
@@ -90,7 +100,7 @@ def redispatch_branches_txn(
         "idxs": [k[1] for k in keys],
         "dispatch_timeout": dispatch_timeout,
     }
-    return [records.DueBranch(*row) for row in conn.execute(queries.REDISPATCH_BRANCHES, params)]
+    return [records.DueBranch(*row) for row in conn.execute(group_sql.REDISPATCH_BRANCHES, params)]
 
 
 def queue_marks_txn(conn: psycopg.Connection[Any], queues: Sequence[str]) -> dict[str, datetime]:

@@ -16,7 +16,7 @@ from psycopg.types.json import Jsonb
 
 from leaseflow import errors
 from leaseflow.fsm.rules import BranchDecision, Fork
-from leaseflow.store import pg_runs, queries, records
+from leaseflow.store import group_sql, pg_runs, queries, records
 
 # -- the fork ------------------------------------------------------------------------
 
@@ -45,7 +45,7 @@ def fork_txn(
 def create_group_txn(conn: psycopg.Connection[Any], claim: records.Claim, fork: Fork) -> int | None:
     """The group of the forking step; None if this step's fork committed already."""
     row = conn.execute(
-        queries.CREATE_GROUP,
+        group_sql.CREATE_GROUP,
         {
             "run_id": claim.run_id,
             "step_seq": claim.step_seq,
@@ -76,7 +76,7 @@ def create_branches_txn(
     width = len(fork.states)
     items = fork.items if fork.items is not None else (None,) * width
     conn.execute(
-        queries.CREATE_BRANCHES,
+        group_sql.CREATE_BRANCHES,
         {
             "group_id": group_id,
             "run_id": run_id,
@@ -94,12 +94,18 @@ def create_branches_txn(
 
 
 def claim_branch_txn(
-    cur: psycopg.Cursor[Any], group_id: int, idx: int, *, owner: str, ttl: float
+    cur: psycopg.Cursor[Any],
+    group_id: int,
+    idx: int,
+    *,
+    owner: str,
+    ttl: float,
+    versions: str | None = None,
 ) -> records.BranchClaim | None:
-    """One statement: lease the branch if it is pending and due in a running group."""
-    row = cur.execute(
-        queries.CLAIM_BRANCH, {"group_id": group_id, "idx": idx, "owner": owner, "ttl": ttl}
-    ).fetchone()
+    """One statement: lease the branch if it is pending and due in a running group
+    (of a run of one of ``versions``, a PostgreSQL int array literal, when given)."""
+    params = {"group_id": group_id, "idx": idx, "owner": owner, "ttl": ttl, "versions": versions}
+    row = cur.execute(group_sql.CLAIM_BRANCH, params).fetchone()
     if row is None:
         return None
     return records.BranchClaim(
@@ -118,6 +124,7 @@ def claim_branch_txn(
         context_version=row[10],
         input=row[11],
         kind=row[12],
+        priority=row[13],
     )
 
 
@@ -136,7 +143,7 @@ def commit_branch_txn(
     ``psycopg.Rollback`` when the lease was lost."""
     key = {"group_id": group_id, "idx": idx, "token": token}
     if decision.status == "retry":
-        sql = queries.REQUEUE_EXPIRED_BRANCH if expired else queries.RETRY_BRANCH
+        sql = group_sql.REQUEUE_EXPIRED_BRANCH if expired else group_sql.RETRY_BRANCH
         params = {
             **key,
             "error": decision.error,
@@ -147,8 +154,8 @@ def commit_branch_txn(
         if row is None:
             raise psycopg.Rollback()
         return records.BranchCommit(run_id=row[0], retry_state=row[1])
-    conn.execute(queries.LOCK_GROUP, {"group_id": group_id})
-    sql = queries.FINISH_EXPIRED_BRANCH if expired else queries.FINISH_BRANCH
+    conn.execute(group_sql.LOCK_GROUP, {"group_id": group_id})
+    sql = group_sql.FINISH_EXPIRED_BRANCH if expired else group_sql.FINISH_BRANCH
     result = None if decision.result is None else Jsonb(decision.result)
     params = {**key, "status": decision.status, "result": result, "error": decision.error}
     row = conn.execute(sql, params).fetchone()
@@ -178,17 +185,17 @@ def count_branch_txn(
 ) -> records.BranchCommit:
     """Count a final branch result on its group; what the count decided."""
     group = conn.execute(
-        queries.COUNT_BRANCH,
+        group_sql.COUNT_BRANCH,
         {"group_id": group_id, "done": int(not failed), "failed": int(failed)},
     ).fetchone()
     if group is None:  # the group was closed meanwhile (failed fast)
         return records.BranchCommit(run_id=run_id)
     done, n_failed, width, policy, join_state, window, join_attempts = group
     if failed and policy == "fail_fast":
-        conn.execute(queries.CLOSE_GROUP, {"group_id": group_id, "status": "failed"})
-        conn.execute(queries.CANCEL_BRANCHES, {"group_id": group_id})
+        conn.execute(group_sql.CLOSE_GROUP, {"group_id": group_id, "status": "failed"})
+        conn.execute(group_sql.CANCEL_BRANCHES, {"group_id": group_id})
         conn.execute(
-            queries.FAIL_PARENT,
+            group_sql.FAIL_PARENT,
             {
                 "run_id": run_id,
                 "group_id": group_id,
@@ -198,10 +205,10 @@ def count_branch_txn(
         )
         return records.BranchCommit(run_id=run_id, parent_failed=True)
     if done + n_failed == width:
-        conn.execute(queries.CLOSE_GROUP, {"group_id": group_id, "status": "joined"})
+        conn.execute(group_sql.CLOSE_GROUP, {"group_id": group_id, "status": "joined"})
         with pg_runs.refusing_illegal(run_id, "(its fork state)", join_state):
             moved = conn.execute(
-                queries.JOIN_PARENT,
+                group_sql.JOIN_PARENT,
                 {
                     "run_id": run_id,
                     "group_id": group_id,
@@ -212,12 +219,18 @@ def count_branch_txn(
             ).fetchone()
         if moved is None:  # the parent is no longer waiting (cancelled)
             return records.BranchCommit(run_id=run_id)
-        join = records.JoinDue(workflow=moved[0], state=join_state, step_seq=moved[1])
+        join = records.JoinDue(
+            workflow=moved[0],
+            state=join_state,
+            step_seq=moved[1],
+            version=moved[2],
+            priority=moved[3],
+        )
         return records.BranchCommit(run_id=run_id, join=join)
     released: tuple[records.BranchRef, ...] = ()
     if window is not None:
         rows = conn.execute(
-            queries.RELEASE_HELD, {"group_id": group_id, "dispatch_timeout": dispatch_timeout}
+            group_sql.RELEASE_HELD, {"group_id": group_id, "dispatch_timeout": dispatch_timeout}
         ).fetchall()
         released = tuple(records.BranchRef(idx=r[0], state=r[1]) for r in rows)
     return records.BranchCommit(run_id=run_id, released=released)

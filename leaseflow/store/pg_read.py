@@ -10,10 +10,12 @@ from typing import Any
 import psycopg
 
 from leaseflow import errors
-from leaseflow.store import queries, records
+from leaseflow.store import control_sql, group_sql, queries, records
 
 _RUN_FIELDS = tuple(
-    f.name for f in dataclasses.fields(records.RunRecord) if f.name not in ("steps", "groups")
+    f.name
+    for f in dataclasses.fields(records.RunRecord)
+    if f.name not in ("steps", "groups", "signals")
 )
 _GROUP_FIELDS = tuple(
     f.name for f in dataclasses.fields(records.GroupRecord) if f.name != "branches"
@@ -21,6 +23,7 @@ _GROUP_FIELDS = tuple(
 
 
 def peek_txn(conn: psycopg.Connection[Any], run_id: str) -> records.Peek | None:
+    """The run as it is now (``None`` if there is none)."""
     row = conn.execute(queries.PEEK, {"run_id": run_id}).fetchone()
     return None if row is None else records.Peek(*row)
 
@@ -28,18 +31,18 @@ def peek_txn(conn: psycopg.Connection[Any], run_id: str) -> records.Peek | None:
 def peek_branch_txn(
     conn: psycopg.Connection[Any], group_id: int, idx: int
 ) -> records.BranchPeek | None:
-    row = conn.execute(queries.PEEK_BRANCH, {"group_id": group_id, "idx": idx}).fetchone()
+    row = conn.execute(group_sql.PEEK_BRANCH, {"group_id": group_id, "idx": idx}).fetchone()
     return None if row is None else records.BranchPeek(*row)
 
 
 def branch_results_txn(conn: psycopg.Connection[Any], group_id: int) -> list[records.BranchResult]:
-    rows = conn.execute(queries.BRANCH_RESULTS, {"group_id": group_id})
+    rows = conn.execute(group_sql.BRANCH_RESULTS, {"group_id": group_id})
     return [records.BranchResult(*row) for row in rows]
 
 
 def groups_txn(conn: psycopg.Connection[Any], run_id: str) -> tuple[records.GroupRecord, ...]:
     """The groups of a run with their branches, for ``runs show``."""
-    rows = conn.execute(queries.GROUPS_OF_RUN, {"run_id": run_id}).fetchall()
+    rows = conn.execute(group_sql.GROUPS_OF_RUN, {"run_id": run_id}).fetchall()
     return tuple(
         records.GroupRecord(
             **dict(zip(_GROUP_FIELDS, row, strict=True)),
@@ -62,7 +65,11 @@ def get_run_txn(
     if not with_steps:
         return _run_record(row)
     steps = tuple(records.StepRecord(*s) for s in conn.execute(queries.STEPS, {"run_id": run_id}))
-    return _run_record(row, steps, groups_txn(conn, run_id))
+    signals = tuple(
+        records.SignalRecord(*s)
+        for s in conn.execute(control_sql.SIGNALS_OF_RUN, {"run_id": run_id})
+    )
+    return _run_record(row, steps, groups_txn(conn, run_id), signals)
 
 
 def list_runs_txn(
@@ -77,5 +84,7 @@ def _run_record(
     row: Sequence[Any],
     steps: tuple[records.StepRecord, ...] = (),
     groups: tuple[records.GroupRecord, ...] = (),
+    signals: tuple[records.SignalRecord, ...] = (),
 ) -> records.RunRecord:
-    return records.RunRecord(**dict(zip(_RUN_FIELDS, row, strict=True)), steps=steps, groups=groups)
+    fields = dict(zip(_RUN_FIELDS, row, strict=True))
+    return records.RunRecord(**fields, steps=steps, groups=groups, signals=signals)

@@ -71,9 +71,12 @@ def new_run_params(
     idempotency_key: str | None,
     *,
     dispatch_timeout: float,
+    priority: int = 0,
 ) -> dict[str, Any]:
     """The parameters of ``CREATE_RUN``."""
     return {
+        "priority": priority,
+        "run_timeout": wf.run_timeout,
         "id": run_id,
         "workflow": wf.name,
         "version": wf.version,
@@ -124,13 +127,24 @@ def refusing_taken(params: Sequence[dict[str, Any]]) -> Iterator[None]:
 # -- the step ------------------------------------------------------------------------
 
 
+def int_array(values: Sequence[int] | None) -> str | None:
+    """``values`` as a PostgreSQL array literal (``{1,2}``), or None for no filter."""
+    return None if values is None else "{" + ",".join(str(int(v)) for v in values) + "}"
+
+
 def claim_txn(
-    cur: psycopg.Cursor[Any], run_id: str, seq: int, *, owner: str, ttl: float
+    cur: psycopg.Cursor[Any],
+    run_id: str,
+    seq: int,
+    *,
+    owner: str,
+    ttl: float,
+    versions: str | None = None,
 ) -> records.Claim | None:
-    """One statement: lease the run at ``seq`` if it is pending and due."""
-    row = prepared.statement(queries.CLAIM).one(
-        cur.connection, {"run_id": run_id, "seq": seq, "owner": owner, "ttl": ttl}
-    )
+    """One statement: lease the run at ``seq`` if it is pending and due (and of one
+    of ``versions``, an array literal, when given)."""
+    params = {"run_id": run_id, "seq": seq, "owner": owner, "ttl": ttl, "versions": versions}
+    row = prepared.statement(queries.CLAIM).one(cur.connection, params)
     if row is None:
         return None
     return records.Claim(
@@ -147,6 +161,8 @@ def claim_txn(
         context_version=row[9],
         input=row[10],
         group_id=row[11],
+        priority=row[12],
+        signal=row[13],
     )
 
 

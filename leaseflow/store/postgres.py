@@ -22,7 +22,18 @@ import psycopg
 from leaseflow import errors, settings
 from leaseflow.fsm.definition import Workflow
 from leaseflow.fsm.rules import BranchDecision, Fork, Transition
-from leaseflow.store import base, connections, pg_beat, pg_groups, pg_read, pg_runs, queries
+from leaseflow.store import (
+    base,
+    connections,
+    pg_beat,
+    pg_control,
+    pg_groups,
+    pg_jobs,
+    pg_operations,
+    pg_read,
+    pg_runs,
+    queries,
+)
 from leaseflow.store import records as rec
 
 #: The connection kinds (see ``connections``).
@@ -30,7 +41,7 @@ MAIN = connections.MAIN
 CLAIMS = connections.CLAIMS
 
 
-class PostgresStore:
+class PostgresStore(pg_operations.Operations, pg_jobs.BeatJobs):
     """Run store on PostgreSQL (``base.RunStore``). Safe to share between threads;
     re-opens its connections after a fork."""
 
@@ -83,10 +94,17 @@ class PostgresStore:
         checkpoint: bytes,
         input: dict[str, Any],
         idempotency_key: str | None,
+        priority: int = 0,
     ) -> rec.Created:
         self.register_workflow(wf)
         params = pg_runs.new_run_params(
-            wf, run_id, checkpoint, input, idempotency_key, dispatch_timeout=self.dispatch_timeout
+            wf,
+            run_id,
+            checkpoint,
+            input,
+            idempotency_key,
+            dispatch_timeout=self.dispatch_timeout,
+            priority=priority,
         )
         return self.connections.with_retry(lambda c: pg_runs.create_run_txn(c, wf, params, input))
 
@@ -98,7 +116,13 @@ class PostgresStore:
         timeout = self.dispatch_timeout
         params = [
             pg_runs.new_run_params(
-                wf, r.run_id, r.checkpoint, r.input, None, dispatch_timeout=timeout
+                wf,
+                r.run_id,
+                r.checkpoint,
+                r.input,
+                None,
+                dispatch_timeout=timeout,
+                priority=r.priority,
             )
             for r in runs
         ]
@@ -106,8 +130,17 @@ class PostgresStore:
 
     # -- the step ------------------------------------------------------------------
 
-    def claim(self, run_id: str, step_seq: int, *, owner: str, ttl: float) -> rec.Claim | None:
-        """Take the lease of ``run_id`` at ``step_seq`` if it is pending and due.
+    def claim(
+        self,
+        run_id: str,
+        step_seq: int,
+        *,
+        owner: str,
+        ttl: float,
+        versions: Sequence[int] | None = None,
+    ) -> rec.Claim | None:
+        """Take the lease of ``run_id`` at ``step_seq`` if it is pending and due (and of
+        one of ``versions``, when given), and not past its deadline.
 
         With ``async_claims`` the claim commits without waiting for its WAL flush
         (``synchronous_commit=off``): it is visible at once, and every later
@@ -121,8 +154,12 @@ class PostgresStore:
         # connection the server closed). If the first claim did land and only its
         # reply was lost, the retry finds the run running and claims nothing: the
         # orphaned lease expires and the reaper hands the run on.
+        known = pg_runs.int_array(versions)
         return self.connections.hot_with_retry(
-            lambda cur: pg_runs.claim_txn(cur, run_id, step_seq, owner=owner, ttl=ttl), CLAIMS
+            lambda cur: pg_runs.claim_txn(
+                cur, run_id, step_seq, owner=owner, ttl=ttl, versions=known
+            ),
+            CLAIMS,
         )
 
     def peek(self, run_id: str) -> rec.Peek | None:
@@ -149,10 +186,10 @@ class PostgresStore:
         params = pg_runs.commit_params(
             claim, tr, worker=worker, dispatch_timeout=self.dispatch_timeout
         )
+        if (tr.fork is not None or tr.wait is not None) and handoff_ttl is not None:
+            raise ValueError("a fork or a wait cannot be handed off")
         if tr.fork is not None:
-            if handoff_ttl is not None:
-                raise ValueError("a fork cannot be handed off")
-            return _fork(
+            forked = _fork(
                 self.connections,
                 claim,
                 tr.fork,
@@ -160,26 +197,58 @@ class PostgresStore:
                 callbacks,
                 dispatch_timeout=self.dispatch_timeout,
             )
+            return forked if forked is not None else self._refused(claim, params)
+        if tr.wait is not None:
+            waited = self._wait(claim, tr, params, callbacks)
+            return waited if waited is not None else self._refused(claim, params)
         if handoff_ttl is None:
             sql = queries.COMMIT_MOVE if tr.moves else queries.COMMIT_STAY
             row = _fenced(self.connections, claim, tr, sql, params, callbacks)
-            return None if row is None else rec.Committed(step_seq=claim.step_seq + 1)
+            if row is None:
+                return self._refused(claim, params)
+            return rec.Committed(step_seq=claim.step_seq + 1)
         if not tr.moves or tr.status != "pending" or tr.delay:
             raise ValueError("only an immediate move to another state can be handed off")
         token = str(uuid.uuid4())
         params |= {"next_token": token, "ttl": handoff_ttl}
         row = _fenced(self.connections, claim, tr, queries.COMMIT_HANDOFF, params, callbacks)
         if row is None:
-            return None
+            return self._refused(claim, params)
         # An empty row: it landed but its reply was lost with the connection; the next
         # state is leased to us and its start time is close enough to now.
         started_at = row[0] if row else datetime.now(UTC)
         handoff = claim.handed_off(tr, token=token, started_at=started_at)
         return rec.Committed(step_seq=claim.step_seq + 1, handoff=handoff)
 
+    def _wait(
+        self,
+        claim: rec.Claim,
+        tr: Transition,
+        params: dict[str, Any],
+        callbacks: Sequence[rec.InCommit],
+    ) -> rec.Committed | None:
+        """The commit of a Wait, in one transaction with the stored signal it may meet."""
+        timeout = self.dispatch_timeout
+
+        def txn(conn: psycopg.Connection[Any]) -> rec.Committed | None:
+            with pg_runs.refusing_unstorable(_step(claim)):
+                return pg_control.wait_commit_txn(
+                    conn, claim, tr, params, callbacks, dispatch_timeout=timeout
+                )
+
+        return self.connections.transact(txn)
+
+    def _refused(self, claim: rec.Claim, params: dict[str, Any]) -> rec.Committed | None:
+        """A fenced commit was refused: if the lease still holds and the run was asked
+        to cancel or passed its deadline, end it so (``Committed.ended``); else None."""
+        ended = self.connections.once(lambda c: pg_control.end_leased_txn(c, params))
+        if ended is None:
+            return None
+        return rec.Committed(step_seq=claim.step_seq + 1, ended=ended)
+
     def heartbeat(
         self, leases: Sequence[base.LeaseRef], *, worker: str, ttl: float
-    ) -> frozenset[str]:
+    ) -> base.Extended:
         """Extend every live lease of this worker, runs and branches, in one statement."""
         runs = [(lease.run_id, lease.token) for lease in leases if lease.group_id is None]
         branches = [(lease.group_id, lease.token) for lease in leases if lease.group_id is not None]
@@ -193,11 +262,20 @@ class PostgresStore:
     # -- Parallel / Map branches ---------------------------------------------------
 
     def claim_branch(
-        self, group_id: int, idx: int, *, owner: str, ttl: float
+        self,
+        group_id: int,
+        idx: int,
+        *,
+        owner: str,
+        ttl: float,
+        versions: Sequence[int] | None = None,
     ) -> rec.BranchClaim | None:
         # As claim(): retried once; a lost reply orphans a lease for the reaper.
+        known = pg_runs.int_array(versions)
         return self.connections.hot_with_retry(
-            lambda cur: pg_groups.claim_branch_txn(cur, group_id, idx, owner=owner, ttl=ttl),
+            lambda cur: pg_groups.claim_branch_txn(
+                cur, group_id, idx, owner=owner, ttl=ttl, versions=known
+            ),
             CLAIMS,
         )
 
@@ -236,60 +314,6 @@ class PostgresStore:
 
     def branch_results(self, group_id: int) -> list[rec.BranchResult]:
         return self.connections.with_retry(lambda c: pg_read.branch_results_txn(c, group_id))
-
-    # -- beat: writes are not retried (a lost reply is repaired by the next beat) -----
-
-    def reap(self, *, limit: int = 1000) -> list[rec.Reaped]:
-        timeout = self.dispatch_timeout
-        return self.connections.once(
-            lambda c: pg_beat.reap_txn(c, limit=limit, dispatch_timeout=timeout)
-        )
-
-    def expired_branches(self, *, limit: int = 1000) -> list[rec.ExpiredBranch]:
-        return self.connections.with_retry(lambda c: pg_beat.expired_branches_txn(c, limit=limit))
-
-    def overdue_runs(self, *, limit: int = 1000) -> list[rec.OverdueRun]:
-        timeout = self.dispatch_timeout
-        return self.connections.with_retry(
-            lambda c: pg_beat.overdue_runs_txn(c, limit=limit, dispatch_timeout=timeout)
-        )
-
-    def overdue_branches(self, *, limit: int = 1000) -> list[rec.OverdueBranch]:
-        timeout = self.dispatch_timeout
-        return self.connections.with_retry(
-            lambda c: pg_beat.overdue_branches_txn(c, limit=limit, dispatch_timeout=timeout)
-        )
-
-    def redispatch_runs(self, run_ids: Sequence[str]) -> list[rec.Due]:
-        """Two dispatchers at once: each run goes to one of them."""
-        if not run_ids:
-            return []
-        timeout = self.dispatch_timeout
-        return self.connections.once(
-            lambda c: pg_beat.redispatch_runs_txn(c, run_ids, dispatch_timeout=timeout)
-        )
-
-    def redispatch_branches(self, keys: Sequence[tuple[int, int]]) -> list[rec.DueBranch]:
-        if not keys:
-            return []
-        timeout = self.dispatch_timeout
-        return self.connections.once(
-            lambda c: pg_beat.redispatch_branches_txn(c, keys, dispatch_timeout=timeout)
-        )
-
-    def queue_marks(self, queues: Sequence[str]) -> dict[str, datetime]:
-        if not queues:
-            return {}
-        return self.connections.with_retry(lambda c: pg_beat.queue_marks_txn(c, queues))
-
-    def send_probe(self, queue: str) -> datetime | None:
-        timeout = self.dispatch_timeout
-        return self.connections.once(
-            lambda c: pg_beat.send_probe_txn(c, queue, dispatch_timeout=timeout)
-        )
-
-    def probe_passed(self, queue: str, sent_at: datetime) -> None:
-        self.connections.with_retry(lambda c: pg_beat.probe_passed_txn(c, queue, sent_at))
 
     # -- reading -------------------------------------------------------------------
 

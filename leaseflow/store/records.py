@@ -31,6 +31,8 @@ class Claim:
     context_version: int
     input: dict[str, Any]
     group_id: int | None = None  # set when this state is the join of a group
+    priority: int = 0  # the run's message priority
+    signal: Any = None  # the payload of the signal that resumed the run (ctx.signal)
 
     def handed_off(self, tr: Transition, *, token: str, started_at: datetime) -> Claim:
         """The claim of the next state that the commit of ``tr`` leased to the same
@@ -48,6 +50,7 @@ class Claim:
             if tr.context_version is None
             else tr.context_version,
             group_id=None,
+            signal=None,
         )
 
 
@@ -58,6 +61,11 @@ class Committed:
     step_seq: int  # the run's step_seq after the commit
     group_id: int | None = None  # the group a fork created
     handoff: Claim | None = None  # inline continuation: the next state, leased to us
+    #: Instead of the step's decision, the run ended: ``cancelled`` (a cancel was
+    #: requested while it ran) or ``timed_out`` (past its deadline).
+    ended: str | None = None
+    #: A Wait met a stored signal in the same transaction: the run resumed at this state.
+    resumed: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +87,7 @@ class BranchClaim:
     context_version: int
     input: dict[str, Any]
     kind: str
+    priority: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +97,8 @@ class JoinDue:
     workflow: str
     state: str
     step_seq: int
+    version: int | None = None
+    priority: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +160,9 @@ class Peek:
     workflow: str
     state: str
     wait_seconds: float  # not_before - now(), when positive
+    version: int = 1
+    priority: int = 0
+    past_deadline: bool = False  # the run's deadline passed: the sweeper ends it
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +207,8 @@ class DueBranch:
     workflow: str
     state: str
     countdown: float = 0.0
+    priority: int = 0
+    version: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +223,8 @@ class ExpiredBranch:
     max_attempts: int
     state: str
     workflow: str
+    version: int | None = None
+    priority: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +245,7 @@ class Due:
     state: str
     step_seq: int
     countdown: float = 0.0
+    priority: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,9 +255,63 @@ class Reaped:
     version: int
     state: str
     step_seq: int  # the new step_seq, to publish when pending
-    status: str  # pending (requeued) or failed
+    status: str  # pending (requeued), failed, or cancelled (a cancel was requested)
     attempt: int
     lease_owner: str | None
+    priority: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SignalReceipt:
+    """What a signal did: ``resumed`` the run waiting for it, was ``stored`` until a
+    Wait asks for its event, or was a ``duplicate`` of one already received (same
+    ``signal_id``: delivered once)."""
+
+    run_id: str
+    event: str
+    signal_id: str
+    result: str  # resumed | stored | duplicate
+    run_status: str  # the run's status after the signal
+    state: str  # the run's state after the signal
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Signalled:
+    """A stored signal, and the run to publish when it resumed one."""
+
+    receipt: SignalReceipt
+    due: Due | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CancelResult:
+    """What a cancel did: ``cancelled`` the run at once (it was pending or waiting),
+    ``requested`` it of the running state, or nothing (``finished``: it had ended)."""
+
+    run_id: str
+    result: str  # cancelled | requested | finished
+    run_status: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class WaitEnded:
+    """A wait the timeout sweeper ended: the run resumed (``pending``) or failed; or a
+    run past its deadline, ``timed_out``."""
+
+    run_id: str
+    workflow: str
+    version: int
+    state: str  # the run's state now
+    step_seq: int
+    status: str  # pending | failed | timed_out
+    priority: int = 0
+    error_code: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +327,21 @@ class StepRecord:
     worker: str | None
     lease_token: str | None
     error: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+
+@dataclass(frozen=True, slots=True)
+class SignalRecord:
+    """A signal sent to a run, as ``runs show`` lists it."""
+
+    signal_id: str
+    event: str
+    payload: Any
+    received_at: datetime
+    consumed_at: datetime | None
+    consumed_seq: int | None
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(asdict(self))
@@ -281,18 +369,27 @@ class RunRecord:
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+    priority: int = 0
+    wait_event: str | None = None
+    wait_deadline: datetime | None = None
+    run_deadline: datetime | None = None
+    cancel_requested: bool = False
     steps: tuple[StepRecord, ...] = field(default=())
     #: Parallel/Map groups of the run, each with its branches (status, result, error).
     groups: tuple[GroupRecord, ...] = field(default=())
+    #: Signals sent to the run, in arrival order, consumed or still stored.
+    signals: tuple[SignalRecord, ...] = field(default=())
 
     @property
     def terminal(self) -> bool:
         return self.status in ("completed", "failed", "cancelled", "timed_out")
 
     def to_dict(self) -> dict[str, Any]:
-        data = _jsonable({k: v for k, v in asdict(self).items() if k not in ("steps", "groups")})
+        nested = ("steps", "groups", "signals")
+        data = _jsonable({k: v for k, v in asdict(self).items() if k not in nested})
         data["steps"] = [step.to_dict() for step in self.steps]
         data["groups"] = [group.to_dict() for group in self.groups]
+        data["signals"] = [signal.to_dict() for signal in self.signals]
         return data
 
 

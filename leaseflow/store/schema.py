@@ -18,6 +18,7 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
+    SmallInteger,
     Table,
     Text,
     UniqueConstraint,
@@ -90,7 +91,14 @@ runs = Table(
     Column("group_id", BigInteger),
     Column("wait_event", Text),
     Column("wait_deadline", _ts),
+    #: What a waiting run waits for: its next state and where a timeout sends it.
+    Column("wait", JSONB),
+    #: The payload of the signal that resumed the run (``ctx.signal``), until it moves on.
+    Column("signal", JSONB),
+    Column("run_deadline", _ts),
     Column("cancel_requested", Boolean, nullable=False, server_default=text("false")),
+    Column("cancel_reason", Text),
+    Column("priority", SmallInteger, nullable=False, server_default="0"),
     Column("tenant", Text),
     Column("created_at", _ts, nullable=False, server_default=func.now()),
     Column("updated_at", _ts, nullable=False, server_default=func.now()),
@@ -99,10 +107,22 @@ runs = Table(
     CheckConstraint(f"status IN {STATUSES!r}", name="status"),
     CheckConstraint("step_seq >= 1 AND attempt >= 0 AND max_attempts >= 1", name="counters"),
     CheckConstraint("status <> 'running' OR lease_token IS NOT NULL", name="running_has_lease"),
+    CheckConstraint("priority BETWEEN 0 AND 9", name="priority"),
     # Beat scans find in-flight runs here. Neither the column nor the predicate changes
     # while a run is in flight, so claims, commits and heartbeats stay HOT updates.
     Index("ix_lf_runs_unfinished", "created_at", postgresql_where=text("finished_at IS NULL")),
     Index("ix_lf_runs_created_at", "created_at"),
+    # The timeout sweeper's scans: columns set when a wait or a run starts, never by a step.
+    Index(
+        "ix_lf_runs_wait_deadline",
+        "wait_deadline",
+        postgresql_where=text("wait_deadline IS NOT NULL"),
+    ),
+    Index(
+        "ix_lf_runs_run_deadline",
+        "run_deadline",
+        postgresql_where=text("finished_at IS NULL AND run_deadline IS NOT NULL"),
+    ),
     Index("ix_lf_runs_workflow_created_at", "workflow", "created_at"),
     Index(
         "uq_lf_runs_idempotency",
@@ -154,7 +174,7 @@ groups = Table(
     Column("closed_at", _ts),
     PrimaryKeyConstraint("id"),
     UniqueConstraint("run_id", "parent_seq"),
-    CheckConstraint("status IN ('running', 'joined', 'failed')", name="status"),
+    CheckConstraint("status IN ('running', 'joined', 'failed', 'cancelled')", name="status"),
     CheckConstraint("kind IN ('parallel', 'map')", name="kind"),
     CheckConstraint("done >= 0 AND failed >= 0 AND done + failed <= width", name="counters"),
 )
@@ -185,6 +205,30 @@ branches = Table(
     CheckConstraint(f"status IN {BRANCH_STATUSES!r}", name="status"),
     CheckConstraint("status <> 'running' OR lease_token IS NOT NULL", name="running_has_lease"),
     Index("ix_lf_branches_unfinished", "group_id", postgresql_where=text("finished_at IS NULL")),
+)
+
+#: Every signal sent to a run, once per ``(run_id, signal_id)``: stored even when the
+#: run does not wait for it yet, consumed by the Wait that asks for its event.
+signals = Table(
+    "lf_signals",
+    metadata,
+    Column("id", BigInteger, Identity(), nullable=False),
+    Column("run_id", UUID(as_uuid=False), nullable=False),
+    Column("signal_id", Text, nullable=False),
+    Column("event", Text, nullable=False),
+    Column("payload", JSONB),
+    Column("received_at", _ts, nullable=False, server_default=func.now()),
+    Column("consumed_at", _ts),
+    Column("consumed_seq", Integer),
+    PrimaryKeyConstraint("id"),
+    UniqueConstraint("run_id", "signal_id"),
+    Index(
+        "ix_lf_signals_unconsumed",
+        "run_id",
+        "event",
+        "id",
+        postgresql_where=text("consumed_at IS NULL"),
+    ),
 )
 
 #: One row per broker queue the dispatcher has probed. A probe message sent at

@@ -56,6 +56,18 @@ def celery_settings(queue: str, result_backend: str | None = None) -> dict[str, 
     }
 
 
+def priority_settings(broker_url: str) -> dict[str, Any]:
+    """Message priorities (``client.start(priority=0..9)``): ten steps on Redis (kombu
+    keeps a list per step and serves the lowest first; ``dispatch.broker_priority``
+    maps), and on RabbitMQ queues declared with ``x-max-priority`` (a queue declared
+    before without it must be deleted once: RabbitMQ refuses to change its arguments)."""
+    if broker_url.startswith("redis"):
+        return {"broker_transport_options": {"priority_steps": list(range(10))}}
+    if broker_url.startswith(("amqp", "pyamqp")):
+        return {"task_queue_max_priority": 9, "task_default_priority": 0}
+    return {}
+
+
 def make_app(settings: Settings | None = None) -> Celery:
     """A Celery app for ``settings``: it imports the modules of ``LEASEFLOW_WORKFLOWS``
     and registers a task per state (also for workflows declared later). No I/O.
@@ -71,6 +83,7 @@ def make_app(settings: Settings | None = None) -> Celery:
     app.conf.update(
         broker_url=broker_url,
         **celery_settings(settings.default_queue, settings.result_backend),
+        **priority_settings(broker_url),
         beat_schedule=beat_tasks.schedule(settings),
         leaseflow_maintenance_queue=settings.maintenance_queue,
     )

@@ -12,6 +12,7 @@ from kombu.transport import redis as kombu_redis
 
 from leaseflow import errors, faults, logs, messages
 from leaseflow.fsm import registry
+from leaseflow.fsm.definition import StateSpec
 from leaseflow.tasks import wire
 
 
@@ -19,25 +20,67 @@ def task_name(workflow: str, state: str) -> str:
     return f"leaseflow.{workflow}.{state}"
 
 
-def queue_for(workflow: str, state: str, default: str) -> str:
-    """The queue of a state (its ``queue=``, from the newest version this process knows)."""
+#: Seconds between a state's soft time limit (its ``timeout=``) and the hard kill.
+HARD_LIMIT_GRACE = 10.0
+
+
+def _spec(workflow: str, state: str, version: int | None) -> StateSpec | None:
+    """The state of ``version`` (the newest this process knows when that one is unknown)."""
     try:
-        spec = registry.get(workflow).states.get(state)
+        wf = registry.get(workflow, version)
     except errors.UnknownWorkflow:
-        return default
+        try:
+            wf = registry.get(workflow)
+        except errors.UnknownWorkflow:
+            return None
+    return wf.states.get(state)
+
+
+def queue_for(workflow: str, state: str, default: str, version: int | None = None) -> str:
+    """The queue of a state: its ``queue=`` in the run's ``version`` (when known)."""
+    spec = _spec(workflow, state, version)
     return (spec.queue if spec is not None else None) or default
+
+
+def time_limits(workflow: str, state: str, version: int | None = None) -> list[float | None]:
+    """``[hard, soft]`` time limits of a state's message: its ``timeout=`` in the run's
+    version, carried by each message (a task serves every version of its state)."""
+    spec = _spec(workflow, state, version)
+    if spec is None or spec.timeout is None:
+        return [None, None]
+    return [spec.timeout + HARD_LIMIT_GRACE, spec.timeout]
+
+
+def broker_priority(app: Celery, priority: int) -> int:
+    """leaseflow's priority (0 default, 9 most urgent) as the broker's: RabbitMQ reads it
+    so (``x-max-priority``); kombu's Redis transport serves its lowest number first."""
+    if app.conf.broker_url and str(app.conf.broker_url).startswith("redis"):
+        return 9 - priority
+    return priority
+
+
+def redis_queue_keys(queue: str) -> list[str]:
+    """The Redis lists kombu keeps for ``queue`` (one per priority step), in the order a
+    worker serves them: leaseflow's priority 9 first, the default 0 last. The length of
+    a queue is the sum of theirs."""
+    sep = kombu_redis.Channel.sep
+    return [queue] + [f"{queue}{sep}{step}" for step in range(1, 10)]
 
 
 def publish(app: Celery, d: messages.Message, producer: Any = None) -> None:
     """Publish the wake-up message ``d`` as the task of its state (see ``messages``)."""
+    hard, soft = time_limits(d.workflow, d.state, d.version)
     app.send_task(
         task_name(d.workflow, d.state),
         args=d.args,
         task_id=d.task_id,
-        queue=queue_for(d.workflow, d.state, app.conf.task_default_queue),
+        queue=queue_for(d.workflow, d.state, app.conf.task_default_queue, d.version),
         countdown=d.countdown if d.countdown > 0 else None,
         ignore_result=True,
         producer=producer,
+        priority=broker_priority(app, d.priority),
+        time_limit=hard,
+        soft_time_limit=soft,
     )
     logs.debug("step_published", run_id=d.run_id, state=d.state, task_id=d.task_id)
 
@@ -52,6 +95,8 @@ def publish_probe(app: Celery, queue: str, sent_at: datetime) -> None:
         args=(queue, sent_at.isoformat()),
         queue=queue,
         ignore_result=True,
+        # The lowest priority: it is delivered after every message published before it.
+        priority=broker_priority(app, 0),
     )
     logs.debug("queue_probe_published", queue=queue)
 
@@ -91,10 +136,13 @@ def publish_all(
 
 def _publish_lean(app: Celery, sender: wire.Sender, d: messages.Message, default: str) -> None:
     """``publish`` without ``send_task``: the same message, built by ``wire``."""
-    name = task_name(d.workflow, d.state)
-    task = app._tasks.get(name)  # as send_task: the registry, not finalizing the app
-    limits = [getattr(task, "time_limit", None), getattr(task, "soft_time_limit", None)]
-    sender.publish(d, name=name, queue=queue_for(d.workflow, d.state, default), time_limits=limits)
+    sender.publish(
+        d,
+        name=task_name(d.workflow, d.state),
+        queue=queue_for(d.workflow, d.state, default, d.version),
+        time_limits=time_limits(d.workflow, d.state, d.version),
+        priority=broker_priority(app, d.priority),
+    )
     logs.debug("step_published", run_id=d.run_id, state=d.state, task_id=d.task_id)
 
 
@@ -150,13 +198,23 @@ def publish_fork(app: Celery, fork: messages.ForkStart) -> None:
         publish_all(app, fork.branches)
         return
     default = app.conf.task_default_queue
+
+    def options(d: messages.Message) -> dict[str, Any]:
+        hard, soft = time_limits(d.workflow, d.state, d.version)
+        return {
+            "queue": queue_for(d.workflow, d.state, default, d.version),
+            "priority": broker_priority(app, d.priority),
+            "time_limit": hard,
+            "soft_time_limit": soft,
+        }
+
     header = [
         app.signature(
             task_name(d.workflow, d.state),
             args=d.args,
             task_id=d.task_id,
-            queue=queue_for(d.workflow, d.state, default),
             ignore_result=False,  # the chord counts the header's results
+            **options(d),
         )
         for d in fork.branches
     ]
@@ -165,8 +223,8 @@ def publish_fork(app: Celery, fork: messages.ForkStart) -> None:
         task_name(join.workflow, join.state),
         args=join.args,
         task_id=join.task_id,
-        queue=queue_for(join.workflow, join.state, default),
         immutable=True,
+        **options(join),
     )
     if faults.armed("chord_callback_lost"):
         group(header).apply_async()  # a lost callback: only beat's repair wakes the join

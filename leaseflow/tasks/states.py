@@ -11,9 +11,6 @@ from leaseflow import faults
 from leaseflow.fsm.definition import StateSpec, Workflow
 from leaseflow.tasks import dispatch, runtime
 
-#: Extra seconds between a state's soft time limit and the hard kill of its process.
-HARD_LIMIT_GRACE = 10.0
-
 
 def register(app: Celery, wf: Workflow, spec: StateSpec) -> None:
     """Register the task ``leaseflow.<workflow>.<state>`` on ``app`` (once per name)."""
@@ -21,14 +18,13 @@ def register(app: Celery, wf: Workflow, spec: StateSpec) -> None:
     if name in app.tasks:
         return  # another version declared the same state: one task serves them all
     options: dict[str, Any] = {"name": name, "bind": True, "ignore_result": True, "shared": False}
-    if spec.timeout is not None:
-        options["soft_time_limit"] = spec.timeout
-        options["time_limit"] = spec.timeout + HARD_LIMIT_GRACE
-    # No task-level ``queue`` (deprecated in Celery 5.7): tasks/dispatch.py, the only
-    # publisher, routes every message to its state's queue explicitly.
+    # No task-level ``queue`` (deprecated in Celery 5.7) nor time limits: one task serves
+    # the state in every version, so tasks/dispatch.py, the only publisher, routes each
+    # message to its version's queue and gives it its version's limits.
+    workflow = wf.name
 
     def run_state(task: Task, run_id: str, step_seq: int) -> str:
-        result = runtime.get().runner.run_step(str(run_id), int(step_seq))
+        result = runtime.get().runner.run_step(str(run_id), int(step_seq), workflow=workflow)
         if result.fork is not None:
             dispatch.publish_fork(task.app, result.fork)
         dispatch.publish_all(task.app, result.wakeups)
@@ -37,7 +33,7 @@ def register(app: Celery, wf: Workflow, spec: StateSpec) -> None:
         return result.result if result.outcome is None else f"{result.result}: {result.outcome}"
 
     def run_branch(task: Task, group_id: int, idx: int) -> str:
-        result = runtime.get().runner.run_branch(int(group_id), int(idx))
+        result = runtime.get().runner.run_branch(int(group_id), int(idx), workflow=workflow)
         # In a chord, the chord body wakes the join; "chord_callback_lost" simulates a
         # body that never comes (a failed result backend), leaving it to beat's repair.
         in_chord = bool(task.request.chord) or faults.armed("chord_callback_lost")

@@ -105,7 +105,13 @@ class Sender:
         self.declared = declared
 
     def publish(
-        self, d: messages.Message, *, name: str, queue: str, time_limits: list[float | None]
+        self,
+        d: messages.Message,
+        *,
+        name: str,
+        queue: str,
+        time_limits: list[float | None],
+        priority: int | None = None,
     ) -> None:
         """Publish ``d`` as task ``name`` on ``queue`` (no retry: the caller falls back to
         ``send_task``, which retries, when this raises)."""
@@ -126,6 +132,7 @@ class Sender:
             headers=head,
             correlation_id=head["id"],
             reply_to=self.app.thread_oid,  # as send_task
+            priority=priority,
         )
         if declare is not None:
             self.declared.add(queue)

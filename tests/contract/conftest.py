@@ -29,7 +29,14 @@ T = TypeVar("T")
 #: Columns compared with ``now()``: ``age`` moves them back (the table's own dates,
 #: ``created_at`` and the step log, keep their order and need not move).
 _AGED = {
-    "lf_runs": ("lease_expires_at", "not_before", "redispatch_at", "claimed_at"),
+    "lf_runs": (
+        "lease_expires_at",
+        "not_before",
+        "redispatch_at",
+        "claimed_at",
+        "wait_deadline",
+        "run_deadline",
+    ),
     "lf_branches": ("lease_expires_at", "not_before", "redispatch_at", "claimed_at"),
     "lf_queue_marks": ("probe_sent_at", "passed_at"),
 }

@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from leaseflow import Complete, Parallel, Retry, Workflow
 from leaseflow.fsm import checkpoint
 from leaseflow.fsm.rules import BranchDecision, Fork, Transition
+from leaseflow.fsm.waits import WaitPlan
 from leaseflow.types import StepOutcome
 
 TTL = 10.0  # seconds of every lease the tests take
@@ -130,3 +131,41 @@ def done(result: Any) -> BranchDecision:
 
 def broken(error: str = "ValueError: broken") -> BranchDecision:
     return BranchDecision("failed", error=error, accepted=False)
+
+
+#: ask waits for "approval" (-> yes) or times out (-> late); "no" is the other route.
+waiter = Workflow("contract_waiter", context=Counter, register=False, run_timeout=600)
+
+
+@waiter.state(initial=True, to=["yes", "no", "late"])
+def ask(ctx: Any) -> str:
+    return "yes"
+
+
+@waiter.state(to=["ask"])
+def yes(ctx: Any) -> str:
+    return "ask"
+
+
+@waiter.state()
+def no(ctx: Any) -> Complete:
+    return Complete(output="no")
+
+
+@waiter.state()
+def late(ctx: Any) -> Complete:
+    return Complete(output="late")
+
+
+def park(
+    event: str | None = "approval",
+    *,
+    timeout: float | None = None,
+    on_timeout: str | None = None,
+    next: str = "yes",
+) -> Transition:
+    """ask's Wait: for ``event`` (None: a timer) to ``next``."""
+    plan = WaitPlan(next=next, next_attempts=1, event=event, timeout=timeout, on_timeout=on_timeout)
+    return Transition(
+        outcome=StepOutcome.WAIT, status="waiting", attempt=0, max_attempts=1, wait=plan
+    )

@@ -24,7 +24,7 @@ from kombu import Connection, Exchange, Queue
 from leaseflow import cli as leaseflow_cli
 from leaseflow import local
 from leaseflow.settings import Settings, reset_settings
-from leaseflow.tasks import celery_app
+from leaseflow.tasks import celery_app, dispatch
 from tests import helpers
 from tests.helpers import eventually
 
@@ -118,7 +118,8 @@ def count_runs(db: psycopg.Connection) -> int:
 
 def queued_tasks(redis_url: str, queue: str) -> list[tuple[str, str]]:
     """``(task name, task id)`` of the messages waiting on ``queue``."""
-    messages = redis.Redis.from_url(redis_url).lrange(queue, 0, -1)
+    client = redis.Redis.from_url(redis_url)
+    messages = [m for key in dispatch.redis_queue_keys(queue) for m in client.lrange(key, 0, -1)]
     return [
         (headers["task"], headers["id"]) for headers in (json.loads(m)["headers"] for m in messages)
     ]

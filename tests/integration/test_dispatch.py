@@ -17,7 +17,8 @@ def _queued(redis_url: str, queue: str) -> list[tuple[str, str, list[object]]]:
     """``(task, id, args)`` of every message waiting in ``queue``, oldest first."""
     r = redis.Redis.from_url(redis_url)
     out = []
-    for raw in reversed(r.lrange(queue, 0, -1)):
+    keys = dispatch.redis_queue_keys(queue)
+    for raw in [m for key in keys for m in reversed(r.lrange(key, 0, -1))]:
         message = json.loads(raw)
         args = json.loads(base64.b64decode(message["body"]))[0]
         out.append((message["headers"]["task"], message["headers"]["id"], args))

@@ -270,7 +270,7 @@ def test_in_commit_writes_commit_iff_the_transition_commits(client, settings, st
         # Remember which runner holds which token (the state reads it)
         orig_claim = store.claim
 
-        def claim(run_id, seq, *, owner, ttl):
+        def claim(run_id, seq, *, owner, ttl, versions=None):
             c = orig_claim(run_id, seq, owner=owner, ttl=ttl)
             if c is not None:
                 worker_of[c.lease_token] = owner

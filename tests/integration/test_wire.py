@@ -20,7 +20,10 @@ from tests.helpers import eventually
 
 def _pop(redis_url: str, queue: str) -> dict[str, Any]:
     """The oldest raw message of ``queue`` (kombu pushes on the left)."""
-    raw = redis.Redis.from_url(redis_url).rpop(queue)
+    client = redis.Redis.from_url(redis_url)
+    raw = None
+    for key in dispatch.redis_queue_keys(queue):  # one list per priority step
+        raw = raw or client.rpop(key)
     assert raw is not None, f"no message in {queue}"
     return json.loads(raw)
 
