@@ -96,6 +96,47 @@ def retry(run_id: str, from_state: str | None) -> None:
     click.echo(f"re-driven run {run_id}: pending in state {state!r}")
 
 
+@click.group()
+def locks() -> None:
+    """Resource locks held by states and by locks.hold callers."""
+
+
+@locks.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+def locks_list(as_json: bool) -> None:
+    """The held locks: key, holder, since, expires, fence."""
+    from leaseflow.cli_render import locks_table
+
+    with _client() as client:
+        held = client.store.list_locks()
+    if as_json:
+        click.echo(to_json([lock.to_dict() for lock in held]))
+    else:
+        from leaseflow.cli_render import console
+
+        console().print(locks_table(held))
+
+
+@locks.command("release")
+@click.argument("key")
+@click.option("--force", is_flag=True, help="Required: the holder is fenced out.")
+@click.option("--reason", required=True, help="Why, kept in the audit trail.")
+def locks_release(key: str, force: bool, reason: str) -> None:
+    """Free KEY whoever holds it. Audited; its holder's next guarded commit is refused."""
+    import getpass
+    import socket
+
+    if not force:
+        raise click.UsageError("an operator's release takes the lock from its holder: --force")
+    actor = f"{getpass.getuser()}@{socket.gethostname()}"
+    with _client() as client:
+        freed = client.store.force_release(key, actor=actor, reason=reason)
+    click.echo(
+        f"released lock {freed.key!r} (fence {freed.fence}) from {freed.holder}: audited as "
+        f"forced by {actor}"
+    )
+
+
 def register(group: click.Group) -> None:
-    for command in (signal, cancel, retry):
+    for command in (signal, cancel, retry, locks):
         group.add_command(command)

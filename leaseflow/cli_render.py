@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
 
-    from leaseflow.store.records import GroupRecord, RunRecord
+    from leaseflow.store.records import GroupRecord, LockRecord, RunRecord
 
 #: Width of tables written to a pipe or file, so ids and timestamps never wrap.
 PIPE_WIDTH = 200
@@ -142,6 +142,25 @@ def print_run(run: RunRecord) -> None:
     if run.signals:
         out.print()
         out.print(_signals_table(run))
+
+
+def locks_table(held: list[LockRecord]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"{len(held)} lock(s) held", title_justify="left")
+    for column in ("key", "holder", "state", "since", "expires", "fence"):
+        table.add_column(column)
+    for lock in held:
+        expires = when(lock.expires_at) + (" (expired)" if lock.expired else "")
+        table.add_row(
+            lock.key,
+            lock.holder or "",
+            lock.holder_state or "",
+            when(lock.acquired_at),
+            expires,
+            str(lock.fence),
+        )
+    return table
 
 
 def _signals_table(run: RunRecord) -> Any:

@@ -35,6 +35,9 @@ class StateContext(Generic[D]):
     index: int | None = None
     #: In the state a signal resumed: the signal's payload (a JSON value).
     signal: Any = None
+    #: While the run holds a resource lock (``lock=``): its fence, higher for every
+    #: acquisition of the key; pass it to the resource so it refuses older holders.
+    lock_token: int | None = None
 
     def join(self, branches: list[records.BranchResult]) -> None:
         """Give a join state its group's results (None for a failed branch) and errors."""

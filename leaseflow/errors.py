@@ -312,3 +312,48 @@ class InvalidSignal(LeaseflowError):
 
     def __str__(self) -> str:
         return f"invalid signal: {self.detail}"
+
+
+LOCK_KEY = "E-LOCK-KEY"
+
+
+class InvalidLockKey(LeaseflowError):
+    """A state's ``lock=`` template cannot be formatted from the run's context."""
+
+    code = LOCK_KEY
+
+    def __init__(self, template: str, detail: str) -> None:
+        super().__init__(template, detail)
+        self.template = template
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"lock key {self.template!r}: {self.detail}"
+
+
+class LockHeld(LeaseflowError):
+    """The lock is held by someone else (``locks.hold`` with no wait left)."""
+
+    code = "E-LOCK-HELD"
+
+    def __init__(self, key: str, holder: str | None, since: object) -> None:
+        super().__init__(key, holder, since)
+        self.key = key
+        self.holder = holder
+        self.since = since
+
+    def __str__(self) -> str:
+        return f"lock {self.key!r} is held by {self.holder or 'someone'} since {self.since}"
+
+
+class LockNotFound(LeaseflowError):
+    """No lock of that key is held."""
+
+    code = "E-LOCK-NOT-FOUND"
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+    def __str__(self) -> str:
+        return f"no lock {self.key!r} is held"

@@ -73,3 +73,14 @@ class ForkStart:
     branches: tuple[BranchStep, ...]
     join: JoinWake
     chord: bool  # every branch is released at once: it may run as a Celery chord
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """What happened to one message: ``result`` is a stable word for logs and tests."""
+
+    result: str  # committed | lease_lost | skipped | deferred
+    wakeups: tuple[Message, ...] = ()  # to publish
+    outcome: str | None = None
+    fork: ForkStart | None = None
+    inlined: int = 0  # states run inline after the first, in this call

@@ -7,7 +7,7 @@ from prometheus_client import Counter, Histogram
 
 CLAIMS = Counter(
     "leaseflow_claims_total", "Claim attempts by result", ["result"]
-)  # claimed, inline (handed over by the previous commit), idle, deferred
+)  # claimed, inline (handed over), idle, deferred, version_unknown, lock_contended
 STEPS = Counter("leaseflow_steps_total", "Committed steps by outcome", ["outcome"])
 LEASES_LOST = Counter("leaseflow_leases_lost_total", "Commits refused because the lease was lost")
 REAPED = Counter("leaseflow_runs_reaped_total", "Runs whose lease expired, by result", ["result"])
@@ -15,6 +15,7 @@ REDISPATCHED = Counter("leaseflow_runs_redispatched_total", "Pending runs re-pub
 QUEUE_PROBES = Counter(
     "leaseflow_queue_probes_total", "Probes sent through a queue before re-publishing"
 )
+LOCKS_SWEPT = Counter("leaseflow_locks_swept_total", "Expired resource locks freed by beat")
 STEP_SECONDS = Histogram(
     "leaseflow_step_duration_seconds", "Time a state function ran", ["workflow", "state"]
 )

@@ -17,16 +17,19 @@ import contextlib
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import pydantic
 
-from leaseflow import errors, faults, heartbeat, logs, messages, metrics, steplog
+from leaseflow import claims, errors, faults, heartbeat, logs, messages, metrics, steplog
 from leaseflow.context import StateContext
 from leaseflow.fsm import registry, rules
 from leaseflow.fsm.definition import StateSpec, Workflow
+from leaseflow.messages import StepResult
 from leaseflow.store import base, records
+
+__all__ = ["Runner", "StepResult", "call_state"]
 
 Leased = records.Claim | records.BranchClaim
 Decision = rules.Transition | rules.BranchDecision
@@ -36,17 +39,6 @@ Invoke = Callable[[StateSpec, StateContext[Any]], Any]
 
 def call_state(spec: StateSpec, ctx: StateContext[Any]) -> Any:
     return spec.fn(ctx)
-
-
-@dataclass(frozen=True, slots=True)
-class StepResult:
-    """What happened to one message: ``result`` is a stable word for logs and tests."""
-
-    result: str  # committed | lease_lost | skipped | deferred
-    wakeups: tuple[messages.Message, ...] = ()  # to publish
-    outcome: str | None = None
-    fork: messages.ForkStart | None = None
-    inlined: int = 0  # states run inline after the first, in this call
 
 
 class Runner:
@@ -83,22 +75,39 @@ class Runner:
         """Run what a wake-up message names: a state (or join) step, or a branch."""
         if isinstance(message, messages.BranchStep):
             return self.run_branch(message.group_id, message.idx, workflow=message.workflow)
-        return self.run_step(message.run_id, message.step_seq, workflow=message.workflow)
+        return self.run_step(
+            message.run_id, message.step_seq, workflow=message.workflow, state=message.state
+        )
 
-    def run_step(self, run_id: str, step_seq: int, *, workflow: str | None = None) -> StepResult:
+    def run_step(
+        self,
+        run_id: str,
+        step_seq: int,
+        *,
+        workflow: str | None = None,
+        state: str | None = None,
+    ) -> StepResult:
         """Claim ``run_id`` at ``step_seq``, run its state (and any inline successors).
 
         With ``workflow`` (the task's), only a run of a version of it that this process
         declares is claimed: a run of another version is left untouched for a worker
         that has it (logged and counted as ``version_unknown``)."""
         started = time.perf_counter()
-        versions = registry.versions(workflow) if workflow is not None else None
-        claim = self.store.claim(
-            run_id, step_seq, owner=self.worker, ttl=self.ttl, versions=versions
+        claim = claims.claim_step(
+            self.store,
+            run_id,
+            step_seq,
+            owner=self.worker,
+            ttl=self.ttl,
+            workflow=workflow,
+            state=state,
         )
         metrics.CLAIM_SECONDS.observe(time.perf_counter() - started)
+        if isinstance(claim, records.LockContended):
+            return claims.contended(self.store, run_id, step_seq, claim)
         if claim is None:
-            return explain_miss(self.store, run_id, step_seq, versions)
+            versions = registry.versions(workflow) if workflow is not None else None
+            return claims.explain_miss(self.store, run_id, step_seq, versions)
         metrics.CLAIMS.labels("claimed").inc()
         budget = rules.InlineBudget.for_task(
             _spec(claim),
@@ -120,7 +129,7 @@ class Runner:
             group_id, idx, owner=self.worker, ttl=self.ttl, versions=versions
         )
         if claim is None:
-            return explain_branch_miss(self.store, group_id, idx)
+            return claims.explain_branch_miss(self.store, group_id, idx)
         metrics.CLAIMS.labels("claimed").inc()
         return self._run(claim, None)[0]
 
@@ -146,6 +155,10 @@ class Runner:
             return self._settle(claim, _failure(claim, exc.code, exc.detail))
         except pydantic.ValidationError as exc:
             return self._settle(claim, _failure(claim, errors.CONTEXT_INVALID, str(exc)))
+        if isinstance(claim, records.Claim) and spec.lock is not None and claim.lock_fence is None:
+            want = claims.lock_want(claim)  # why the claim could not take the state's lock
+            reason = (want.error if want else None) or f"state {claim.state!r} took no lock"
+            return self._settle(claim, _failure(claim, errors.LOCK_KEY, reason))
         ctx = self._context(wf, claim, data)
         branch = (claim.group_id, claim.idx) if isinstance(claim, records.BranchClaim) else None
         self.keeper.hold(claim.run_id, claim.lease_token, timeout=spec.timeout, branch=branch)
@@ -178,7 +191,7 @@ class Runner:
         if isinstance(claim, records.BranchClaim):
             ctx.item, ctx.index = claim.item, claim.idx
         else:
-            ctx.signal = claim.signal
+            ctx.signal, ctx.lock_token = claim.signal, claim.lock_fence
             if claim.group_id is not None:  # this state is the join of a group
                 ctx.join(self.store.branch_results(claim.group_id))
         return ctx
@@ -240,7 +253,10 @@ class Runner:
             return self._commit_branch(claim, decision, callbacks), None
         assert isinstance(decision, rules.Transition)
         inline = (
-            budget is not None and wf is not None and budget.take(wf, decision, self.monotonic())
+            budget is not None
+            and wf is not None
+            and not claim.holds_lock  # a lock is freed or kept by a commit of its own
+            and budget.take(wf, decision, self.monotonic())
         )
         committed = self.store.commit(
             claim,
@@ -248,6 +264,7 @@ class Runner:
             worker=self.worker,
             callbacks=callbacks,
             handoff_ttl=self.ttl if inline else None,
+            lock_ttl=self.ttl,
         )
         if committed is None:
             return lease_lost(self.store, self.worker, claim), None
@@ -410,68 +427,6 @@ def branch_messages(
             )
         )
     return tuple(out)
-
-
-def explain_miss(
-    store: base.RunStore, run_id: str, step_seq: int, versions: Sequence[int] | None = None
-) -> StepResult:
-    """The claim found nothing: a duplicate, a stale message, one that came early, a
-    run of a version this worker lacks, or one past its deadline."""
-    peek = store.peek(run_id)
-    ours = peek is not None and peek.status == "pending" and peek.step_seq == step_seq
-    if ours and peek is not None and versions is not None and peek.version not in versions:
-        metrics.CLAIMS.labels("version_unknown").inc()
-        logs.warning(
-            "version_unknown",
-            run_id=run_id,
-            workflow=peek.workflow,
-            version=peek.version,
-            versions=",".join(map(str, versions)),
-            hint="the run is left pending for a worker that declares its version",
-        )
-        return StepResult("skipped")
-    if ours and peek is not None and not peek.past_deadline:
-        # Our step, not yet due when the claim ran (a retry's backoff, or the
-        # message outran not_before): publish it again for when it is due.
-        metrics.CLAIMS.labels("deferred").inc()
-        again = messages.StateStep(
-            run_id,
-            peek.workflow,
-            peek.state,
-            step_seq,
-            peek.wait_seconds,
-            peek.priority,
-            peek.version,
-        )
-        return StepResult("deferred", wakeups=(again,))
-    metrics.CLAIMS.labels("idle").inc()
-    logs.debug(
-        "claim_skipped",
-        run_id=run_id,
-        step_seq=step_seq,
-        status=peek.status if peek else "missing",
-        current_seq=peek.step_seq if peek else None,
-    )
-    return StepResult("skipped")
-
-
-def explain_branch_miss(store: base.RunStore, group_id: int, idx: int) -> StepResult:
-    """The branch claim found nothing: a duplicate, or a retry not yet due."""
-    peek = store.peek_branch(group_id, idx)
-    if peek is not None and peek.status == "pending":
-        metrics.CLAIMS.labels("deferred").inc()
-        again = messages.BranchStep(
-            peek.run_id, peek.workflow, peek.state, group_id, idx, peek.wait_seconds
-        )  # without its priority: a branch retry's re-publish is rare
-        return StepResult("deferred", wakeups=(again,))
-    metrics.CLAIMS.labels("idle").inc()
-    logs.debug(
-        "claim_skipped",
-        group_id=group_id,
-        branch=idx,
-        status=peek.status if peek else "missing",
-    )
-    return StepResult("skipped")
 
 
 def lease_lost(store: base.RunStore, worker: str, claim: Leased) -> StepResult:

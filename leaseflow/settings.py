@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     dispatch_interval: float = Field(10.0, gt=0)
     #: How often beat ends waits and timers that are due, and runs past their deadline.
     timeout_interval: float = Field(1.0, gt=0)
+    #: How often beat frees resource locks whose lease expired (audited).
+    lock_sweep_interval: float = Field(5.0, gt=0)
     dispatch_timeout: float = Field(60.0, gt=0)
     dispatch_batch: int = Field(1000, gt=0)
     max_checkpoint_bytes: int = Field(1024 * 1024, gt=0)

@@ -11,7 +11,10 @@ in-memory store (``leaseflow.store.memory``), under a clock that only the test
 moves: ``eng.advance(seconds)`` makes retries with backoff come due, leases
 expire, timers and wait timeouts fire and run deadlines pass, so a test of an hour
 of retries runs in milliseconds. ``eng.signal``, ``eng.cancel`` and ``eng.retry``
-do what ``Client.signal``, ``Client.cancel`` and ``Client.retry`` do. Validation, error
+do what ``Client.signal``, ``Client.cancel`` and ``Client.retry`` do. Resource locks
+(``lock=``) are taken and contended as in production; ``locks.hold(..., store=
+eng.store)`` holds one from the test, and ``advance`` past a lock's lease lets the
+sweeper free it. Validation, error
 codes and the step log are those of production. ``eng.crash_next(state)`` makes
 the next attempt of a state die mid-body, as a ``kill -9`` of its worker would: its
 lease is held by no one until the reaper hands the run on.
@@ -299,6 +302,7 @@ class Engine:
         return returned
 
     def _beat(self) -> None:
+        jobs.sweep_locks(self.store)
         for message in jobs.reap(self.store) + jobs.sweep_timeouts(self.store):
             self._publish(message)
 

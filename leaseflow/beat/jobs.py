@@ -119,6 +119,22 @@ def sweep_timeouts(store: base.RunStore, *, limit: int = 1000) -> list[messages.
     return out
 
 
+def sweep_locks(store: base.RunStore, *, limit: int = 1000) -> int:
+    """Free the locks whose lease expired (their holder died, paused, or stopped
+    refreshing), each audited in ``lf_lock_audit``; returns how many."""
+    freed = store.sweep_locks(limit=limit)
+    for row in freed:
+        metrics.LOCKS_SWEPT.inc()
+        logs.warning(
+            "lock_swept",
+            key=row.key,
+            fence=row.fence,
+            holder=row.holder,
+            run_id=row.holder_run,
+        )
+    return len(freed)
+
+
 #: A message leaves a moment after the commit that made it due; a probe sent within
 #: this slack of a run's last publish does not count as having overtaken it.
 PUBLISH_SLACK = timedelta(seconds=1)

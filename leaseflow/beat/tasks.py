@@ -31,9 +31,10 @@ from leaseflow.tasks import dispatch, runtime
 REAP_TASK = "leaseflow.beat.reap"
 DISPATCH_TASK = "leaseflow.beat.dispatch"
 TIMEOUTS_TASK = "leaseflow.beat.timeouts"
+LOCKS_TASK = "leaseflow.beat.locks"
 PROBE_TASK = dispatch.PROBE_TASK
 #: The periodic jobs whose idle ticks Celery logs at DEBUG only.
-TICK_TASKS = frozenset({REAP_TASK, DISPATCH_TASK, TIMEOUTS_TASK})
+TICK_TASKS = frozenset({REAP_TASK, DISPATCH_TASK, TIMEOUTS_TASK, LOCKS_TASK})
 #: Celery's loggers of a task's "received", "succeeded" and "Discarding" lines.
 CELERY_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace", "celery.worker.request")
 #: Celery's line for a message it drops unrun (expired or revoked).
@@ -77,7 +78,7 @@ def quiet_ticks() -> None:
 
 def schedule(settings: Settings) -> dict[str, Any]:
     """Celery's ``beat_schedule`` for ``settings``: the reaper, the dispatcher and the
-    timeout sweeper (wait timeouts, timers, run deadlines)."""
+    timeout sweeper (wait timeouts, timers, run deadlines) and the lock sweeper."""
 
     def entry(task: str, every: float) -> dict[str, Any]:
         return {
@@ -97,6 +98,7 @@ def schedule(settings: Settings) -> dict[str, Any]:
         "leaseflow-reaper": entry(REAP_TASK, settings.reaper_interval),
         "leaseflow-dispatcher": entry(DISPATCH_TASK, settings.dispatch_interval),
         "leaseflow-timeouts": entry(TIMEOUTS_TASK, settings.timeout_interval),
+        "leaseflow-lock-sweeper": entry(LOCKS_TASK, settings.lock_sweep_interval),
     }
 
 
@@ -117,6 +119,11 @@ def register(app: Celery) -> None:
         found = jobs.sweep_timeouts(engine.store, limit=engine.settings.dispatch_batch)
         dispatch.publish_all(app, found)
         return len(found)
+
+    @app.task(name=LOCKS_TASK, ignore_result=True, shared=False)
+    def lock_sweeper() -> int:
+        engine = runtime.get()
+        return jobs.sweep_locks(engine.store, limit=engine.settings.dispatch_batch)
 
     @app.task(name=DISPATCH_TASK, ignore_result=True, shared=False)
     def redispatch() -> int:

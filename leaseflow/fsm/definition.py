@@ -36,6 +36,8 @@ class StateSpec:
     inline: bool = False
     branches: tuple[str, ...] = ()  # the branch states a fork of this state may run
     end: str | None = None  # "completed" | "failed": the only way this state ends a run
+    lock: str | None = None  # a resource lock key template, formatted from the context
+    hold_lock_until: str | None = None  # the state whose commit releases the lock
 
     @property
     def final(self) -> bool:
@@ -113,6 +115,8 @@ class Workflow:
         inline: bool = False,
         branches: Iterable[str] = (),
         end: str | None = None,
+        lock: str | None = None,
+        hold_lock_until: str | None = None,
         name: str | None = None,
     ) -> Callable[[StateFn], StateFn]:
         """Declare the decorated function as a state of this workflow.
@@ -141,6 +145,17 @@ class Workflow:
         end, ``Complete`` from a ``"failed"`` one) fails the run with
         ``E-ILLEGAL-TRANSITION``, and the graph marks failed ends apart. Exceptions
         are handled as in any state (retry, ``on_error``, ``E-STATE-ERROR``).
+
+        ``lock="vectordb:{tenant}"`` makes the state hold a resource lock while it runs:
+        the key is formatted from the context's fields (checked against the context
+        model now), and taken in the same transaction as the claim. A claim whose lock
+        is held elsewhere claims nothing: the run stays pending and is tried again
+        shortly, with no attempt spent. The lock is released in the state's commit, or
+        with ``hold_lock_until="other"`` in the commit of that later state (the states
+        in between hold it too), or whenever the run ends. It is leased with the run
+        (the heartbeat extends it, the sweeper frees it once expired), and each
+        acquisition of a key gets a higher fence, ``ctx.lock_token``, for fencing writes
+        to the resource. A run holds one lock at a time.
         """
         if isinstance(to, str):
             to = (to,)
@@ -161,6 +176,8 @@ class Workflow:
                 inline=inline,
                 branches=forks,
                 end=end,
+                lock=lock,
+                hold_lock_until=hold_lock_until,
             )
             with self._lock:
                 if spec.name in self._states:
@@ -202,7 +219,7 @@ class Workflow:
         """Check the whole definition; raise one ``InvalidDefinition`` naming every fault."""
         if self._validated:
             return self
-        problems = validation.problems(self._states, self._duplicates)
+        problems = validation.problems(self._states, self._duplicates, context=self.context)
         if problems:
             raise errors.InvalidDefinition(self.name, problems)
         self._validated = True

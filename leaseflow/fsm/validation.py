@@ -7,7 +7,11 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
+from leaseflow.fsm import locks
+
 if TYPE_CHECKING:
+    from pydantic import BaseModel
+
     from leaseflow.fsm.definition import StateSpec
 
 WORKFLOW = "<workflow>"
@@ -22,7 +26,10 @@ def did_you_mean(name: str, known: Iterable[str]) -> str:
 
 
 def problems(
-    states: Mapping[str, StateSpec], duplicates: Sequence[str] = ()
+    states: Mapping[str, StateSpec],
+    duplicates: Sequence[str] = (),
+    *,
+    context: type[BaseModel] | None = None,
 ) -> dict[str, list[str]]:
     """Return ``{state: [problem, ...]}``; empty when the definition is sound."""
     found: dict[str, list[str]] = defaultdict(list)
@@ -67,6 +74,8 @@ def problems(
             )
         for problem in _fork_and_end_problems(spec, states, branches):
             found[spec.name].append(problem)
+        for problem in _lock_problems(spec, states, context):
+            found[spec.name].append(problem)
         if spec.inline and spec.timeout is not None:
             found[spec.name].append(
                 "has both inline= and timeout=: a state with a time limit runs in its own task"
@@ -109,6 +118,30 @@ def _fork_and_end_problems(
         out.append(f"has end={spec.end!r}; end= is one of {', '.join(map(repr, ENDS))}")
     elif spec.end is not None and spec.to and not spec.branch:
         out.append("declares end= and to=: end= is for a state that ends the run (no to=)")
+    return out
+
+
+def _lock_problems(
+    spec: StateSpec, states: Mapping[str, StateSpec], context: type[BaseModel] | None
+) -> list[str]:
+    """What is wrong with the ``lock=`` and ``hold_lock_until=`` of ``spec``."""
+    out: list[str] = []
+    if spec.lock is not None:
+        if spec.branch:
+            out.append("is a branch state: it takes no lock= (lock the state that forks)")
+        if spec.inline:
+            out.append("has both inline= and lock=: a locked state is claimed with its lock")
+        if context is not None:
+            out.extend(locks.template_problems(spec.lock, context))
+    if spec.hold_lock_until is not None:
+        target = states.get(spec.hold_lock_until)
+        if spec.lock is None:
+            out.append("declares hold_lock_until= but no lock=")
+        elif target is None or target.branch:
+            hint = did_you_mean(
+                spec.hold_lock_until, (n for n, s in states.items() if not s.branch)
+            )
+            out.append(f"names unknown state {spec.hold_lock_until!r} in hold_lock_until={hint}")
     return out
 
 

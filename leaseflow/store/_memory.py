@@ -14,7 +14,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from leaseflow import errors
-from leaseflow.fsm import waits
 from leaseflow.fsm.rules import BranchDecision, Fork
 from leaseflow.store import records as rec
 from leaseflow.store._refusals import refuse_json, refuse_unstorable
@@ -76,6 +75,9 @@ class Run:
     signal: Any = None  # the payload that resumed the run, until it moves on
     cancel_requested: bool = False
     cancel_reason: str | None = None
+    lock_key: str | None = None  # the lock the run holds, its token, where it is freed
+    lock_token: str | None = None
+    lock_until: str | None = None
     not_before: datetime = field(init=False)
     updated_at: datetime = field(init=False)
 
@@ -164,6 +166,19 @@ class SignalRow:
 
 
 @dataclass(slots=True)
+class LockRow:
+    key: str
+    fence: int = 0
+    token: str | None = None
+    holder: str | None = None
+    holder_run: str | None = None
+    holder_state: str | None = None
+    acquired_at: datetime | None = None
+    expires_at: datetime | None = None
+    released_at: datetime | None = None
+
+
+@dataclass(slots=True)
 class Mark:
     probe_sent_at: datetime | None = None
     passed_at: datetime | None = None
@@ -184,6 +199,11 @@ def run_key(run_id: str) -> str | None:
 
 def wait_seconds(not_before: datetime, now: datetime) -> float:
     return max(0.0, (not_before - now).total_seconds())
+
+
+def free_lock(row: LockRow, now: datetime) -> None:
+    row.token = row.holder = row.holder_run = row.holder_state = row.expires_at = None
+    row.released_at = now
 
 
 def clear_lease(row: Run | Branch) -> None:
@@ -214,6 +234,8 @@ class Tables:
         self._branches: dict[tuple[int, int], Branch] = {}
         self._marks: dict[str, Mark] = {}
         self._signals: dict[str, list[SignalRow]] = {}
+        self._locks: dict[str, LockRow] = {}
+        self._lock_audit: list[rec.LockAudit] = []
         self._signal_ids = itertools.count(1)
         self._order = itertools.count()
         self._group_ids = itertools.count(1)
@@ -232,6 +254,18 @@ class Tables:
         """Run the ``in_commit`` callbacks (``InCommitError`` if one raises); returns
         their writes, to keep if the commit lands."""
         raise NotImplementedError
+
+    def _held(self, key: str | None, token: str | None) -> LockRow | None:
+        """The lock ``key`` if ``token`` holds it."""
+        row = self._locks.get(key or "")
+        return row if row is not None and token is not None and row.token == token else None
+
+    def _free_run_lock(self, run: Run, now: datetime) -> None:
+        """The run ends: its lock (if still its own) is freed and forgotten."""
+        row = self._held(run.lock_key, run.lock_token)
+        if row is not None:
+            free_lock(row, now)
+        run.lock_key = run.lock_token = run.lock_until = None
 
     def _check_edge(self, run: Run, to_state: str) -> None:
         """The transition guard: refuse a move along an undeclared edge."""
@@ -377,6 +411,7 @@ class Branches(Tables):
                 sibling.lease_token = sibling.lease_owner = None
                 sibling.lease_expires_at = None
         if run.status == "waiting" and run.group_id == group.id:
+            self._free_run_lock(run, now)
             self._step(run, now, attempt=1, outcome="failed", started_at=now, error=reason)
             run.status, run.error_code, run.error = "failed", errors.BRANCH_FAILED, reason
             run.step_seq += 1
@@ -400,80 +435,3 @@ class Branches(Tables):
             if group is None:
                 return []
             return [self._branches[(group_id, i)].record() for i in range(group.width)]
-
-
-class Reaper(Tables):
-    """The reaper: expired leases of runs and branches."""
-
-    def reap(self, *, limit: int = 1000) -> list[rec.Reaped]:
-        with self._lock:
-            now = self._now()
-            expired = [
-                run
-                for run in self._runs.values()
-                if run.finished_at is None
-                and run.status == "running"
-                and run.lease_expires_at is not None
-                and run.lease_expires_at < now
-            ]
-            expired.sort(key=lambda run: run.lease_expires_at or now)
-            reaped: list[rec.Reaped] = []
-            for run in expired[:limit]:
-                owner = run.lease_owner
-                self._step(
-                    run,
-                    now,
-                    outcome="lease_expired",
-                    started_at=run.claimed_at,
-                    worker=owner,
-                    lease_token=run.lease_token,
-                    error=f"lease of {owner or 'unknown worker'} expired",
-                )
-                requeue = run.attempt < run.max_attempts and not run.cancel_requested
-                run.status = "pending" if requeue else "failed"
-                run.error_code = None if requeue else errors.LEASE_EXPIRED
-                run.finished_at = None if requeue else now
-                run.error = None
-                if run.cancel_requested:
-                    run.status, run.error_code = "cancelled", errors.CANCELLED
-                    run.error = waits.cancel_reason(run.cancel_reason)
-                elif not requeue:
-                    run.error = (
-                        f"lease expired on attempt {run.attempt} of {run.max_attempts} "
-                        f"in state {run.state}"
-                    )
-                clear_lease(run)
-                run.step_seq += 1
-                run.not_before = run.updated_at = now
-                run.redispatch_at = self._later(now, self.dispatch_timeout)
-                fields = (run.id, run.workflow, run.version, run.state, run.step_seq)
-                reaped.append(rec.Reaped(*fields, run.status, run.attempt, owner, run.priority))
-            return reaped
-
-    def expired_branches(self, *, limit: int = 1000) -> list[rec.ExpiredBranch]:
-        with self._lock:
-            now = self._now()
-            expired = [
-                b
-                for b in self._branches.values()
-                if b.finished_at is None
-                and b.status == "running"
-                and b.lease_expires_at is not None
-                and b.lease_expires_at < now
-            ]
-            expired.sort(key=lambda b: b.lease_expires_at or now)
-            return [
-                rec.ExpiredBranch(
-                    b.group_id,
-                    b.idx,
-                    b.lease_token or "",
-                    b.lease_owner,
-                    b.attempt,
-                    b.max_attempts,
-                    b.state,
-                    self._runs[b.run_id].workflow,
-                    self._runs[b.run_id].version,
-                    self._runs[b.run_id].priority,
-                )
-                for b in expired[:limit]
-            ]

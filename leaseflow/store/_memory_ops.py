@@ -11,10 +11,11 @@ from leaseflow import errors
 from leaseflow.fsm import waits
 from leaseflow.store import _memory as tables
 from leaseflow.store import records as rec
+from leaseflow.store._memory_locks import LockTables
 from leaseflow.types import TERMINAL_STATUSES, RunStatus, StepOutcome
 
 
-class Lifecycle(tables.Tables):
+class Lifecycle(LockTables):
     """Waits and the operations on a run from outside its lease."""
 
     # -- helpers the commit shares --------------------------------------------------------
@@ -74,7 +75,9 @@ class Lifecycle(tables.Tables):
         worker: str | None = None,
         started_at: datetime | None = None,
     ) -> None:
-        """End the run (its open groups stop); a step row with ``outcome``."""
+        """End the run (its open groups stop, its lock is freed); a step row with
+        ``outcome``."""
+        self._free_run_lock(run, now)
         self._step(
             run,
             now,

@@ -19,7 +19,7 @@ The semantics every store keeps:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
@@ -38,7 +38,13 @@ from leaseflow.store.records import (
     Due,
     DueBranch,
     ExpiredBranch,
+    HeldLock,
     InCommit,
+    LockAudit,
+    LockContended,
+    LockFreed,
+    LockRecord,
+    LockWant,
     OverdueBranch,
     OverdueRun,
     Peek,
@@ -121,6 +127,27 @@ class RunStore(Protocol):
         """Lease the run if it is pending, due, at ``step_seq``, not past its deadline
         and (when ``versions`` is given) of one of them; else None."""
 
+    def claim_locked(
+        self,
+        run_id: str,
+        step_seq: int,
+        *,
+        owner: str,
+        ttl: float,
+        key_of: Callable[[Claim], LockWant | None],
+        backoff: float,
+        versions: Sequence[int] | None = None,
+    ) -> Claim | LockContended | None:
+        """``claim``, and in the same transaction the lock ``key_of(claim)`` names, or
+        the one the run holds across states (``Claim.lock_fence`` set). Held by someone
+        else: nothing is claimed, no attempt spent, the run deferred by ``backoff``
+        seconds (``LockContended``)."""
+
+    def hold_on(self, claim: Claim, *, ttl: float, backoff: float) -> Claim | LockContended:
+        """A run claimed while it holds a lock across states: the lock refreshed, or
+        taken again if it was lost; held by someone else meanwhile, the claim is handed
+        back (attempt refunded, run deferred: ``LockContended``)."""
+
     def peek(self, run_id: str) -> Peek | None:
         """The run as it is now, to explain a claim that found nothing."""
 
@@ -132,6 +159,7 @@ class RunStore(Protocol):
         worker: str,
         callbacks: Sequence[InCommit] = (),
         handoff_ttl: float | None = None,
+        lock_ttl: float = 60.0,
     ) -> Committed | None:
         """Write ``tr`` (and its fork or wait, if any) iff ``claim``'s lease still holds;
         None when it was lost. ``callbacks`` run in the same transaction. With
@@ -139,7 +167,9 @@ class RunStore(Protocol):
         (inline continuation), returned as ``Committed.handoff``. A Wait that finds
         a stored signal for its event resumes at once (``Committed.resumed``). A run
         asked to cancel, or past its deadline, is ended so instead, nothing else
-        written (``Committed.ended``)."""
+        written (``Committed.ended``). When the run holds a lock, the commit is guarded:
+        refused (None) unless the lock is still the run's; the lock is then freed
+        (``claim.releases_lock``) or refreshed for ``lock_ttl`` seconds."""
 
     def heartbeat(self, leases: Sequence[LeaseRef], *, worker: str, ttl: float) -> Extended:
         """Extend the leases still held (and record the worker as alive); returns the
@@ -245,6 +275,30 @@ class RunStore(Protocol):
 
     def sweep_deadlines(self, *, limit: int = 1000) -> list[WaitEnded]:
         """Runs past their deadline end ``timed_out`` (``E-RUN-TIMEOUT``)."""
+
+    # -- resource locks ------------------------------------------------------------------
+
+    def acquire_lock(self, key: str, *, holder: str, ttl: float) -> HeldLock:
+        """Take ``key`` for ``holder`` (``locks.hold``); ``LockHeld`` if it is held."""
+
+    def refresh_lock(self, key: str, token: str, *, ttl: float) -> bool:
+        """Extend a held lock's lease; False if ``token`` no longer holds it."""
+
+    def release_lock(self, key: str, token: str) -> bool:
+        """Free a lock ``token`` holds; False if it no longer did."""
+
+    def sweep_locks(self, *, limit: int = 1000) -> list[LockFreed]:
+        """Free expired locks, each audited (``expired``); once each under two beats."""
+
+    def force_release(self, key: str, *, actor: str, reason: str) -> LockFreed:
+        """Free ``key`` whoever holds it, audited (``forced``): its holder's next guarded
+        commit is refused. ``LockNotFound`` when nobody holds it."""
+
+    def list_locks(self, *, limit: int = 1000) -> list[LockRecord]:
+        """The held locks, by key."""
+
+    def lock_audit(self, key: str | None = None, *, limit: int = 100) -> list[LockAudit]:
+        """Audit rows, newest first."""
 
     # -- reading ---------------------------------------------------------------------
 

@@ -59,6 +59,7 @@ WITH ended AS (
            step_seq = step_seq + 1, lease_token = NULL, lease_owner = NULL,
            lease_expires_at = NULL, claimed_at = NULL, wait = NULL, wait_event = NULL,
            wait_deadline = NULL, cancel_reason = coalesce(%(reason)s, cancel_reason),
+           lock_key = NULL, lock_token = NULL, lock_until = NULL,
            finished_at = now(), updated_at = now()
      WHERE id = %(run_id)s AND finished_at IS NULL
     RETURNING id, step_seq, state, attempt
@@ -90,7 +91,15 @@ UPDATE lf_runs SET cancel_requested = true, cancel_reason = %(reason)s, updated_
 #: A fenced commit was refused because the run was asked to cancel or passed its
 #: deadline while the state ran: the lease holder ends it so, and nothing else.
 END_LEASED = """
-WITH ended AS (
+WITH freed AS (
+    UPDATE lf_locks l
+       SET token = NULL, holder = NULL, holder_run = NULL, holder_state = NULL,
+           expires_at = NULL, released_at = now()
+      FROM lf_runs r
+     WHERE r.id = %(run_id)s AND r.lease_token = %(token)s AND r.status = 'running'
+       AND r.lease_expires_at > now() AND (r.cancel_requested OR r.run_deadline <= now())
+       AND l.key = r.lock_key AND l.token = r.lock_token
+), ended AS (
     UPDATE lf_runs
        SET status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'timed_out' END,
            error_code = CASE WHEN cancel_requested THEN %(cancelled)s ELSE %(timed_out)s END,
@@ -98,7 +107,8 @@ WITH ended AS (
                         THEN coalesce('cancelled: ' || cancel_reason, 'cancelled')
                         ELSE %(deadline_error)s END,
            step_seq = step_seq + 1, lease_token = NULL, lease_owner = NULL,
-           lease_expires_at = NULL, claimed_at = NULL, finished_at = now(), updated_at = now()
+           lease_expires_at = NULL, claimed_at = NULL, finished_at = now(), updated_at = now(),
+           lock_key = NULL, lock_token = NULL, lock_until = NULL
      WHERE id = %(run_id)s AND lease_token = %(token)s AND status = 'running'
        AND lease_expires_at > now() AND (cancel_requested OR run_deadline <= now())
     RETURNING id, step_seq, state, status, error

@@ -132,7 +132,8 @@ FAIL_PARENT = """
 WITH failed AS (
     UPDATE lf_runs
        SET status = 'failed', error_code = %(code)s, error = %(error)s,
-           step_seq = step_seq + 1, finished_at = now(), updated_at = now()
+           step_seq = step_seq + 1, finished_at = now(), updated_at = now(),
+           lock_key = NULL, lock_token = NULL, lock_until = NULL
      WHERE id = %(run_id)s AND status = 'waiting' AND group_id = %(group_id)s
     RETURNING id, step_seq, state
 )

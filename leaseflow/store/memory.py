@@ -28,6 +28,7 @@ from leaseflow.store import records as rec
 from leaseflow.store._memory import Clock, InCommitWrite, WorkerRow
 from leaseflow.store._memory_dispatch import Dispatcher
 from leaseflow.store._memory_ops import Lifecycle
+from leaseflow.store._memory_reaper import Reaper
 from leaseflow.store.base import Extended, LeaseRef, NewRun
 
 __all__ = ["InCommitWrite", "MemoryStore", "RecordingConnection", "WorkerRow"]
@@ -180,6 +181,9 @@ class _Runs(Lifecycle):
                 group_id=run.group_id,
                 priority=run.priority,
                 signal=tables.as_json(run.signal),
+                lock_key=run.lock_key,
+                lock_token=run.lock_token,
+                lock_until=run.lock_until,
             )
 
     def peek(self, run_id: str) -> rec.Peek | None:
@@ -207,7 +211,10 @@ class _Runs(Lifecycle):
         worker: str,
         callbacks: Sequence[rec.InCommit] = (),
         handoff_ttl: float | None = None,
+        lock_ttl: float = 60.0,
     ) -> rec.Committed | None:
+        if claim.holds_lock and handoff_ttl is not None:
+            raise ValueError("a state holding a lock is not handed off")
         if handoff_ttl is not None and (
             tr.next_state is None or tr.status != "pending" or tr.delay
         ):
@@ -219,6 +226,8 @@ class _Runs(Lifecycle):
             if run is None or not tables.holds(run, claim.lease_token, now):
                 return None
             ended = self._ended_instead(run, now)
+            if ended is None and claim.holds_lock and not self._guard(claim):
+                return None  # the lock is no longer the run's: a guarded commit is refused
             if ended is not None:  # asked to cancel, or past its deadline: ends so instead
                 self._end_leased(run, now, ended, worker=worker, started_at=claim.started_at)
                 return rec.Committed(step_seq=run.step_seq, ended=ended)
@@ -270,6 +279,8 @@ class _Runs(Lifecycle):
                 run.lease_token, run.lease_owner = str(uuid.uuid4()), worker
                 run.lease_expires_at = self._later(now, handoff_ttl)
                 handoff = claim.handed_off(tr, token=run.lease_token, started_at=now)
+            if claim.holds_lock:
+                self._settle_lock(run, claim, claim.releases_lock(tr.terminal), lock_ttl, now)
             self.in_commit_log.extend(writes)
             return rec.Committed(
                 step_seq=run.step_seq, group_id=run.group_id, handoff=handoff, resumed=resumed
@@ -319,8 +330,12 @@ class _Runs(Lifecycle):
                     assert row is not None
                     row.lease_expires_at = self._later(now, ttl)
                     extended.add(lease.token)
-                    if isinstance(row, tables.Run) and row.cancel_requested:
-                        cancelled.add(lease.token)
+                    if isinstance(row, tables.Run):
+                        if row.cancel_requested:
+                            cancelled.add(lease.token)
+                        held = self._held(row.lock_key, row.lock_token)
+                        if held is not None:  # the run's lock is leased with it
+                            held.expires_at = self._later(now, ttl)
                 elif (
                     isinstance(row, tables.Branch)
                     and row.status == "cancelled"
@@ -337,7 +352,7 @@ class _Runs(Lifecycle):
             seen.last_seen_at = now
 
 
-class MemoryStore(_Runs, tables.Branches, tables.Reaper, Dispatcher):
+class MemoryStore(_Runs, tables.Branches, Reaper, Dispatcher):
     """An in-memory ``RunStore`` with ``PostgresStore``'s semantics; thread-safe.
 
     ``clock`` (default: the wall clock, UTC) is the store's database time;

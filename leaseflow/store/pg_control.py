@@ -17,7 +17,7 @@ from psycopg.types.json import Jsonb
 from leaseflow import errors
 from leaseflow.fsm import waits
 from leaseflow.fsm.rules import Transition
-from leaseflow.store import control_sql, pg_runs, queries, records
+from leaseflow.store import control_sql, lock_sql, pg_runs, queries, records
 from leaseflow.types import TERMINAL_STATUSES, RunStatus, StepOutcome
 
 
@@ -70,7 +70,7 @@ def _end(
     outcome: str,
     reason: str | None = None,
 ) -> int:
-    """End an unleased run (its open groups too); the run's new step_seq."""
+    """End an unleased run (its open groups and its lock too); its new step_seq."""
     params = {
         "run_id": run_id,
         "status": status,
@@ -79,6 +79,7 @@ def _end(
         "outcome": outcome,
         "reason": reason,
     }
+    conn.execute(lock_sql.RELEASE_OF_RUN, {"run_id": run_id})  # before END_RUN forgets it
     row = conn.execute(control_sql.END_RUN, params).fetchone()
     conn.execute(control_sql.CANCEL_GROUPS, {"run_id": run_id})
     return 0 if row is None else int(row[0])

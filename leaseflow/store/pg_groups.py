@@ -16,7 +16,7 @@ from psycopg.types.json import Jsonb
 
 from leaseflow import errors
 from leaseflow.fsm.rules import BranchDecision, Fork
-from leaseflow.store import group_sql, pg_runs, queries, records
+from leaseflow.store import group_sql, lock_sql, pg_runs, queries, records
 
 # -- the fork ------------------------------------------------------------------------
 
@@ -194,6 +194,7 @@ def count_branch_txn(
     if failed and policy == "fail_fast":
         conn.execute(group_sql.CLOSE_GROUP, {"group_id": group_id, "status": "failed"})
         conn.execute(group_sql.CANCEL_BRANCHES, {"group_id": group_id})
+        conn.execute(lock_sql.RELEASE_OF_RUN, {"run_id": run_id})
         conn.execute(
             group_sql.FAIL_PARENT,
             {

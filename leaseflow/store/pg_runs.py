@@ -163,6 +163,9 @@ def claim_txn(
         group_id=row[11],
         priority=row[12],
         signal=row[13],
+        lock_key=row[14],
+        lock_token=row[15],
+        lock_until=row[16],
     )
 
 

@@ -29,6 +29,8 @@ from leaseflow.store import (
     pg_control,
     pg_groups,
     pg_jobs,
+    pg_lock_ops,
+    pg_locks,
     pg_operations,
     pg_read,
     pg_runs,
@@ -41,7 +43,7 @@ MAIN = connections.MAIN
 CLAIMS = connections.CLAIMS
 
 
-class PostgresStore(pg_operations.Operations, pg_jobs.BeatJobs):
+class PostgresStore(pg_operations.Operations, pg_jobs.BeatJobs, pg_lock_ops.Locks):
     """Run store on PostgreSQL (``base.RunStore``). Safe to share between threads;
     re-opens its connections after a fork."""
 
@@ -173,6 +175,7 @@ class PostgresStore(pg_operations.Operations, pg_jobs.BeatJobs):
         worker: str,
         callbacks: Sequence[rec.InCommit] = (),
         handoff_ttl: float | None = None,
+        lock_ttl: float = 60.0,
     ) -> rec.Committed | None:
         """Write ``tr`` iff ``claim``'s lease still holds; None when it was lost.
 
@@ -188,6 +191,11 @@ class PostgresStore(pg_operations.Operations, pg_jobs.BeatJobs):
         )
         if (tr.fork is not None or tr.wait is not None) and handoff_ttl is not None:
             raise ValueError("a fork or a wait cannot be handed off")
+        if claim.holds_lock:
+            if handoff_ttl is not None:
+                raise ValueError("a state holding a lock is not handed off")
+            guarded = self._guarded(claim, tr, params, callbacks, lock_ttl=lock_ttl)
+            return guarded if guarded is not None else self._refused(claim, params)
         if tr.fork is not None:
             forked = _fork(
                 self.connections,
@@ -237,6 +245,51 @@ class PostgresStore(pg_operations.Operations, pg_jobs.BeatJobs):
                 )
 
         return self.connections.transact(txn)
+
+    def _guarded(
+        self,
+        claim: rec.Claim,
+        tr: Transition,
+        params: dict[str, Any],
+        callbacks: Sequence[rec.InCommit],
+        *,
+        lock_ttl: float,
+    ) -> rec.Committed | None:
+        """The commit of a state whose run holds a lock, in one transaction: refused
+        unless the lock is still the run's (a forced release or the sweeper freed it);
+        the lock is then freed (its last state, or the run ends) or refreshed."""
+        timeout = self.dispatch_timeout
+        release = claim.releases_lock(tr.terminal)
+
+        def txn(conn: psycopg.Connection[Any]) -> rec.Committed | None:
+            if not pg_locks.guard_txn(conn, claim):
+                raise psycopg.Rollback()
+            committed: rec.Committed | None
+            if tr.fork is not None:
+                group_id = pg_groups.fork_txn(
+                    conn, claim, tr.fork, params, callbacks, dispatch_timeout=timeout
+                )
+                committed = rec.Committed(step_seq=claim.step_seq + 1, group_id=group_id)
+            elif tr.wait is not None:
+                committed = pg_control.wait_commit_txn(
+                    conn, claim, tr, params, callbacks, dispatch_timeout=timeout
+                )
+            else:
+                sql = queries.COMMIT_MOVE if tr.moves else queries.COMMIT_STAY
+                row = pg_runs.fenced_txn(conn, sql, params)
+                if row is not None:
+                    pg_runs.run_callbacks(conn, claim.run_id, callbacks)
+                committed = None if row is None else rec.Committed(step_seq=claim.step_seq + 1)
+            if committed is None:
+                raise psycopg.Rollback()
+            pg_locks.settle_lock_txn(conn, claim, release=release, ttl=lock_ttl)
+            return committed
+
+        with (
+            pg_runs.refusing_illegal(claim.run_id, claim.state, tr.next_state or claim.state),
+            pg_runs.refusing_unstorable(_step(claim)),
+        ):
+            return self.connections.transact(txn)
 
     def _refused(self, claim: rec.Claim, params: dict[str, Any]) -> rec.Committed | None:
         """A fenced commit was refused: if the lease still holds and the run was asked

@@ -22,7 +22,8 @@ UPDATE lf_runs
    AND (run_deadline IS NULL OR run_deadline > now())
    AND (%(versions)s::int[] IS NULL OR version = ANY(%(versions)s::int[]))
 RETURNING workflow, version, state, step_seq, attempt, max_attempts, lease_token::text,
-          claimed_at, checkpoint, context_version, input, group_id, priority, signal
+          claimed_at, checkpoint, context_version, input, group_id, priority, signal,
+          lock_key, lock_token::text, lock_until
 """
 
 PEEK = """
@@ -140,6 +141,12 @@ WITH seen AS (
        AND status = 'running'
        AND lease_expires_at > now()
     RETURNING lease_token::text AS token
+), locks AS (
+    UPDATE lf_locks l
+       SET expires_at = now() + %(ttl)s * interval '1 second'
+      FROM lf_runs r
+     WHERE r.id = ANY(%(run_ids)s::uuid[]) AND r.lease_token = ANY(%(tokens)s::uuid[])
+       AND r.status = 'running' AND l.key = r.lock_key AND l.token = r.lock_token
 )
 SELECT token, cancel, true FROM runs
 UNION ALL
@@ -162,12 +169,19 @@ ON CONFLICT (id) DO UPDATE SET leases_lost = lf_workers.leases_lost + 1, last_se
 #: no longer 'running' once the first commits).
 REAP = """
 WITH expired AS (
-    SELECT id, lease_token AS token, lease_owner AS owner, claimed_at AS claimed
+    SELECT id, lease_token AS token, lease_owner AS owner, claimed_at AS claimed,
+           (cancel_requested OR attempt >= max_attempts) AS ends, lock_key, lock_token
       FROM lf_runs
      WHERE finished_at IS NULL AND status = 'running' AND lease_expires_at < now()
      ORDER BY lease_expires_at
      LIMIT %(limit)s
        FOR UPDATE SKIP LOCKED
+), freed AS (
+    UPDATE lf_locks l
+       SET token = NULL, holder = NULL, holder_run = NULL, holder_state = NULL,
+           expires_at = NULL, released_at = now()
+      FROM expired e
+     WHERE e.ends AND l.key = e.lock_key AND l.token = e.lock_token
 ), reaped AS (
     UPDATE lf_runs r
        SET status = CASE WHEN r.cancel_requested THEN 'cancelled'
@@ -188,6 +202,9 @@ WITH expired AS (
            claimed_at = NULL,
            not_before = now(),
            redispatch_at = now() + %(dispatch_timeout)s * interval '1 second',
+           lock_key = CASE WHEN e.ends THEN NULL ELSE r.lock_key END,
+           lock_token = CASE WHEN e.ends THEN NULL ELSE r.lock_token END,
+           lock_until = CASE WHEN e.ends THEN NULL ELSE r.lock_until END,
            updated_at = now()
       FROM expired e
      WHERE r.id = e.id

@@ -33,6 +33,21 @@ class Claim:
     group_id: int | None = None  # set when this state is the join of a group
     priority: int = 0  # the run's message priority
     signal: Any = None  # the payload of the signal that resumed the run (ctx.signal)
+    lock_key: str | None = None  # the resource lock the run holds, if any
+    lock_token: str | None = None  # its acquisition token (fences the commit)
+    lock_until: str | None = None  # the state whose commit releases it (None: this one)
+    lock_fence: int | None = None  # the lock's fence (ctx.lock_token)
+
+    @property
+    def holds_lock(self) -> bool:
+        return self.lock_token is not None
+
+    def releases_lock(self, terminal: bool) -> bool:
+        """Does this state's commit free the run's lock? At the state that took it
+        (or the one ``hold_lock_until`` names), and whenever the run ends."""
+        if self.lock_token is None:
+            return False
+        return terminal or self.lock_until is None or self.lock_until == self.state
 
     def handed_off(self, tr: Transition, *, token: str, started_at: datetime) -> Claim:
         """The claim of the next state that the commit of ``tr`` leased to the same
@@ -51,7 +66,86 @@ class Claim:
             else tr.context_version,
             group_id=None,
             signal=None,
-        )
+        )  # a hand-off never happens while the run holds a lock
+
+
+@dataclass(frozen=True, slots=True)
+class LockWant:
+    """The lock a claimed state must hold: ``key`` and the state whose commit releases
+    it; or the reason its key cannot be made (the step then fails ``E-LOCK-KEY``)."""
+
+    key: str | None
+    until: str | None = None
+    error: str | None = None
+
+
+#: What a locked claim asks of the claimed state: the lock it needs (or None).
+KeyOf = Callable[["Claim"], "LockWant | None"]
+
+
+@dataclass(frozen=True, slots=True)
+class LockContended:
+    """A claim rolled back because its lock is held by someone else: the run stays
+    pending and is tried again after ``delay`` seconds; no attempt is spent."""
+
+    key: str
+    holder: str | None
+    delay: float
+
+
+@dataclass(frozen=True, slots=True)
+class LockRecord:
+    """A held lock, as ``locks list`` shows it."""
+
+    key: str
+    fence: int
+    holder: str | None
+    holder_run: str | None
+    holder_state: str | None
+    acquired_at: datetime | None
+    expires_at: datetime | None
+    expired: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+
+@dataclass(frozen=True, slots=True)
+class LockFreed:
+    """A lock freed by someone else than its holder (swept when expired, or forced),
+    as its ``lf_lock_audit`` row says."""
+
+    key: str
+    fence: int
+    holder: str | None
+    holder_run: str | None
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LockAudit:
+    """An ``lf_lock_audit`` row: a lock freed by someone else than its holder."""
+
+    key: str
+    fence: int
+    action: str  # expired | forced
+    holder: str | None
+    holder_run: str | None
+    actor: str | None
+    reason: str | None
+    at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+
+@dataclass(frozen=True, slots=True)
+class HeldLock:
+    """A lock taken by ``locks.hold``: its fence and token."""
+
+    key: str
+    fence: int
+    token: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -99,6 +99,11 @@ runs = Table(
     Column("cancel_requested", Boolean, nullable=False, server_default=text("false")),
     Column("cancel_reason", Text),
     Column("priority", SmallInteger, nullable=False, server_default="0"),
+    #: The resource lock the run holds (its key and acquisition token), and the state
+    #: whose commit releases it (None: the state that took it).
+    Column("lock_key", Text),
+    Column("lock_token", UUID(as_uuid=False)),
+    Column("lock_until", Text),
     Column("tenant", Text),
     Column("created_at", _ts, nullable=False, server_default=func.now()),
     Column("updated_at", _ts, nullable=False, server_default=func.now()),
@@ -229,6 +234,44 @@ signals = Table(
         "id",
         postgresql_where=text("consumed_at IS NULL"),
     ),
+)
+
+#: One row per key ever locked: the fence only grows, across holders; held while
+#: ``token`` is set. ``expires_at`` is refreshed by heartbeats: in no index.
+locks = Table(
+    "lf_locks",
+    metadata,
+    Column("key", Text, nullable=False),
+    Column("fence", BigInteger, nullable=False, server_default="0"),
+    Column("token", UUID(as_uuid=False)),
+    Column("holder", Text),
+    Column("holder_run", UUID(as_uuid=False)),
+    Column("holder_state", Text),
+    Column("acquired_at", _ts),
+    Column("expires_at", _ts),
+    Column("released_at", _ts),
+    PrimaryKeyConstraint("key"),
+    CheckConstraint("token IS NULL OR expires_at IS NOT NULL", name="held_expires"),
+    Index("ix_lf_locks_held", "key", postgresql_where=text("token IS NOT NULL")),
+)
+
+#: Every lock freed by someone other than its holder: swept once expired, or forced.
+lock_audit = Table(
+    "lf_lock_audit",
+    metadata,
+    Column("id", BigInteger, Identity(), nullable=False),
+    Column("key", Text, nullable=False),
+    Column("fence", BigInteger, nullable=False),
+    Column("action", Text, nullable=False),
+    Column("holder", Text),
+    Column("holder_run", UUID(as_uuid=False)),
+    Column("token", UUID(as_uuid=False)),
+    Column("actor", Text),
+    Column("reason", Text),
+    Column("at", _ts, nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("id"),
+    CheckConstraint("action IN ('expired', 'forced')", name="action"),
+    Index("ix_lf_lock_audit_key", "key", "id"),
 )
 
 #: One row per broker queue the dispatcher has probed. A probe message sent at

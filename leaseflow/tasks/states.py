@@ -21,10 +21,12 @@ def register(app: Celery, wf: Workflow, spec: StateSpec) -> None:
     # No task-level ``queue`` (deprecated in Celery 5.7) nor time limits: one task serves
     # the state in every version, so tasks/dispatch.py, the only publisher, routes each
     # message to its version's queue and gives it its version's limits.
-    workflow = wf.name
+    workflow, state = wf.name, spec.name
 
     def run_state(task: Task, run_id: str, step_seq: int) -> str:
-        result = runtime.get().runner.run_step(str(run_id), int(step_seq), workflow=workflow)
+        result = runtime.get().runner.run_step(
+            str(run_id), int(step_seq), workflow=workflow, state=state
+        )
         if result.fork is not None:
             dispatch.publish_fork(task.app, result.fork)
         dispatch.publish_all(task.app, result.wakeups)

@@ -11,6 +11,7 @@ from leaseflow import Complete, Parallel, Retry, Workflow
 from leaseflow.fsm import checkpoint
 from leaseflow.fsm.rules import BranchDecision, Fork, Transition
 from leaseflow.fsm.waits import WaitPlan
+from leaseflow.store.records import LockWant
 from leaseflow.types import StepOutcome
 
 TTL = 10.0  # seconds of every lease the tests take
@@ -169,3 +170,33 @@ def park(
     return Transition(
         outcome=StepOutcome.WAIT, status="waiting", attempt=0, max_attempts=1, wait=plan
     )
+
+
+class Tenant(BaseModel):
+    tenant: str = "acme"
+
+
+#: take (locks "db:{tenant}" until use's commit) -> use -> done
+locked = Workflow("contract_locked", context=Tenant, register=False)
+
+
+@locked.state(
+    initial=True, to=["use"], lock="db:{tenant}", hold_lock_until="use", name="take"
+)
+def _take(ctx: Any) -> str:
+    return "use"
+
+
+@locked.state(to=["done"], name="use")
+def _use(ctx: Any) -> str:
+    return "done"
+
+
+@locked.state(name="done")
+def _done(ctx: Any) -> Complete:
+    return Complete()
+
+
+def lock_of(key: str = "db:acme", until: str | None = None) -> Any:
+    """A ``key_of`` that asks every claimed state for ``key`` (until ``until``)."""
+    return lambda claim: LockWant(key, until)
