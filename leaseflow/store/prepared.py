@@ -121,13 +121,13 @@ class Statement:
     def one(
         self, conn: psycopg.Connection[Any], params: Mapping[str, Any]
     ) -> tuple[Any, ...] | None:
-        """Run on ``conn`` (idle, autocommit): the first row, or None for no row."""
+        """Run on ``conn``: the first row, or None for no row.
+
+        On an idle (autocommit) connection the statement runs prepared under its name,
+        prepared again if the server forgot it (psycopg sends ``DEALLOCATE ALL`` after
+        a rollback). Inside a transaction it runs unnamed: a missing name there would
+        abort the transaction."""
         pgconn = conn.pgconn
-        done = _names_prepared(conn)
-        if self.name not in done:
-            pgconn.send_prepare(self.name, self.sql)
-            _check(conn, _wait(pgconn))
-            done.add(self.name)
         values, formats = [], []
         for name in self.names:
             value = params[name]
@@ -135,15 +135,34 @@ class Statement:
             data, fmt = encode(value)
             values.append(data)
             formats.append(fmt)
-        pgconn.send_query_prepared(self.name, values, formats, result_format=1)
-        result = _check(conn, _wait(pgconn))
-        if not result.ntuples:
-            return None
-        row = []
-        for i in range(result.nfields):
-            data = result.get_value(0, i)
-            row.append(None if data is None else DECODERS[result.ftype(i)](data))
-        return tuple(row)
+        if pgconn.transaction_status != pq.TransactionStatus.IDLE:
+            pgconn.send_query_params(self.sql, values, None, formats, result_format=1)
+            return _first_row(_check(conn, _wait(pgconn)))
+        done = _names_prepared(conn)
+        for retry in (True, False):
+            if self.name not in done:
+                pgconn.send_prepare(self.name, self.sql)
+                _check(conn, _wait(pgconn))
+                done.add(self.name)
+            pgconn.send_query_prepared(self.name, values, formats, result_format=1)
+            try:
+                return _first_row(_check(conn, _wait(pgconn)))
+            except psycopg.errors.InvalidSqlStatementName:
+                if not retry:
+                    raise
+                done.clear()  # deallocated behind our back: prepare again, once
+        raise AssertionError("unreachable")
+
+
+def _first_row(result: pq.abc.PGresult) -> tuple[Any, ...] | None:
+    """The first row of ``result`` (binary), decoded; None when it has none."""
+    if not result.ntuples:
+        return None
+    row = []
+    for i in range(result.nfields):
+        data = result.get_value(0, i)
+        row.append(None if data is None else DECODERS[result.ftype(i)](data))
+    return tuple(row)
 
 
 @functools.cache

@@ -180,9 +180,7 @@ class Tenant(BaseModel):
 locked = Workflow("contract_locked", context=Tenant, register=False)
 
 
-@locked.state(
-    initial=True, to=["use"], lock="db:{tenant}", hold_lock_until="use", name="take"
-)
+@locked.state(initial=True, to=["use"], lock="db:{tenant}", hold_lock_until="use", name="take")
 def _take(ctx: Any) -> str:
     return "use"
 
