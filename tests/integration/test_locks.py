@@ -4,6 +4,7 @@ holder out; the CLI lists and releases locks."""
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -126,3 +127,43 @@ def test_a_forced_release_is_audited_and_the_holder_cannot_commit(
         f for (f,) in db.execute("SELECT fence FROM lock_ledger WHERE event = 'enter' ORDER BY id")
     ]
     assert fences == [1, 2]
+
+
+def test_locks_list_and_release_on_the_command_line(lsettings, store, monkeypatch):
+    from click.testing import CliRunner
+
+    from leaseflow import cli as leaseflow_cli
+    from leaseflow.settings import reset_settings
+
+    for name, value in {
+        "LEASEFLOW_DATABASE_URL": lsettings.database_url or "",
+        "LEASEFLOW_BROKER_URL": lsettings.broker_url or "",
+        "LEASEFLOW_DEFAULT_QUEUE": lsettings.default_queue,
+        "LEASEFLOW_WORKFLOWS": "tests.workflows.basic",
+    }.items():
+        monkeypatch.setenv(name, value)
+    reset_settings()
+
+    def cli(*args: str):
+        return CliRunner().invoke(leaseflow_cli.main, list(args), prog_name="leaseflow")
+
+    try:
+        held = store.acquire_lock("index:acme", holder="reindex-cli", ttl=60)
+        listed = cli("locks", "list", "--json")
+        assert listed.exit_code == 0, listed.output
+        (row,) = json.loads(listed.stdout)
+        assert (row["key"], row["holder"], row["fence"]) == ("index:acme", "reindex-cli", 1)
+        assert "index:acme" in cli("locks", "list").stdout
+
+        refused = cli("locks", "release", "index:acme", "--reason", "stuck")
+        assert refused.exit_code == 2 and "--force" in refused.stderr
+        released = cli("locks", "release", "index:acme", "--force", "--reason", "stuck")
+        assert released.exit_code == 0, released.output
+        assert "released lock 'index:acme' (fence 1) from reindex-cli" in released.stdout
+        assert not store.refresh_lock("index:acme", held.token, ttl=60)  # fenced out
+
+        unknown = cli("locks", "release", "nope", "--force", "--reason", "x")
+        assert unknown.exit_code == 1
+        assert unknown.stderr.startswith("error[E-LOCK-NOT-FOUND]: no lock 'nope' is held")
+    finally:
+        reset_settings()
