@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from leaseflow import errors, faults, logs
-from leaseflow.store import base
+from leaseflow.store import base, records
 
 
 @dataclass
@@ -47,12 +47,15 @@ class LeaseKeeper:
         ttl: float,
         interval: float,
         background: bool = True,
+        info: records.WorkerInfo | None = None,
     ) -> None:
         self.store = store
         self.worker = worker
         self.ttl = ttl
         self.interval = interval
         self.background = background
+        #: What this process tells the worker registry with each heartbeat.
+        self.info = info
         self._leases: dict[str, _Lease] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -101,7 +104,7 @@ class LeaseKeeper:
     def _extend(self, leases: list[_Lease]) -> frozenset[str]:
         """Extend ``leases``; those whose run was asked to cancel are marked so."""
         alive = self.store.heartbeat(
-            [lease.ref for lease in leases], worker=self.worker, ttl=self.ttl
+            [lease.ref for lease in leases], worker=self.worker, ttl=self.ttl, info=self.info
         )
         cancelled: frozenset[str] = getattr(alive, "cancelled", frozenset())
         for lease in leases:
@@ -109,6 +112,12 @@ class LeaseKeeper:
                 lease.cancelled = True
                 logs.info("cancel_learnt", run_id=lease.run_id, lease_token=lease.token)
         return alive
+
+    def start(self) -> None:
+        """Start beating now, leases or not: the process checks in to the registry at
+        once, then every interval."""
+        self._ensure_thread()
+        self._wake.set()
 
     def stop(self) -> None:
         self._stopped = True
@@ -132,6 +141,7 @@ class LeaseKeeper:
             self._wake.wait(self.interval)
             if self._stopped:
                 return
+            self._wake.clear()
             try:
                 self.beat()
             except Exception as exc:  # keep beating; the next interval may succeed

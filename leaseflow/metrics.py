@@ -15,6 +15,8 @@ REDISPATCHED = Counter("leaseflow_runs_redispatched_total", "Pending runs re-pub
 QUEUE_PROBES = Counter(
     "leaseflow_queue_probes_total", "Probes sent through a queue before re-publishing"
 )
+WORKERS_REAPED = Counter("leaseflow_workers_reaped_total", "Workers found dead by beat")
+RELEASED = Counter("leaseflow_leases_released_total", "Leases a worker shutting down handed back")
 LOCKS_SWEPT = Counter("leaseflow_locks_swept_total", "Expired resource locks freed by beat")
 STEP_SECONDS = Histogram(
     "leaseflow_step_duration_seconds", "Time a state function ran", ["workflow", "state"]

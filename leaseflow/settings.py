@@ -59,6 +59,12 @@ class Settings(BaseSettings):
     timeout_interval: float = Field(1.0, gt=0)
     #: How often beat frees resource locks whose lease expired (audited).
     lock_sweep_interval: float = Field(5.0, gt=0)
+    #: A worker process silent this long is dead: beat hands its leases on at once
+    #: (default: 2.5 heartbeat intervals, well before its leases would expire).
+    worker_dead_after: float | None = Field(None, gt=0)
+    #: On a warm shutdown (SIGTERM) a worker lets its running states finish for this
+    #: long, then hands the rest back (pending at once, attempt refunded) and exits.
+    shutdown_grace: float = Field(20.0, ge=0)
     dispatch_timeout: float = Field(60.0, gt=0)
     dispatch_batch: int = Field(1000, gt=0)
     max_checkpoint_bytes: int = Field(1024 * 1024, gt=0)
@@ -104,9 +110,22 @@ class Settings(BaseSettings):
                 f"LEASEFLOW_LEASE_TTL ({self.lease_ttl:g} s), so that an expired lease is "
                 "reaped within about one lease time"
             )
+        if self.dead_after <= 2 * self.heartbeat_interval:
+            problems.append(
+                f"LEASEFLOW_WORKER_DEAD_AFTER ({self.dead_after:g} s) must be more than twice "
+                f"LEASEFLOW_HEARTBEAT_INTERVAL ({self.heartbeat_interval:g} s), so that one "
+                "late heartbeat does not make a live worker dead"
+            )
         if problems:
             raise errors.ConfigurationError("; ".join(problems))
         return self
+
+    @property
+    def dead_after(self) -> float:
+        """Seconds without a heartbeat after which a worker process is dead."""
+        if self.worker_dead_after is not None:
+            return self.worker_dead_after
+        return 2.5 * self.heartbeat_interval
 
     @property
     def maintenance_queue(self) -> str:

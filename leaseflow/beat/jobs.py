@@ -16,6 +16,17 @@ from leaseflow.fsm import rules
 from leaseflow.store import base
 
 
+def reap_dead_workers(store: base.RunStore, *, self_id: str, after: float) -> list[str]:
+    """Workers that stopped checking in ``after`` seconds ago are dead: their leases
+    expire now, so the reaper (run right after) hands their runs on at once, each
+    attempt counted as a crash. Never the worker running this job (``self_id``)."""
+    dead = store.reap_dead_workers(self_id=self_id, after=after)
+    for worker in dead:
+        metrics.WORKERS_REAPED.inc()
+        logs.warning("worker_dead", worker=worker, silent_for=after)
+    return dead
+
+
 def reap(store: base.RunStore, *, limit: int = 1000) -> list[messages.Message]:
     """Expired leases: back to pending while attempts remain (re-published), else failed."""
     out: list[messages.Message] = []

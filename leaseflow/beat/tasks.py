@@ -109,6 +109,9 @@ def register(app: Celery) -> None:
     @app.task(name=REAP_TASK, ignore_result=True, shared=False)
     def reap() -> int:
         engine = runtime.get()
+        jobs.reap_dead_workers(
+            engine.store, self_id=engine.worker_id, after=engine.settings.dead_after
+        )
         found = jobs.reap(engine.store, limit=engine.settings.dispatch_batch)
         dispatch.publish_all(app, found)
         return len(found)

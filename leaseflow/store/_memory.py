@@ -38,6 +38,11 @@ class WorkerRow:
 
     last_seen_at: datetime
     leases_lost: int = 0
+    started_at: datetime | None = None
+    queues: str | None = None
+    concurrency: int | None = None
+    leases_held: int = 0
+    status: str = "alive"
 
 
 @dataclass(slots=True)

@@ -49,9 +49,12 @@ from leaseflow.store.records import (
     OverdueRun,
     Peek,
     Reaped,
+    Released,
     RunRecord,
     Signalled,
     WaitEnded,
+    WorkerInfo,
+    WorkerRecord,
 )
 
 
@@ -171,10 +174,18 @@ class RunStore(Protocol):
         refused (None) unless the lock is still the run's; the lock is then freed
         (``claim.releases_lock``) or refreshed for ``lock_ttl`` seconds."""
 
-    def heartbeat(self, leases: Sequence[LeaseRef], *, worker: str, ttl: float) -> Extended:
+    def heartbeat(
+        self,
+        leases: Sequence[LeaseRef],
+        *,
+        worker: str,
+        ttl: float,
+        info: WorkerInfo | None = None,
+    ) -> Extended:
         """Extend the leases still held (and record the worker as alive); returns the
         tokens extended (a token missing from the answer was lost) and those asked to
-        cancel."""
+        cancel. The worker checks in to the registry (``info``: its queues and pool
+        size), whether or not it holds leases."""
 
     def count_lease_lost(self, worker: str) -> None:
         """Count a commit that was fenced out, against the worker."""
@@ -275,6 +286,22 @@ class RunStore(Protocol):
 
     def sweep_deadlines(self, *, limit: int = 1000) -> list[WaitEnded]:
         """Runs past their deadline end ``timed_out`` (``E-RUN-TIMEOUT``)."""
+
+    # -- the worker registry --------------------------------------------------------------
+
+    def reap_dead_workers(self, *, self_id: str, after: float) -> list[str]:
+        """Mark workers silent for ``after`` seconds dead (never ``self_id``) and expire
+        their leases now, for the reaper; the dead ids. Once each under two beats."""
+
+    def release_leases_of(self, owners: Sequence[str]) -> Released:
+        """Hand back what ``owners`` lease (a worker shutting down): runs and branches
+        pending at once, attempts refunded, a ``released`` step per run."""
+
+    def forget_workers(self, ids: Sequence[str]) -> None:
+        """Remove workers that stopped cleanly from the registry."""
+
+    def list_workers(self, *, limit: int = 1000) -> list[WorkerRecord]:
+        """The registry: alive workers first."""
 
     # -- resource locks ------------------------------------------------------------------
 

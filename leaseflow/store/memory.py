@@ -29,6 +29,7 @@ from leaseflow.store._memory import Clock, InCommitWrite, WorkerRow
 from leaseflow.store._memory_dispatch import Dispatcher
 from leaseflow.store._memory_ops import Lifecycle
 from leaseflow.store._memory_reaper import Reaper
+from leaseflow.store._memory_workers import Registry
 from leaseflow.store.base import Extended, LeaseRef, NewRun
 
 __all__ = ["InCommitWrite", "MemoryStore", "RecordingConnection", "WorkerRow"]
@@ -308,11 +309,21 @@ class _Runs(Lifecycle):
             )
         return group.id
 
-    def heartbeat(self, leases: Sequence[LeaseRef], *, worker: str, ttl: float) -> Extended:
+    def heartbeat(
+        self,
+        leases: Sequence[LeaseRef],
+        *,
+        worker: str,
+        ttl: float,
+        info: rec.WorkerInfo | None = None,
+    ) -> Extended:
         with self._lock:
             now = self._now()
-            seen = self.workers.setdefault(worker, WorkerRow(now))
-            seen.last_seen_at = now
+            seen = self.workers.setdefault(worker, WorkerRow(now, started_at=now))
+            seen.last_seen_at, seen.status, seen.leases_held = now, "alive", len(leases)
+            if info is not None:
+                seen.queues = ",".join(info.queues) or seen.queues
+                seen.concurrency = info.concurrency or seen.concurrency
             extended: set[str] = set()
             cancelled: set[str] = set()
             for lease in leases:
@@ -352,7 +363,7 @@ class _Runs(Lifecycle):
             seen.last_seen_at = now
 
 
-class MemoryStore(_Runs, tables.Branches, Reaper, Dispatcher):
+class MemoryStore(_Runs, tables.Branches, Reaper, Dispatcher, Registry):
     """An in-memory ``RunStore`` with ``PostgresStore``'s semantics; thread-safe.
 
     ``clock`` (default: the wall clock, UTC) is the store's database time;

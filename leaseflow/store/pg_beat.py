@@ -25,6 +25,7 @@ def heartbeat_txn(
     *,
     worker: str,
     ttl: float,
+    info: records.WorkerInfo | None = None,
 ) -> base.Extended:
     """One statement: extend the run leases ``(run_id, token)`` and branch leases
     ``(group_id, token)`` still held, record the worker as alive, and learn which of
@@ -33,6 +34,8 @@ def heartbeat_txn(
         "worker": worker,
         "hostname": HOSTNAME,
         "pid": os.getpid(),
+        "queues": ",".join(info.queues) if info is not None and info.queues else None,
+        "concurrency": info.concurrency if info is not None else None,
         "ttl": ttl,
         "run_ids": [run_id for run_id, _ in runs],
         "tokens": [token for _, token in runs],
@@ -118,3 +121,37 @@ def send_probe_txn(
 
 def probe_passed_txn(conn: psycopg.Connection[Any], queue: str, sent_at: datetime) -> None:
     conn.execute(queries.PROBE_PASSED, {"queue": queue, "sent_at": sent_at})
+
+
+# -- the worker registry ---------------------------------------------------------------
+
+
+def mark_dead_txn(conn: psycopg.Connection[Any], *, self_id: str, after: float) -> list[str]:
+    rows = conn.execute(queries.MARK_DEAD, {"self": self_id, "after": after}).fetchall()
+    return [row[0] for row in rows]
+
+
+def expire_leases_of_txn(conn: psycopg.Connection[Any], owners: Sequence[str]) -> int:
+    row = conn.execute(queries.EXPIRE_LEASES_OF, {"owners": list(owners)}).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def release_leases_of_txn(
+    conn: psycopg.Connection[Any], owners: Sequence[str], *, dispatch_timeout: float
+) -> records.Released:
+    params = {"owners": list(owners), "dispatch_timeout": dispatch_timeout}
+    runs = tuple(records.Due(*row) for row in conn.execute(queries.RELEASE_RUNS_OF, params))
+    branches = tuple(
+        records.DueBranch(*row) for row in conn.execute(queries.RELEASE_BRANCHES_OF, params)
+    )
+    return records.Released(runs, branches)
+
+
+def forget_workers_txn(conn: psycopg.Connection[Any], ids: Sequence[str]) -> None:
+    conn.execute(queries.FORGET_WORKERS, {"ids": list(ids)})
+
+
+def list_workers_txn(conn: psycopg.Connection[Any], *, limit: int) -> list[records.WorkerRecord]:
+    return [
+        records.WorkerRecord(*row) for row in conn.execute(queries.LIST_WORKERS, {"limit": limit})
+    ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 from leaseflow.store import connections, pg_beat
 from leaseflow.store import records as rec
@@ -67,3 +68,37 @@ class BeatJobs:
 
     def probe_passed(self, queue: str, sent_at: datetime) -> None:
         self.connections.with_retry(lambda c: pg_beat.probe_passed_txn(c, queue, sent_at))
+
+    # -- the worker registry -----------------------------------------------------------
+
+    def reap_dead_workers(self, *, self_id: str, after: float) -> list[str]:
+        """Mark the workers that stopped checking in ``after`` seconds ago as dead (not
+        ``self_id``, the one asking) and expire their leases now, for the reaper to hand
+        them on at once; the dead ids. Once each under two beats."""
+
+        def txn(conn: Any) -> list[str]:
+            dead = pg_beat.mark_dead_txn(conn, self_id=self_id, after=after)
+            if dead:
+                pg_beat.expire_leases_of_txn(conn, dead)
+            return dead
+
+        return self.connections.transact(txn) or []
+
+    def release_leases_of(self, owners: Sequence[str]) -> rec.Released:
+        """Hand back the runs and branches leased by ``owners`` (a worker shutting down):
+        pending again at once, attempt refunded, a ``released`` step logged."""
+        if not owners:
+            return rec.Released()
+        timeout = self.dispatch_timeout
+        found = self.connections.transact(
+            lambda c: pg_beat.release_leases_of_txn(c, owners, dispatch_timeout=timeout)
+        )
+        return found or rec.Released()
+
+    def forget_workers(self, ids: Sequence[str]) -> None:
+        """Remove worker processes that stopped cleanly from the registry."""
+        if ids:
+            self.connections.with_retry(lambda c: pg_beat.forget_workers_txn(c, ids))
+
+    def list_workers(self, *, limit: int = 1000) -> list[rec.WorkerRecord]:
+        return self.connections.with_retry(lambda c: pg_beat.list_workers_txn(c, limit=limit))

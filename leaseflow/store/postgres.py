@@ -300,13 +300,18 @@ class PostgresStore(pg_operations.Operations, pg_jobs.BeatJobs, pg_lock_ops.Lock
         return rec.Committed(step_seq=claim.step_seq + 1, ended=ended)
 
     def heartbeat(
-        self, leases: Sequence[base.LeaseRef], *, worker: str, ttl: float
+        self,
+        leases: Sequence[base.LeaseRef],
+        *,
+        worker: str,
+        ttl: float,
+        info: rec.WorkerInfo | None = None,
     ) -> base.Extended:
         """Extend every live lease of this worker, runs and branches, in one statement."""
         runs = [(lease.run_id, lease.token) for lease in leases if lease.group_id is None]
         branches = [(lease.group_id, lease.token) for lease in leases if lease.group_id is not None]
         return self.connections.with_retry(
-            lambda c: pg_beat.heartbeat_txn(c, runs, branches, worker=worker, ttl=ttl)
+            lambda c: pg_beat.heartbeat_txn(c, runs, branches, worker=worker, ttl=ttl, info=info)
         )
 
     def count_lease_lost(self, worker: str) -> None:

@@ -123,8 +123,13 @@ COMMITTED_BY = "SELECT seq FROM lf_steps WHERE run_id = %(run_id)s AND lease_tok
 
 HEARTBEAT = """
 WITH seen AS (
-    INSERT INTO lf_workers (id, hostname, pid) VALUES (%(worker)s, %(hostname)s, %(pid)s)
-    ON CONFLICT (id) DO UPDATE SET last_seen_at = now()
+    INSERT INTO lf_workers (id, hostname, pid, queues, concurrency, leases_held)
+    VALUES (%(worker)s, %(hostname)s, %(pid)s, %(queues)s, %(concurrency)s,
+            cardinality(%(run_ids)s::uuid[]) + cardinality(%(group_ids)s::bigint[]))
+    ON CONFLICT (id) DO UPDATE
+       SET last_seen_at = now(), status = 'alive', leases_held = excluded.leases_held,
+           queues = coalesce(excluded.queues, lf_workers.queues),
+           concurrency = coalesce(excluded.concurrency, lf_workers.concurrency)
 ), runs AS (
     UPDATE lf_runs
        SET lease_expires_at = now() + %(ttl)s * interval '1 second'
@@ -156,6 +161,80 @@ SELECT lease_token::text, true, false FROM lf_branches
  WHERE group_id = ANY(%(group_ids)s::bigint[])
    AND lease_token = ANY(%(branch_tokens)s::uuid[])
    AND status = 'cancelled'
+"""
+
+#: Workers that stopped checking in are dead (the one asking excepted); a second beat
+#: finds them dead already.
+MARK_DEAD = """
+UPDATE lf_workers SET status = 'dead'
+ WHERE id IN (SELECT id FROM lf_workers
+               WHERE status = 'alive' AND id <> %(self)s
+                 AND last_seen_at < now() - %(after)s * interval '1 second'
+                 FOR UPDATE SKIP LOCKED)
+RETURNING id, hostname, pid, last_seen_at
+"""
+
+#: The leases of dead workers expire now: the reaper hands them on at once.
+EXPIRE_LEASES_OF = """
+WITH runs AS (
+    UPDATE lf_runs SET lease_expires_at = now() - interval '1 millisecond'
+     WHERE lease_owner = ANY(%(owners)s) AND status = 'running' AND lease_expires_at > now()
+    RETURNING id
+), branches AS (
+    UPDATE lf_branches SET lease_expires_at = now() - interval '1 millisecond'
+     WHERE lease_owner = ANY(%(owners)s) AND status = 'running' AND lease_expires_at > now()
+    RETURNING group_id
+)
+SELECT (SELECT count(*) FROM runs) + (SELECT count(*) FROM branches)
+"""
+
+#: A worker shutting down hands back the runs it will not finish: pending again at once,
+#: the attempt refunded, a ``released`` step logged.
+RELEASE_RUNS_OF = """
+WITH owned AS (
+    SELECT id, lease_token AS token, lease_owner AS owner, claimed_at AS claimed
+      FROM lf_runs
+     WHERE lease_owner = ANY(%(owners)s) AND status = 'running'
+       FOR UPDATE
+), released AS (
+    UPDATE lf_runs r
+       SET status = 'pending', attempt = greatest(r.attempt - 1, 0), step_seq = r.step_seq + 1,
+           lease_token = NULL, lease_owner = NULL, lease_expires_at = NULL, claimed_at = NULL,
+           not_before = now(),
+           redispatch_at = now() + %(dispatch_timeout)s * interval '1 second',
+           updated_at = now()
+      FROM owned o
+     WHERE r.id = o.id
+    RETURNING r.id, r.workflow, r.version, r.state, r.step_seq, r.priority, r.attempt,
+              o.token, o.owner, o.claimed
+), logged AS (
+    INSERT INTO lf_steps (run_id, seq, state, attempt, lease_token, worker, started_at,
+                          outcome, error)
+    SELECT id, step_seq - 1, state, attempt + 1, token, owner, claimed, 'released',
+           'the worker shut down before the state finished: handed back, attempt refunded'
+      FROM released
+)
+SELECT id::text, workflow, version, state, step_seq, 0.0::float8, priority FROM released
+"""
+
+RELEASE_BRANCHES_OF = """
+UPDATE lf_branches b
+   SET status = 'pending', attempt = greatest(b.attempt - 1, 0), lease_token = NULL,
+       lease_owner = NULL, lease_expires_at = NULL, claimed_at = NULL, not_before = now(),
+       redispatch_at = now() + %(dispatch_timeout)s * interval '1 second'
+  FROM lf_runs r
+ WHERE b.lease_owner = ANY(%(owners)s) AND b.status = 'running' AND r.id = b.run_id
+RETURNING b.run_id::text, b.group_id, b.idx, r.workflow, b.state, 0.0::float8, r.priority,
+          r.version
+"""
+
+#: A worker that stops cleanly leaves the registry.
+FORGET_WORKERS = "DELETE FROM lf_workers WHERE id = ANY(%(ids)s)"
+
+LIST_WORKERS = """
+SELECT id, hostname, pid, queues, concurrency, started_at, last_seen_at, leases_held,
+       leases_lost, status
+  FROM lf_workers ORDER BY status, hostname, pid LIMIT %(limit)s
 """
 
 COUNT_LEASE_LOST = """

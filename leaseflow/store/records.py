@@ -140,6 +140,41 @@ class LockAudit:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """What a worker process tells the registry of itself with each heartbeat."""
+
+    queues: tuple[str, ...] = ()
+    concurrency: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRecord:
+    """A worker process in the registry (``lf_workers``)."""
+
+    id: str
+    hostname: str
+    pid: int
+    queues: str | None
+    concurrency: int | None
+    started_at: datetime
+    last_seen_at: datetime
+    leases_held: int
+    leases_lost: int
+    status: str  # alive | dead
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    """What a worker shutting down handed back: runs and branches to publish again."""
+
+    runs: tuple[Due, ...] = ()
+    branches: tuple[DueBranch, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class HeldLock:
     """A lock taken by ``locks.hold``: its fence and token."""
 

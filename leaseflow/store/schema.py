@@ -296,5 +296,12 @@ workers = Table(
     Column("started_at", _ts, nullable=False, server_default=func.now()),
     Column("last_seen_at", _ts, nullable=False, server_default=func.now()),
     Column("leases_lost", BigInteger, nullable=False, server_default="0"),
+    #: The worker's queues (comma-separated) and pool size, leases held at its last
+    #: heartbeat, and whether beat found it dead (it stopped checking in).
+    Column("queues", Text),
+    Column("concurrency", Integer),
+    Column("leases_held", Integer, nullable=False, server_default="0"),
+    Column("status", Text, nullable=False, server_default="alive"),
     PrimaryKeyConstraint("id"),
+    CheckConstraint("status IN ('alive', 'dead')", name="status"),
 )

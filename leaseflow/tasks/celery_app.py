@@ -17,7 +17,7 @@ from leaseflow.beat import tasks as beat_tasks
 from leaseflow.fsm import registry
 from leaseflow.fsm.definition import StateSpec, Workflow
 from leaseflow.settings import Settings, get_settings
-from leaseflow.tasks import runtime, states
+from leaseflow.tasks import lifecycle, runtime, states
 
 _listeners: dict[int, registry.StateListener] = {}
 _lock = threading.Lock()
@@ -207,6 +207,7 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     if _app is not None and application is _app:
         # The queues -Q selected (all declared ones without -Q); not yet the beat queue.
         prepare_worker(list(sender.app.amqp.queues.consume_from))
+        lifecycle.remember(sender)
 
 
 @signals.beat_init.connect

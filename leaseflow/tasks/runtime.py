@@ -16,6 +16,7 @@ from leaseflow.fsm import rules
 from leaseflow.heartbeat import LeaseKeeper
 from leaseflow.runner import Runner
 from leaseflow.settings import Settings, get_settings
+from leaseflow.store import records
 from leaseflow.store.postgres import PostgresStore
 
 
@@ -32,6 +33,8 @@ _lock = threading.Lock()
 _runtime: Runtime | None = None
 _pid = 0
 _settings: Settings | None = None
+#: What the worker tells the registry of itself (set at worker start, before the fork).
+worker_info: records.WorkerInfo | None = None
 
 
 def worker_id() -> str:
@@ -74,7 +77,11 @@ def get() -> Runtime:
             wid = worker_id()
             store = make_store(settings, application_name=f"leaseflow-worker {wid}"[:63])
             keeper = LeaseKeeper(
-                store, worker=wid, ttl=settings.lease_ttl, interval=settings.heartbeat_interval
+                store,
+                worker=wid,
+                ttl=settings.lease_ttl,
+                interval=settings.heartbeat_interval,
+                info=worker_info,
             )
             runner = Runner(
                 store,

@@ -40,6 +40,7 @@ _AGED = {
     "lf_branches": ("lease_expires_at", "not_before", "redispatch_at", "claimed_at"),
     "lf_queue_marks": ("probe_sent_at", "passed_at"),
     "lf_locks": ("expires_at",),
+    "lf_workers": ("last_seen_at",),
 }
 
 

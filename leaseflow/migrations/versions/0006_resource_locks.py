@@ -1,5 +1,8 @@
 """Resource locks: held by states (``lock=``) or by any code (``locks.hold``), swept by
-beat, force-releasable, audited
+beat, force-releasable, audited; the worker registry
+
+``lf_workers`` gains each worker process's queues, pool size, leases held and status
+(``dead`` once beat finds it stopped checking in).
 
 ``lf_locks`` keeps one row per key ever locked: its fence only grows, across holders.
 A lock is held while ``token`` is set. ``lf_runs`` records the lock its run holds
@@ -61,9 +64,23 @@ def upgrade() -> None:
     op.add_column("lf_runs", sa.Column("lock_key", sa.Text(), nullable=True))
     op.add_column("lf_runs", sa.Column("lock_token", sa.UUID(as_uuid=False), nullable=True))
     op.add_column("lf_runs", sa.Column("lock_until", sa.Text(), nullable=True))
+    op.add_column("lf_workers", sa.Column("queues", sa.Text(), nullable=True))
+    op.add_column("lf_workers", sa.Column("concurrency", sa.Integer(), nullable=True))
+    op.add_column(
+        "lf_workers", sa.Column("leases_held", sa.Integer(), nullable=False, server_default="0")
+    )
+    op.add_column(
+        "lf_workers", sa.Column("status", sa.Text(), nullable=False, server_default="alive")
+    )
+    op.create_check_constraint(
+        op.f("ck_lf_workers_status"), "lf_workers", "status IN ('alive', 'dead')"
+    )
 
 
 def downgrade() -> None:
+    op.drop_constraint(op.f("ck_lf_workers_status"), "lf_workers", type_="check")
+    for column in ("status", "leases_held", "concurrency", "queues"):
+        op.drop_column("lf_workers", column)
     for column in ("lock_until", "lock_token", "lock_key"):
         op.drop_column("lf_runs", column)
     op.drop_index("ix_lf_lock_audit_key", table_name="lf_lock_audit")
