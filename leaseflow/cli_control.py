@@ -137,6 +137,25 @@ def locks_release(key: str, force: bool, reason: str) -> None:
     )
 
 
+@click.group()
+def workers() -> None:
+    """The worker registry: every worker process, as its heartbeats report it."""
+
+
+@workers.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+def workers_list(as_json: bool) -> None:
+    """Worker processes: host, pid, queues, pool size, started, last seen, leases held."""
+    from leaseflow.cli_render import console, workers_table
+
+    with _client() as client:
+        found = client.store.list_workers()
+    if as_json:
+        click.echo(to_json([worker.to_dict() for worker in found]))
+    else:
+        console().print(workers_table(found))
+
+
 def register(group: click.Group) -> None:
-    for command in (signal, cancel, retry, locks):
+    for command in (signal, cancel, retry, locks, workers):
         group.add_command(command)

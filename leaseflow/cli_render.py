@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
 
-    from leaseflow.store.records import GroupRecord, LockRecord, RunRecord
+    from leaseflow.store.records import GroupRecord, LockRecord, RunRecord, WorkerRecord
 
 #: Width of tables written to a pipe or file, so ids and timestamps never wrap.
 PIPE_WIDTH = 200
@@ -159,6 +159,26 @@ def locks_table(held: list[LockRecord]) -> Any:
             when(lock.acquired_at),
             expires,
             str(lock.fence),
+        )
+    return table
+
+
+def workers_table(found: list[WorkerRecord]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"{len(found)} worker process(es)", title_justify="left")
+    for column in ("id", "status", "queues", "pool", "started", "last seen", "leases", "lost"):
+        table.add_column(column)
+    for worker in found:
+        table.add_row(
+            worker.id,
+            worker.status,
+            worker.queues or "",
+            "" if worker.concurrency is None else str(worker.concurrency),
+            when(worker.started_at),
+            when(worker.last_seen_at),
+            str(worker.leases_held),
+            str(worker.leases_lost),
         )
     return table
 

@@ -13,6 +13,7 @@ error and is retried. The sleeps stand in for real work (an LLM call, a tool);
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from typing import TYPE_CHECKING
@@ -82,7 +83,16 @@ def fetch_memory(ctx: Context[AgentOp]) -> list[str]:
     return [f"{ctx.data.user} prefers short answers"]
 
 
-@agent.state(to=["tool_executing", "postprocessing"], retry=Retry(max_attempts=4, backoff=0.5))
+#: The pool of the model calls: a queue of its own when set (the compose stack runs a
+#: ``worker-gpu`` service for it), else the default queue.
+INFER_QUEUE = os.environ.get("LEASEFLOW_EXAMPLE_INFER_QUEUE") or None
+
+
+@agent.state(
+    to=["tool_executing", "postprocessing"],
+    retry=Retry(max_attempts=4, backoff=0.5),
+    queue=INFER_QUEUE,
+)
 def inferring(ctx: Context[AgentOp]) -> str:
     if ctx.branch_results:  # entered from 'gather': the lookups' results, in order
         ctx.data.docs, ctx.data.memory = ctx.branch_results

@@ -28,7 +28,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 
 #: The services that run the leaseflow image (the rest are stock images).
-LEASEFLOW_SERVICES = ("migrate", "worker", "beat", "flower", "api")
+LEASEFLOW_SERVICES = ("migrate", "worker", "worker-gpu", "beat", "flower", "api")
 ALL_SERVICES = ("postgres", "redis", *LEASEFLOW_SERVICES)
 
 
@@ -215,6 +215,17 @@ def test_the_worker_can_be_scaled(services):
     assert "container_name" not in worker
     assert not worker.get("ports"), "host port bindings clash between replicas"
     assert "hostname" not in worker, "replicas would share one Celery node name"
+
+
+def test_a_second_worker_pool_serves_the_gpu_queue(services):
+    # Given the second worker service
+    gpu = services["worker-gpu"]
+
+    # Then it serves only the gpu queue, where the example's model calls are routed
+    assert gpu["command"][:5] == ["leaseflow", "worker", "-Q", "gpu", "-c"]
+    assert gpu["environment"]["LEASEFLOW_EXAMPLE_INFER_QUEUE"] == "gpu"
+    assert services["worker"]["environment"]["LEASEFLOW_EXAMPLE_INFER_QUEUE"] == "gpu"
+    assert set(gpu["depends_on"]) == {"migrate", "redis"}
 
 
 def test_beat_runs_exactly_once(services):

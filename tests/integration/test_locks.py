@@ -162,6 +162,11 @@ def test_locks_list_and_release_on_the_command_line(lsettings, store, monkeypatc
         assert "released lock 'index:acme' (fence 1) from reindex-cli" in released.stdout
         assert not store.refresh_lock("index:acme", held.token, ttl=60)  # fenced out
 
+        store.heartbeat([], worker="vm:4242", ttl=60)
+        workers = cli("workers", "list", "--json")
+        assert [w["id"] for w in json.loads(workers.stdout)] == ["vm:4242"]
+        assert "vm:4242" in cli("workers", "list").stdout
+
         unknown = cli("locks", "release", "nope", "--force", "--reason", "x")
         assert unknown.exit_code == 1
         assert unknown.stderr.startswith("error[E-LOCK-NOT-FOUND]: no lock 'nope' is held")
