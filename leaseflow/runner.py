@@ -92,7 +92,7 @@ class Runner:
         declares is claimed: a run of another version is left untouched for a worker
         that has it (logged and counted as ``version_unknown``)."""
         started = time.perf_counter()
-        versions = registry.versions(workflow) if workflow is not None else None
+        versions = _versions(workflow)
         claim = self.store.claim(
             run_id, step_seq, owner=self.worker, ttl=self.ttl, versions=versions
         )
@@ -115,7 +115,7 @@ class Runner:
 
     def run_branch(self, group_id: int, idx: int, *, workflow: str | None = None) -> StepResult:
         """Claim branch ``idx`` of group ``group_id``, run it, commit its result."""
-        versions = registry.versions(workflow) if workflow is not None else None
+        versions = _versions(workflow)
         claim = self.store.claim_branch(
             group_id, idx, owner=self.worker, ttl=self.ttl, versions=versions
         )
@@ -305,6 +305,12 @@ class Runner:
             ),
             outcome=decision.status,
         )
+
+
+def _versions(workflow: str | None) -> list[int] | None:
+    """The versions of ``workflow`` this process declares, to claim only runs of those;
+    None (claim any) when it declares none: the state then fails ``E-UNKNOWN-STATE``."""
+    return (registry.versions(workflow) or None) if workflow is not None else None
 
 
 def _spec(claim: records.Claim) -> StateSpec | None:
