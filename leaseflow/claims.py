@@ -17,6 +17,12 @@ from leaseflow.store import base, records
 LOCK_BACKOFF = 0.5
 
 
+def versions_of(workflow: str | None) -> list[int] | None:
+    """The versions of ``workflow`` this process declares, to claim only runs of those;
+    None (claim any) when it declares none: the state then fails ``E-UNKNOWN-STATE``."""
+    return (registry.versions(workflow) or None) if workflow is not None else None
+
+
 def lock_templates(workflow: str | None, state: str | None) -> bool:
     """Does ``state`` of ``workflow`` declare ``lock=`` in any version this process has?"""
     if workflow is None or state is None:
@@ -67,7 +73,7 @@ def claim_step(
     """Claim the step: with its lock when the state declares one (the claim and the lock
     in one transaction); a run holding a lock across states keeps it (or takes it
     again). ``LockContended``: held elsewhere, nothing claimed, the run deferred."""
-    versions = registry.versions(workflow) if workflow is not None else None
+    versions = versions_of(workflow)
     if lock_templates(workflow, state):
         found = store.claim_locked(
             run_id,

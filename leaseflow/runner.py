@@ -106,8 +106,7 @@ class Runner:
         if isinstance(claim, records.LockContended):
             return claims.contended(self.store, run_id, step_seq, claim)
         if claim is None:
-            versions = registry.versions(workflow) if workflow is not None else None
-            return claims.explain_miss(self.store, run_id, step_seq, versions)
+            return claims.explain_miss(self.store, run_id, step_seq, claims.versions_of(workflow))
         metrics.CLAIMS.labels("claimed").inc()
         budget = rules.InlineBudget.for_task(
             _spec(claim),
@@ -124,7 +123,7 @@ class Runner:
 
     def run_branch(self, group_id: int, idx: int, *, workflow: str | None = None) -> StepResult:
         """Claim branch ``idx`` of group ``group_id``, run it, commit its result."""
-        versions = registry.versions(workflow) if workflow is not None else None
+        versions = claims.versions_of(workflow)
         claim = self.store.claim_branch(
             group_id, idx, owner=self.worker, ttl=self.ttl, versions=versions
         )

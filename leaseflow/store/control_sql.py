@@ -45,8 +45,8 @@ WITH resumed AS (
 )
 INSERT INTO lf_steps (run_id, seq, state, attempt, started_at, finished_at, outcome,
                       next_state, error)
-SELECT id, step_seq - 1, prev_state, 0, now(), clock_timestamp(), %(outcome)s, %(state)s,
-       %(note)s
+SELECT id, step_seq - 1, prev_state, 0, clock_timestamp(), clock_timestamp(), %(outcome)s,
+       %(state)s, %(note)s
   FROM resumed
 RETURNING seq + 1
 """

@@ -23,6 +23,7 @@ import psycopg
 
 from leaseflow import errors, local, messages
 from leaseflow.tasks import dispatch
+from tests.chaos import waits_faults as waits
 from tests.chaos import workflows
 from tests.chaos.harness import (
     LEASE_TTL,
@@ -710,6 +711,42 @@ FAULTS: dict[str, Fault] = {
             arm_commit_kill,
             restart,
             check=commit_kill_fired,
+        ),
+        Fault(
+            "F-23",
+            "a signal at the same instant as its wait's timeout (deadlines pulled in by SQL, "
+            "signals spread across them while the sweeper fires)",
+            waits.race_signal_and_timeout,
+            settings={"timeout_interval": waits.RACE_SWEEP_S},
+            check=waits.one_winner_per_race,
+        ),
+        Fault(
+            "F-24",
+            "the same signal id delivered three times at once and once more, before and "
+            "during the Wait",
+            waits.duplicate_signals,
+            check=waits.delivered_once,
+        ),
+        Fault(
+            "F-25",
+            "every beat stopped while waits and timers pass their deadline, then restarted",
+            waits.stop_beats_across_deadlines,
+            waits.restart_beat,
+            check=waits.fired_once_late,
+        ),
+        Fault(
+            "F-26",
+            "after_commit_before_enqueue@park=kill: a worker dies right after a Wait commits",
+            waits.arm_wait_kill,
+            waits.signal_after_the_kill,
+            check=waits.resumed_after_the_kill,
+        ),
+        Fault(
+            "F-27",
+            "cancel of runs mid-state, then kill -9 of their worker before the commit",
+            waits.cancel_then_kill,
+            waits.restart_killed,
+            check=waits.cancelled_where_they_were,
         ),
         Fault(
             "F-22",

@@ -217,6 +217,8 @@ class Harness:
         #: The lease holders a zombie fault struck (frozen, or its lease expired under
         #: it): each one's late commit must be refused (invariant I4).
         self.zombies: list[Busy] = []
+        #: What a fault's inject or heal noted for its own check (e.g. signal receipts).
+        self.notes: dict[str, Any] = {}
         self.round = 0  # injections so far
         self._restarts = 0
         self._mix = 0

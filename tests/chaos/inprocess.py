@@ -43,7 +43,16 @@ class Engine:
 
     def drive(self, run_ids: list[str]) -> None:
         """Run every step and branch the dispatches call for, until none is left."""
-        todo: list[messages.Message] = [messages.StateStep(run_id, "", "", 1) for run_id in run_ids]
+        names = dict(
+            self.conn.execute(
+                "SELECT id::text, workflow FROM lf_runs WHERE id = ANY(%s::uuid[])", (run_ids,)
+            ).fetchall()
+        )
+        # The workflow as a real message carries it: a worker claims only runs of the
+        # workflows (and versions) it declares.
+        todo: list[messages.Message] = [
+            messages.StateStep(run_id, names[run_id], "", 1) for run_id in run_ids
+        ]
         while todo:
             d = todo.pop(0)
             result = self.runner.handle(d)

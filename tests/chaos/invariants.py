@@ -23,8 +23,20 @@ from typing import Any
 from tests.chaos import workflows
 
 TERMINAL = ("completed", "failed", "cancelled", "timed_out")
-#: Outcomes of a step whose transition committed the state's effect with it.
-EFFECT_OUTCOMES = ("next", "completed", "fork")
+#: Outcomes of a step whose transition committed the state's effect with it (a state
+#: that returns ``Wait`` records its effect in the commit of the Wait).
+EFFECT_OUTCOMES = ("next", "completed", "fork", "wait")
+#: Outcomes of a step that moved its run to ``next_state`` (a registered move).
+MOVE_OUTCOMES = ("next", "signalled", "wait_timeout")
+#: Expected ends decided outside a state (a cancel, a deadline, a wait's timeout): the
+#: run's status for each such code. Every other expected code means ``failed`` by the
+#: lease holder (``I1 expected failures fail closed``); these are checked by the fault
+#: that expects them (``faults.py``).
+UNLEASED_ENDS = {
+    "E-CANCELLED": "cancelled",
+    "E-RUN-TIMEOUT": "timed_out",
+    "E-WAIT-TIMEOUT": "failed",
+}
 
 
 @dataclass(frozen=True)
@@ -62,6 +74,10 @@ budget AS (
       FROM unnest(%(budgets)s::text[]) AS b
 )"""
 
+_UNLEASED_STATUS = " ".join(
+    f"WHEN '{code}' THEN '{status}'" for code, status in UNLEASED_ENDS.items()
+)
+
 _EXPECTED = """
 expected AS (
     SELECT split_part(e, '|', 1)::uuid AS id, split_part(e, '|', 2) AS code
@@ -91,7 +107,8 @@ INVARIANTS: list[Invariant] = [
         "I1 every run completed or failed as expected",
         "a run that failed (each state has attempts to spare for one fault; a fault that "
         "``exhausts`` may use them all up: every attempt of the state reaped), or one "
-        "that had to fail with a given code and did not",
+        "that had to fail with a given code and did not (a cancel: ``cancelled``, a run "
+        "deadline: ``timed_out``, else ``failed``)",
         f"""WITH {_EXPECTED}
            SELECT r.id::text, r.workflow, r.state, r.status, r.error_code,
                   x.code AS expected, left(r.error, 200)
@@ -102,14 +119,15 @@ INVARIANTS: list[Invariant] = [
                             AND (SELECT count(*) FROM lf_steps l
                                   WHERE l.run_id = r.id AND l.state = r.state
                                     AND l.outcome = 'lease_expired') >= r.max_attempts))
-               OR (x.id IS NOT NULL AND (r.status <> 'failed'
-                                         OR r.error_code IS DISTINCT FROM x.code))""",
+               OR (x.id IS NOT NULL
+                   AND (r.status <> CASE x.code {_UNLEASED_STATUS} ELSE 'failed' END
+                        OR r.error_code IS DISTINCT FROM x.code))""",
     ),
     Invariant(
         "I1 expected failures fail closed",
         "a run that had to fail but was not failed by its lease holder at once (its last "
         "step not a fenced 'failed', or by a branch; or a lease of it or of a branch "
-        "expired: left to the reaper)",
+        "expired: left to the reaper); not for the ends of :data:`UNLEASED_ENDS`",
         f"""WITH {_EXPECTED}
            SELECT r.id::text, r.state, s.seq, s.outcome, s.lease_token::text,
                   (SELECT count(*) FROM lf_steps l
@@ -117,12 +135,13 @@ INVARIANTS: list[Invariant] = [
              FROM lf_runs r JOIN expected x ON x.id = r.id
              LEFT JOIN LATERAL (SELECT * FROM lf_steps WHERE run_id = r.id
                                  ORDER BY seq DESC LIMIT 1) s ON true
-            WHERE s.outcome IS DISTINCT FROM 'failed' OR r.lease_token IS NOT NULL
+            WHERE x.code NOT IN {tuple(UNLEASED_ENDS)!r} AND (
+                  s.outcome IS DISTINCT FROM 'failed' OR r.lease_token IS NOT NULL
                OR (s.lease_token IS NULL AND r.error_code <> 'E-BRANCH-FAILED')
                OR EXISTS (SELECT 1 FROM lf_steps l
                            WHERE l.run_id = r.id AND l.outcome = 'lease_expired')
                OR EXISTS (SELECT 1 FROM lf_branches b
-                           WHERE b.run_id = r.id AND b.error LIKE 'E-LEASE-EXPIRED%%')""",
+                           WHERE b.run_id = r.id AND b.error LIKE 'E-LEASE-EXPIRED%%'))""",
     ),
     Invariant(
         "I1 no branch or group left open",
@@ -157,10 +176,11 @@ INVARIANTS: list[Invariant] = [
     ),
     Invariant(
         "I3 moves registered",
-        "a step's (state, next_state) that lf_transitions does not hold",
-        """SELECT s.run_id::text, s.seq, s.state, s.next_state FROM lf_steps s
+        "a step's (state, next_state) that lf_transitions does not hold (a move, or a "
+        "waiting run resumed by a signal or its wait's timeout)",
+        f"""SELECT s.run_id::text, s.seq, s.state, s.next_state FROM lf_steps s
              JOIN lf_runs r ON r.id = s.run_id
-            WHERE s.outcome = 'next' AND NOT EXISTS (
+            WHERE s.outcome IN {MOVE_OUTCOMES!r} AND NOT EXISTS (
                   SELECT 1 FROM lf_transitions t
                    WHERE t.workflow = r.workflow AND t.version = r.version
                      AND t.from_state = s.state AND t.to_state = s.next_state)""",
@@ -171,7 +191,7 @@ INVARIANTS: list[Invariant] = [
         "step finished): the inline continuation path never ran",
         """SELECT count(*) FROM lf_steps s
              JOIN lf_steps p ON p.run_id = s.run_id AND p.seq = s.seq - 1
-            WHERE s.started_at <= p.finished_at
+            WHERE s.started_at <= p.finished_at AND s.lease_token IS NOT NULL
            HAVING count(*) = 0""",
     ),
     Invariant(
@@ -184,7 +204,7 @@ INVARIANTS: list[Invariant] = [
              JOIN lf_steps p ON p.run_id = s.run_id AND p.seq = s.seq - 1
              JOIN lf_runs r ON r.id = s.run_id
              LEFT JOIN budget b ON b.workflow = r.workflow AND b.state = s.state
-            WHERE s.started_at <= p.finished_at
+            WHERE s.started_at <= p.finished_at AND s.lease_token IS NOT NULL
               AND (p.outcome <> 'next' OR b.inline IS DISTINCT FROM true)""",
     ),
     Invariant(
@@ -208,6 +228,9 @@ INVARIANTS: list[Invariant] = [
                                             THEN s.p_state ELSE g.join_state END
                       WHEN 'retry' THEN s.p_state
                       WHEN 'lease_expired' THEN s.p_state
+                      WHEN 'wait' THEN s.p_state
+                      WHEN 'signalled' THEN s.p_next
+                      WHEN 'wait_timeout' THEN s.p_next
                    END)""",
     ),
     # -- I4: effects fenced by the committing lease ------------------------------------------

@@ -11,6 +11,10 @@
   by a hash of run id and attempt, so a run's luck is reproducible), which leaves
   three of its five attempts to the faults.
 - ``chaos_fan``: fork -> (``width`` x leg, a Parallel) -> gather -> leave.
+- ``chaos_wait`` (not in the standard mix: the wait faults submit it): enter -> park,
+  which returns ``Wait(event="go", next="done", timeout=wait_s, on_timeout="late")``
+  (``timer``: a durable timer ``Wait(next="done", timeout=wait_s)``); ``done`` records
+  the signal it was resumed with, ``late`` that the wait ran out.
 
 A run's input can steer one state into misbehaving (:data:`SABOTAGE`, for F-14,
 F-17 and F-18): raise a transient or a permanent error, or put a value that is not
@@ -38,7 +42,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 from pydantic import BaseModel
 
-from leaseflow import Complete, Parallel, Retry, Workflow, errors
+from leaseflow import Complete, Parallel, Retry, Wait, Workflow, errors
 
 EFFECTS_DDL = """
 CREATE TABLE IF NOT EXISTS chaos_effects (
@@ -96,6 +100,8 @@ class Chaos(BaseModel):
     sabotage_at: str | None = None  # the state that misbehaves (None: none)
     sabotage: str = ""  # how: one of SABOTAGE
     extra: Any = None  # where context sabotage puts its value
+    wait_s: float | None = None  # chaos_wait: the wait's timeout (None: none)
+    timer: bool = False  # chaos_wait: a durable timer instead of a wait for WAIT_EVENT
 
 
 def _record(ctx: Any, detail: Any = None) -> None:
@@ -277,7 +283,46 @@ def fan_leave(ctx: Any) -> Any:
     return _step(ctx)
 
 
-WORKFLOWS = (linear, slow, flaky, fan, inline)
+# -- wait ----------------------------------------------------------------------------------
+
+#: The event ``chaos_wait`` waits for.
+WAIT_EVENT = "go"
+
+waiter = Workflow("chaos_wait", context=Chaos)
+
+
+@waiter.state(initial=True, to=["park"], retry=RETRY, name="enter")
+def wait_enter(ctx: Any) -> Any:
+    return _step(ctx, "park")
+
+
+@waiter.state(to=["done", "late"], retry=RETRY)
+def park(ctx: Any) -> Wait:
+    time.sleep(ctx.data.pause)
+    ctx.data.trail.append("park")
+    _record(ctx)  # commits with the Wait
+    if ctx.data.timer:
+        return Wait(next="done", timeout=ctx.data.wait_s)
+    return Wait(event=WAIT_EVENT, next="done", timeout=ctx.data.wait_s, on_timeout="late")
+
+
+@waiter.state(retry=RETRY)
+def done(ctx: Any) -> Complete:
+    time.sleep(ctx.data.pause)
+    ctx.data.trail.append("done")
+    _record(ctx, {"signal": ctx.signal})
+    return Complete(output={"trail": ctx.data.trail, "via": "done", "signal": ctx.signal})
+
+
+@waiter.state(retry=RETRY)
+def late(ctx: Any) -> Complete:
+    time.sleep(ctx.data.pause)
+    ctx.data.trail.append("late")
+    _record(ctx, {"signal": ctx.signal})
+    return Complete(output={"trail": ctx.data.trail, "via": "late", "signal": ctx.signal})
+
+
+WORKFLOWS = (linear, slow, flaky, fan, inline, waiter)
 #: The submitted mix, in rotation: the slow, inline and fan-out runs keep leases in flight.
 MIX = (linear, slow, flaky, fan, inline)
 
