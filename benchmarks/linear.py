@@ -24,6 +24,9 @@ enqueued first, then the worker is started; it is stopped once every run is fini
   leaseflow_inline  the same five states with s2..s5 declared ``inline=True``: the
                 commit of each state hands the next one's lease to the same task (inline
                 continuation), so a run is one Celery task and one statement per state.
+  leaseflow_locked  (on demand) ``lock="bench:{key}"`` on every state, a key per run:
+                each claim takes an uncontended lock in its transaction, each commit
+                frees it; ``leaseflow_contended`` the same with every run on two keys.
   leaseflow_ref the default mode on the code of ``--ref <commit>`` (a git worktree on the
                 worker's PYTHONPATH): ``--systems leaseflow,leaseflow_ref,plain --ref X``
                 is the A/B of a change, old and new code in one run;
@@ -106,6 +109,8 @@ SYSTEMS = (
     "leaseflow",
     "leaseflow_events",
     "leaseflow_inline",
+    "leaseflow_locked",
+    "leaseflow_contended",
     "leaseflow_ref",
     "leaseflow_inline_ref",
     "naive",
@@ -114,8 +119,11 @@ SYSTEMS = (
     "plain_events",
     "plain_reuse",
 )
-#: Run by default: the ``_ref`` systems need ``--ref``; ``plain_reuse`` is on demand.
-DEFAULT_SYSTEMS = tuple(s for s in SYSTEMS if not s.endswith(("_ref", "_reuse")))
+#: Run by default: the ``_ref`` systems need ``--ref``; ``plain_reuse`` and the locked
+#: systems are on demand.
+DEFAULT_SYSTEMS = tuple(
+    s for s in SYSTEMS if not s.endswith(("_ref", "_reuse", "_locked", "_contended"))
+)
 #: The reference of every ratio, then the further pairs.
 REFERENCE = "plain"
 PAIRS = (
@@ -363,7 +371,6 @@ class LeaseflowDrain(Drain):
     def enqueue(self, runs: int) -> None:
         import psycopg
 
-        from benchmarks import workflows
         from leaseflow.client import Client
         from leaseflow.settings import Settings
 
@@ -383,13 +390,19 @@ class LeaseflowDrain(Drain):
         )
         client = Client(settings=settings)
         try:
-            wf = workflows.linear_inline_bench if self.inline else workflows.linear_bench
-            for _ in range(runs):
-                client.start(wf, {})
+            for i in range(runs):
+                wf, data = self.run_of(i)
+                client.start(wf, data)
         finally:
             client.close()
         self.conn = psycopg.connect(db.url, autocommit=True)
         self.scratch.defer("close connection", self.conn.close)
+
+    def run_of(self, i: int) -> tuple[Any, dict[str, Any]]:
+        """The workflow and input of run ``i``."""
+        from benchmarks import workflows
+
+        return (workflows.linear_inline_bench if self.inline else workflows.linear_bench), {}
 
     def start_worker(self) -> CeleryWorker:
         return self.worker("leaseflow.tasks", self.env)
@@ -484,6 +497,27 @@ class LeaseflowInlineDrain(LeaseflowDrain):
 
     name = "leaseflow_inline"
     inline = True
+
+
+class LeaseflowLockedDrain(LeaseflowDrain):
+    """``lock="bench:{key}"`` on every state, a key per run: the cost of taking and
+    freeing an uncontended lock in each claim and commit."""
+
+    name = "leaseflow_locked"
+    keys: int | None = None  # None: one key per run
+
+    def run_of(self, i: int) -> tuple[Any, dict[str, Any]]:
+        from benchmarks import workflows
+
+        key = f"r{i}" if self.keys is None else f"k{i % self.keys}"
+        return workflows.linear_locked_bench, {"key": key}
+
+
+class LeaseflowContendedDrain(LeaseflowLockedDrain):
+    """The same, all runs sharing two keys: the two worker processes contend for them."""
+
+    name = "leaseflow_contended"
+    keys = 2
 
 
 class TableDrain(Drain):
@@ -645,6 +679,8 @@ DRAINS = {
     "leaseflow": LeaseflowDrain,
     "leaseflow_events": LeaseflowEventsDrain,
     "leaseflow_inline": LeaseflowInlineDrain,
+    "leaseflow_locked": LeaseflowLockedDrain,
+    "leaseflow_contended": LeaseflowContendedDrain,
     "leaseflow_ref": LeaseflowRefDrain,
     "leaseflow_inline_ref": LeaseflowInlineRefDrain,
     "naive": NaiveDrain,

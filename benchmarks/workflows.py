@@ -4,6 +4,7 @@
 each returning a small JSON value; ``join`` completes the run with a summary.
 ``linear_bench`` (W1): five no-op states ``s1`` -> ... -> ``s5`` -> Complete;
 ``linear_inline_bench``: the same with s2..s5 ``inline=True`` (one task per run).
+``linear_locked_bench``: the same with ``lock="bench:{key}"`` on every state.
 ``recovery_bench`` (W5): ``first`` -> ``slow`` (sleeps ``sleep`` s; 3 attempts) -> ``last``.
 """
 
@@ -74,6 +75,37 @@ def _linear(name: str, *, inline: bool) -> Workflow:
 linear_bench = _linear("linear_bench", inline=False)
 #: The same five states with ``inline=True``: one task per run (inline continuation).
 linear_inline_bench = _linear("linear_inline_bench", inline=True)
+
+
+class LockBench(BaseModel):
+    key: str = "k"
+
+
+def _linear_locked(name: str) -> Workflow:
+    """``linear_bench`` with ``lock="bench:{key}"`` on every state: each claim takes the
+    run's lock in its transaction, each commit frees it."""
+    wf = Workflow(name, context=LockBench)
+
+    def move(target: str) -> Callable[[Any], Next]:
+        def state(ctx: Any) -> Next:
+            return Next(target)
+
+        return state
+
+    for i in range(1, 5):
+        wf.state(name=f"s{i}", initial=i == 1, to=[f"s{i + 1}"], lock="bench:{key}")(
+            move(f"s{i + 1}")
+        )
+
+    def s5(ctx: Any) -> Complete:
+        return Complete()
+
+    wf.state(name="s5", lock="bench:{key}")(s5)
+    return wf
+
+
+#: W1 with a lock on every state (a key per run: uncontended; or shared: contended).
+linear_locked_bench = _linear_locked("linear_locked_bench")
 
 
 # -- W5 recovery: the middle state sleeps ----------------------------------------------

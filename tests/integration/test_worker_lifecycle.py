@@ -114,3 +114,24 @@ def test_a_killed_worker_s_leases_are_released_before_they_would_expire(
     ]
     dead = {w.id: w.status for w in store.list_workers()}
     assert dead.get(owner) == "dead"
+
+
+def test_an_idle_worker_stops_at_once_on_sigterm(lsettings, client, store, tmp_path: Path):
+    # Given a worker that ran a state and idles (the soak saw billiard's pool join keep
+    # such a worker up ~32 s after SIGTERM)
+    worker = WorkerProcess(lsettings, tmp_path, concurrency=2)
+    marker = tmp_path / "done"
+    marker.touch()
+    with processes(worker):
+        worker.wait_ready()
+        assert client.wait_for(client.start(shutdown.long_job, {"marker": str(marker)})).status
+        eventually(lambda: len(store.list_workers()) == 2, message="both processes checked in")
+        # When it is asked to stop
+        t0 = time.monotonic()
+        worker.proc.send_signal(signal.SIGTERM)
+        worker.proc.wait(timeout=30)
+        stopped_in = time.monotonic() - t0
+    # Then it stops within a few seconds and leaves the registry
+    print(f"\nidle worker: SIGTERM -> exited in {stopped_in:.2f} s")
+    assert stopped_in < 5
+    assert store.list_workers() == []
