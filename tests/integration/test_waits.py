@@ -184,12 +184,9 @@ def test_retry_from_a_named_state_and_of_an_active_run(client, inline_worker, tm
 def test_runs_of_each_version_finish_on_it_with_its_own_queue(
     wsettings, client, db, tmp_path: Path
 ):
+    # One default queue for every process; each worker serves one version's queue (-Q).
     workers = [
-        WorkerProcess(
-            wsettings.model_copy(update={"default_queue": versions.QUEUES[v]}),
-            tmp_path,
-            name=f"v{v}",
-        )
+        WorkerProcess(wsettings, tmp_path, name=f"v{v}", extra_args=("-Q", versions.QUEUES[v]))
         for v in (1, 2)
     ]
     with processes(*workers):
