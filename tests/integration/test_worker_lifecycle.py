@@ -41,35 +41,35 @@ def test_sigterm_hands_a_long_state_back_and_another_worker_resumes_it(
 ):
     marker = tmp_path / "done"
     first = WorkerProcess(lsettings, tmp_path, name="first")
-    second = WorkerProcess(lsettings, tmp_path, name="second")
-    with processes(first, second):
+    with processes(first):
         first.wait_ready()
         run_id = client.start(shutdown.long_job, {"marker": str(marker)})
         eventually(lambda: claimed_by(db, run_id)[1] == "running", message="grind running")
         owner = claimed_by(db, run_id)[0]
-        if owner not in first.worker_ids():  # only the first worker has started
-            pytest.fail(f"{owner} is not the first worker's")
-        second.wait_ready()
-        eventually(
-            lambda: any(w.id == owner and w.leases_held == 1 for w in store.list_workers()),
-            message="the worker checked in with its lease",
-        )
-        registry = {w.id: w for w in store.list_workers()}
-        assert registry[owner].status == "alive" and registry[owner].concurrency == 1
-        assert lsettings.default_queue in (registry[owner].queues or "")
+        assert owner in first.worker_ids()
+        second = WorkerProcess(lsettings, tmp_path, name="second")  # only now: it idles
+        with processes(second):
+            second.wait_ready()
+            eventually(
+                lambda: any(w.id == owner and w.leases_held == 1 for w in store.list_workers()),
+                message="the worker checked in with its lease",
+            )
+            registry = {w.id: w for w in store.list_workers()}
+            assert registry[owner].status == "alive" and registry[owner].concurrency == 1
+            assert lsettings.default_queue in (registry[owner].queues or "")
 
-        t0 = time.monotonic()
-        first.proc.send_signal(signal.SIGTERM)  # to the main process, as systemd's KillMode=mixed
-        eventually(
-            lambda: claimed_by(db, run_id)[0] in second.worker_ids(),
-            timeout=TTL,
-            message="the second worker took the run",
-        )
-        handover = time.monotonic() - t0
-        marker.touch()
-        run = client.wait_for(run_id, 30)
-        first.proc.wait(timeout=15)
-        stopped_in = time.monotonic() - t0
+            t0 = time.monotonic()
+            first.proc.send_signal(signal.SIGTERM)  # the main process, as KillMode=mixed
+            eventually(
+                lambda: claimed_by(db, run_id)[0] in second.worker_ids(),
+                timeout=TTL,
+                message="the second worker took the run",
+            )
+            handover = time.monotonic() - t0
+            marker.touch()
+            run = client.wait_for(run_id, 30)
+            first.proc.wait(timeout=15)
+            stopped_in = time.monotonic() - t0
 
     print(
         f"\nSIGTERM -> resumed by another worker in {handover:.2f} s (lease TTL {TTL:g} s); "
