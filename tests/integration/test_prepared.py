@@ -110,14 +110,27 @@ def test_a_statement_is_prepared_once_per_connection(conn, database_url):
         assert _ours(other) == [st.name.decode()]
 
 
-def test_a_statement_prepared_in_a_rolled_back_transaction_stays_prepared(conn):
+def test_inside_a_transaction_a_statement_runs_unnamed(conn):
     st = prepared.Statement("SELECT 10 / %(n)s::int4")
-    # Given a statement first prepared inside a transaction that fails
+    # Given a statement run inside a transaction that fails, then one that commits
     with pytest.raises(psycopg.errors.DivisionByZero), conn.transaction():
         st.one(conn, {"n": 0})
-    # Then the session keeps it, as the module remembers
+    with conn.transaction():
+        assert st.one(conn, {"n": 2}) == (5,)
+    # Then nothing was prepared (a name missing there would abort the transaction)
+    assert _ours(conn) == []
+    assert st.one(conn, {"n": 5}) == (2,)  # idle: prepared now
     assert _ours(conn) == [st.name.decode()]
-    assert st.one(conn, {"n": 5}) == (2,)
+
+
+def test_a_statement_deallocated_behind_its_back_is_prepared_again(conn):
+    st = prepared.Statement("SELECT %(n)s::int4 + 1")
+    assert st.one(conn, {"n": 1}) == (2,)
+    # When the session's statements are dropped (psycopg does after a rollback)
+    conn.execute("DEALLOCATE ALL")
+    # Then the next run prepares it again, once
+    assert st.one(conn, {"n": 2}) == (3,)
+    assert _ours(conn) == [st.name.decode()]
 
 
 def test_a_server_error_is_psycopgs_exception_and_the_connection_lives_on(conn):
