@@ -3,14 +3,35 @@ reaper's SQL in ``queries``)."""
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from leaseflow import errors
 from leaseflow.fsm import waits
 from leaseflow.store import records as rec
-from leaseflow.store._memory import Tables, clear_lease
+from leaseflow.store._memory import Run, Tables, clear_lease
 
 
 class Reaper(Tables):
     """The reaper: expired leases of runs and branches."""
+
+    def _reap_lock(self, run: Run, now: datetime) -> None:
+        """The lock a reaped attempt held is freed, audited: the next attempt takes it
+        again under a higher fence."""
+        row = self._held(run.lock_key, run.lock_token)
+        if row is not None:
+            self._lock_audit.append(
+                rec.LockAudit(
+                    row.key,
+                    row.fence,
+                    "expired",
+                    row.holder,
+                    row.holder_run,
+                    "reaper",
+                    "the holder's lease expired",
+                    now,
+                )
+            )
+        self._free_run_lock(run, now)
 
     def reap(self, *, limit: int = 1000) -> list[rec.Reaped]:
         with self._lock:
@@ -37,8 +58,7 @@ class Reaper(Tables):
                     error=f"lease of {owner or 'unknown worker'} expired",
                 )
                 requeue = run.attempt < run.max_attempts and not run.cancel_requested
-                if not requeue:  # the run ends: its lock is freed
-                    self._free_run_lock(run, now)
+                self._reap_lock(run, now)
                 run.status = "pending" if requeue else "failed"
                 run.error_code = None if requeue else errors.LEASE_EXPIRED
                 run.finished_at = None if requeue else now

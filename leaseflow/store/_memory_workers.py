@@ -57,6 +57,7 @@ class Registry(tables.Tables):
                     "attempt refunded",
                 )
                 tables.clear_lease(run)
+                self._free_run_lock(run, now)  # taken again, under a higher fence
                 run.status, run.attempt = "pending", max(run.attempt - 1, 0)
                 run.step_seq += 1
                 run.not_before = run.updated_at = now

@@ -192,17 +192,24 @@ SELECT (SELECT count(*) FROM runs) + (SELECT count(*) FROM branches)
 #: the attempt refunded, a ``released`` step logged.
 RELEASE_RUNS_OF = """
 WITH owned AS (
-    SELECT id, lease_token AS token, lease_owner AS owner, claimed_at AS claimed
+    SELECT id, lease_token AS token, lease_owner AS owner, claimed_at AS claimed,
+           lock_key, lock_token
       FROM lf_runs
      WHERE lease_owner = ANY(%(owners)s) AND status = 'running'
        FOR UPDATE
+), freed AS (
+    UPDATE lf_locks l
+       SET token = NULL, holder = NULL, holder_run = NULL, holder_state = NULL,
+           expires_at = NULL, released_at = now()
+      FROM owned o
+     WHERE l.key = o.lock_key AND l.token = o.lock_token
 ), released AS (
     UPDATE lf_runs r
        SET status = 'pending', attempt = greatest(r.attempt - 1, 0), step_seq = r.step_seq + 1,
            lease_token = NULL, lease_owner = NULL, lease_expires_at = NULL, claimed_at = NULL,
            not_before = now(),
            redispatch_at = now() + %(dispatch_timeout)s * interval '1 second',
-           updated_at = now()
+           lock_key = NULL, lock_token = NULL, lock_until = NULL, updated_at = now()
       FROM owned o
      WHERE r.id = o.id
     RETURNING r.id, r.workflow, r.version, r.state, r.step_seq, r.priority, r.attempt,
@@ -245,22 +252,33 @@ ON CONFLICT (id) DO UPDATE SET leases_lost = lf_workers.leases_lost + 1, last_se
 
 #: Expired leases: back to pending while attempts remain, else failed. One statement,
 #: so two reapers running at once act once per expiry (the second finds the row
-#: no longer 'running' once the first commits).
+#: no longer 'running' once the first commits). The lock a reaped attempt held is freed
+#: (audited): the next attempt takes it again under a higher fence, so a resource
+#: refuses the stuck attempt if it wakes up.
 REAP = """
 WITH expired AS (
     SELECT id, lease_token AS token, lease_owner AS owner, claimed_at AS claimed,
-           (cancel_requested OR attempt >= max_attempts) AS ends, lock_key, lock_token
+           lock_key, lock_token
       FROM lf_runs
      WHERE finished_at IS NULL AND status = 'running' AND lease_expires_at < now()
      ORDER BY lease_expires_at
      LIMIT %(limit)s
        FOR UPDATE SKIP LOCKED
+), held AS (
+    SELECT l.key, l.fence, l.token, l.holder, l.holder_run
+      FROM lf_locks l JOIN expired e ON l.key = e.lock_key AND l.token = e.lock_token
+       FOR UPDATE OF l
 ), freed AS (
     UPDATE lf_locks l
        SET token = NULL, holder = NULL, holder_run = NULL, holder_state = NULL,
            expires_at = NULL, released_at = now()
-      FROM expired e
-     WHERE e.ends AND l.key = e.lock_key AND l.token = e.lock_token
+      FROM held h
+     WHERE l.key = h.key AND l.token = h.token
+), audited AS (
+    INSERT INTO lf_lock_audit (key, fence, action, holder, holder_run, token, actor, reason)
+    SELECT key, fence, 'expired', holder, holder_run, token, 'reaper',
+           'the holder''s lease expired'
+      FROM held
 ), reaped AS (
     UPDATE lf_runs r
        SET status = CASE WHEN r.cancel_requested THEN 'cancelled'
@@ -281,9 +299,7 @@ WITH expired AS (
            claimed_at = NULL,
            not_before = now(),
            redispatch_at = now() + %(dispatch_timeout)s * interval '1 second',
-           lock_key = CASE WHEN e.ends THEN NULL ELSE r.lock_key END,
-           lock_token = CASE WHEN e.ends THEN NULL ELSE r.lock_token END,
-           lock_until = CASE WHEN e.ends THEN NULL ELSE r.lock_until END,
+           lock_key = NULL, lock_token = NULL, lock_until = NULL,
            updated_at = now()
       FROM expired e
      WHERE r.id = e.id

@@ -23,6 +23,7 @@ import psycopg
 
 from leaseflow import errors, local, messages
 from leaseflow.tasks import dispatch
+from tests.chaos import locks_faults as locks
 from tests.chaos import waits_faults as waits
 from tests.chaos import workflows
 from tests.chaos.harness import (
@@ -75,6 +76,8 @@ class Fault:
     trigger: Callable[[Harness], Any] = slow_state_claimed
     check: Callable[[Harness], list[str]] = _no_check  # extra, fault-specific problems
     xfail: str | None = None  # an engine bug this scenario reproduces (strict xfail)
+    #: False: the bug shows in some runs only (timing), a non-strict xfail (F-21).
+    xfail_strict: bool = True
     #: The fault takes every lease in flight past its TTL (a stall, a clock jump), so each
     #: round costs its victims an attempt: in the long profile a run hit in round after
     #: round may use up its attempts and fail E-LEASE-EXPIRED, as designed (I7).
@@ -87,6 +90,9 @@ class Fault:
     #: Rounds at least, whatever the profile: a zombie fault strikes once per slow
     #: target (:data:`SLOW_TARGETS`), so the quick profile hits a plain chain too.
     min_rounds: int = 1
+    #: Submit the standard mix (``workflows.MIX``) beside ``mix``; False: ``mix`` alone
+    #: (F-21: no slow state keeps the surviving worker from re-claiming at once).
+    standard_mix: bool = True
 
 
 # -- F-1, F-2, F-3: crashes and shutdowns ----------------------------------------------------
@@ -747,6 +753,58 @@ FAULTS: dict[str, Fault] = {
             waits.cancel_then_kill,
             waits.restart_killed,
             check=waits.cancelled_where_they_were,
+        ),
+        Fault(
+            "F-21",
+            "a lock holder SIGSTOPped mid-state past its lease TTL and the sweep interval, "
+            "then SIGCONT",
+            locks.freeze_holder,
+            locks.thaw_holder,
+            hold_s=LEASE_TTL * 1.5 + locks.SWEEP_F21_S,
+            fenced=True,
+            trigger=locks.slow_holder_entered,
+            mix=workflows.LOCKED,
+            standard_mix=False,
+            settings={"lock_sweep_interval": locks.SWEEP_F21_S},
+            check=locks.frozen_holder_fenced,
+        ),
+        Fault(
+            "F-28",
+            "a lock force-released (store.force_release) while its holder's state runs",
+            locks.force_release_mid_state,
+            fenced=True,
+            trigger=locks.slow_holder_entered,
+            mix=workflows.LOCKED,
+            check=locks.forced_holder_fenced,
+        ),
+        Fault(
+            "F-29",
+            "two beats' lock sweepers while abandoned locks expire one after another",
+            locks.abandon_locks,
+            locks.retake_after_sweep,
+            beats=2,
+            trigger=locks.at_once,
+            mix=workflows.LOCKED,
+            settings={"lock_sweep_interval": locks.SWEEP_EVERY_S},
+            check=locks.two_sweepers,
+        ),
+        Fault(
+            "F-30",
+            "SIGTERM to a worker's main process with a long state in flight (grace over)",
+            locks.sigterm_main,
+            locks.restart_after_handback,
+            trigger=locks.backlog_drained,
+            settings={"shutdown_grace": locks.GRACE_S, "lease_ttl": locks.LONG_TTL},
+            check=locks.handed_back,
+        ),
+        Fault(
+            "F-31",
+            "kill -9 of a worker's process group holding leases, a short dead_after",
+            locks.kill_group,
+            locks.restart_after_reap,
+            trigger=locks.backlog_drained,
+            settings={"worker_dead_after": locks.DEAD_AFTER_S, "lease_ttl": locks.LONG_TTL},
+            check=locks.resumed_before_expiry,
         ),
         Fault(
             "F-22",

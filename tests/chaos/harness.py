@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psycopg
+from psycopg.types.json import Jsonb
 
 from leaseflow import local
 from leaseflow.client import Client
@@ -327,9 +328,12 @@ class Harness:
         state: str | None = None,
         fresh: float | None = None,
         workflow: str | None = None,
+        data: dict[str, Any] | None = None,
+        entered: bool = False,
     ) -> Busy | None:
         """A pool child holding a live run lease (in ``state`` of ``workflow``, claimed or
-        handed over inline < ``fresh`` s ago)."""
+        handed over inline < ``fresh`` s ago, its input holding ``data``; ``entered``:
+        its lock's holder has written its ``enter`` row to ``chaos_lock_ledger``)."""
         rows = self.db.execute(
             """SELECT id::text, state, lease_owner, workflow FROM lf_runs
                 WHERE status = 'running' AND lease_expires_at > now()
@@ -337,8 +341,18 @@ class Harness:
                   AND (%(workflow)s::text IS NULL OR workflow = %(workflow)s)
                   AND (%(fresh)s::float8 IS NULL
                        OR claimed_at > now() - %(fresh)s * interval '1 second')
+                  AND (%(data)s::jsonb IS NULL OR input @> %(data)s::jsonb)
+                  AND (NOT %(entered)s OR EXISTS (
+                       SELECT 1 FROM chaos_lock_ledger x
+                        WHERE x.holder = 'run ' || lf_runs.lease_token AND x.event = 'enter'))
                 ORDER BY claimed_at DESC""",
-            {"state": state, "fresh": fresh, "workflow": workflow},
+            {
+                "state": state,
+                "fresh": fresh,
+                "workflow": workflow,
+                "data": None if data is None else Jsonb(data),
+                "entered": entered,
+            },
         ).fetchall()
         for run_id, run_state, owner, run_workflow in rows:
             pid = int(str(owner).rsplit(":", 1)[1])
@@ -385,6 +399,14 @@ class Harness:
             {"ids": self.submitted},
         ).fetchone()
         return int(row[0])
+
+    def remember_refusals(self) -> None:
+        """Copy each worker's refused commits (``lf_workers.leases_lost``) into
+        ``chaos_workers_seen``: a worker process that stops cleanly forgets its row."""
+        self.db.execute(
+            "INSERT INTO chaos_workers_seen (id, leases_lost) "
+            "SELECT id, leases_lost FROM lf_workers WHERE leases_lost > 0"
+        )
 
     def fenced_rejections(self) -> int:
         row = self.db.execute("SELECT coalesce(sum(leases_lost), 0) FROM lf_workers")
@@ -565,7 +587,7 @@ def run_scenario(h: Harness, fault: Fault) -> Result:
     problems: list[str] = []
     if fault.settings:
         h.reconfigure(**fault.settings)
-    h.mix += fault.mix
+    h.mix = (h.mix if fault.standard_mix else ()) + fault.mix
     h.start(beats=fault.beats)
     recoveries: list[tuple[datetime, list[str]]] = []
     for size in batches(profile.runs, max(profile.rounds, fault.min_rounds)):
@@ -601,7 +623,9 @@ def run_scenario(h: Harness, fault: Fault) -> Result:
             eventually(h.zombies_refused, timeout=15, interval=0.25, message="zombies refused")
     problems.extend(h.problems)
     problems.extend(fault.check(h))
+    h.remember_refusals()  # a worker that stops cleanly leaves the registry
     h.stop_all()  # nothing writes any more: the ledger is final
+    h.remember_refusals()  # and what the stop itself refused
     params = h.params()
     params["exhausts"] = fault.exhausts
     numbers = invariants.stats(h.db, params)

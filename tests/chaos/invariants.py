@@ -84,6 +84,30 @@ expected AS (
       FROM unnest(%(expected)s::text[]) AS e
 )"""
 
+#: Each worker's refused commits (``leases_lost``): from the registry, or from the copy the
+#: harness took of it before stopping the workers (``chaos_workers_seen``), since a
+#: worker process that stops cleanly leaves the registry, its count with it.
+_REFUSALS = """
+refusals AS (
+    SELECT id, max(leases_lost) AS leases_lost FROM (
+        SELECT id, leases_lost FROM lf_workers
+        UNION ALL SELECT id, leases_lost FROM chaos_workers_seen) w
+     GROUP BY id
+)"""
+
+#: Each holder's stay in a lock, from the ledger: ``since`` its enter row, ``until`` the
+#: first of its exit row and the audit row of the lock it held (freed under it).
+_HELD = """
+held AS (
+    SELECT e.key, e.holder, e.fence, e.at AS since,
+           least((SELECT min(x.at) FROM chaos_lock_ledger x
+                   WHERE x.key = e.key AND x.holder = e.holder AND x.event = 'exit'
+                     AND x.at >= e.at),
+                 (SELECT min(a.at) FROM lf_lock_audit a
+                   WHERE a.key = e.key AND a.fence = e.fence)) AS until
+      FROM chaos_lock_ledger e WHERE e.event = 'enter'
+)"""
+
 INVARIANTS: list[Invariant] = [
     # -- I1: no run lost or stuck -----------------------------------------------------------
     Invariant(
@@ -193,6 +217,7 @@ INVARIANTS: list[Invariant] = [
              JOIN lf_steps p ON p.run_id = s.run_id AND p.seq = s.seq - 1
             WHERE s.started_at <= p.finished_at AND s.lease_token IS NOT NULL
            HAVING count(*) = 0""",
+        applies=lambda fault: getattr(fault, "standard_mix", True),  # no inline chain else
     ),
     Invariant(
         "I3 inline only where allowed",
@@ -228,6 +253,7 @@ INVARIANTS: list[Invariant] = [
                                             THEN s.p_state ELSE g.join_state END
                       WHEN 'retry' THEN s.p_state
                       WHEN 'lease_expired' THEN s.p_state
+                      WHEN 'released' THEN s.p_state
                       WHEN 'wait' THEN s.p_state
                       WHEN 'signalled' THEN s.p_next
                       WHEN 'wait_timeout' THEN s.p_next
@@ -256,9 +282,10 @@ INVARIANTS: list[Invariant] = [
         "a zombie fault whose struck worker (frozen, or mid-state past its lease) had no "
         "commit refused (its own lf_workers.leases_lost = 0; another worker's refusals do "
         "not count), or no zombie recorded at all",
-        """SELECT z.id, coalesce(w.leases_lost, 0)
+        f"""WITH {_REFUSALS}
+           SELECT z.id, coalesce(w.leases_lost, 0)
              FROM unnest(%(zombies)s::text[]) AS z(id)
-             LEFT JOIN lf_workers w ON w.id = z.id
+             LEFT JOIN refusals w ON w.id = z.id
             WHERE coalesce(w.leases_lost, 0) = 0
            UNION ALL
            SELECT 'no zombie recorded', 0 WHERE cardinality(%(zombies)s::text[]) = 0""",
@@ -300,6 +327,54 @@ INVARIANTS: list[Invariant] = [
              LEFT JOIN lf_groups g ON g.run_id = r.id AND g.status = 'joined'
             WHERE r.workflow = 'chaos_fan' AND r.status = 'completed'
             GROUP BY r.id HAVING count(g.id) <> 1""",
+    ),
+    # -- I6: a resource lock never held by two ------------------------------------------------
+    Invariant(
+        "I6 never two live holders of one key",
+        "two holders of one lock key inside at once, as their own enter/exit ledger rows "
+        "show, unless the earlier one's lock had been freed (swept once expired, or "
+        "forced: its lf_lock_audit row) before the later one entered; a holder with no "
+        "exit row (killed) holds until its lock was freed",
+        f"""WITH {_HELD}
+           SELECT a.key, a.holder, a.fence, a.since, a.until, b.holder, b.fence, b.since
+             FROM held a JOIN held b
+               ON b.key = a.key AND b.holder <> a.holder AND b.since >= a.since
+              AND b.since < coalesce(a.until, 'infinity'::timestamptz)
+            ORDER BY a.key, a.since""",
+    ),
+    Invariant(
+        "I6 fences grow per key",
+        "a holder that entered a key with a fence not above the fence of the holder that "
+        "entered it before (every acquisition of a key gets a higher fence)",
+        """SELECT key, holder, fence, before_holder, before_fence FROM (
+               SELECT key, holder, fence, at,
+                      lag(holder) OVER w AS before_holder, lag(fence) OVER w AS before_fence
+                 FROM chaos_lock_ledger WHERE event = 'enter'
+               WINDOW w AS (PARTITION BY key ORDER BY at, id)) e
+            WHERE fence <= before_fence""",
+    ),
+    Invariant(
+        "I6 guarded commits in fence order",
+        "a committed state that held a lock (its effect names key and fence) whose fence "
+        "is not above the fence of the commit before it on that key, or whose lock had "
+        "been freed by someone else (an lf_lock_audit row): a stale holder's guarded "
+        "commit accepted",
+        """SELECT run_id::text, key, fence, before_fence, audited FROM (
+               SELECT e.run_id, e.detail ->> 'key' AS key, (e.detail ->> 'fence')::bigint AS fence,
+                      lag((e.detail ->> 'fence')::bigint) OVER (
+                          PARTITION BY e.detail ->> 'key' ORDER BY e.committed_at) AS before_fence,
+                      EXISTS (SELECT 1 FROM lf_lock_audit a
+                               WHERE a.key = e.detail ->> 'key'
+                                 AND a.fence = (e.detail ->> 'fence')::bigint) AS audited
+                 FROM chaos_effects e WHERE e.detail ? 'fence') c
+            WHERE fence <= before_fence OR audited""",
+    ),
+    Invariant(
+        "I6 one audit row per lock freed",
+        "a lock (key, fence) freed by someone else than its holder audited twice (two "
+        "sweepers, or a sweeper and a forced release, both acted)",
+        """SELECT key, fence, count(*), array_agg(action) FROM lf_lock_audit
+            GROUP BY key, fence HAVING count(*) > 1""",
     ),
     # -- I7: attempts within budget ---------------------------------------------------------
     Invariant(
@@ -353,7 +428,8 @@ STATS = {
                                   AND s.state = g.join_state AND s.seq > g.parent_seq
                                   AND s.outcome NOT IN ('retry', 'lease_expired')
                             GROUP BY g.id HAVING count(*) > 1) d""",
-    "fenced_rejections": "SELECT coalesce(sum(leases_lost), 0)::int FROM lf_workers",
+    "fenced_rejections": f"""WITH {_REFUSALS}
+                            SELECT coalesce(sum(leases_lost), 0)::int FROM refusals""",
 }
 
 

@@ -17,7 +17,9 @@ pytestmark = [pytest.mark.chaos, pytest.mark.timeout(PROFILE.timeout_s)]
 
 
 def _param(fault: Fault):
-    marks = [pytest.mark.xfail(strict=True, reason=fault.xfail)] if fault.xfail else []
+    marks = (
+        [pytest.mark.xfail(strict=fault.xfail_strict, reason=fault.xfail)] if fault.xfail else []
+    )
     return pytest.param(fault, id=fault.id, marks=marks)
 
 

@@ -62,6 +62,16 @@ def test_a_clean_ledger_violates_nothing(ledger):
     }
 
 
+def _ledger(*rows: tuple[str, int, str, int]) -> str:
+    """``chaos_lock_ledger`` rows on key ``chaos:x``: ``(holder, fence, event, ms)``, at
+    ``ms`` milliseconds from now."""
+    values = ", ".join(
+        f"('chaos:x', {fence}, 'run {holder}', '{event}', 1, now() + {ms} * interval '1 ms')"
+        for holder, fence, event, ms in rows
+    )
+    return f"INSERT INTO chaos_lock_ledger (key, fence, holder, event, pid, at) VALUES {values}"
+
+
 ONE_RUN = "(SELECT run_id FROM chaos_effects WHERE state = 'gather' LIMIT 1)"
 #: The worker a zombie fault struck, in the forgeries; its commits were never refused.
 ZOMBIE = "zombie-host:4242"
@@ -140,6 +150,30 @@ FORGERIES = {
     ),
     "I5 one group per fan-out run": (
         f"UPDATE lf_groups SET status = 'failed' WHERE run_id = {ONE_RUN}",
+        None,
+    ),
+    "I6 never two live holders of one key": (  # b enters while a is inside, a not freed
+        _ledger(
+            ("a", 1, "enter", 0), ("b", 2, "enter", 1), ("a", 1, "exit", 2), ("b", 2, "exit", 3)
+        ),
+        None,
+    ),
+    "I6 fences grow per key": (  # one after the other, but b's fence did not grow
+        _ledger(
+            ("a", 1, "enter", 0), ("a", 1, "exit", 1), ("b", 1, "enter", 2), ("b", 1, "exit", 3)
+        ),
+        None,
+    ),
+    "I6 guarded commits in fence order": (  # fence 2 committed, then fence 1
+        "INSERT INTO chaos_effects (run_id, state, seq, token, attempt, pid, detail, "
+        "committed_at) SELECT gen_random_uuid(), 'hold', 2, gen_random_uuid(), 1, 1, "
+        "jsonb_build_object('key', 'chaos:x', 'fence', f), now() + f * interval '-1 ms' "
+        "FROM generate_series(1, 2) AS f",
+        None,
+    ),
+    "I6 one audit row per lock freed": (
+        "INSERT INTO lf_lock_audit (key, fence, action, actor) "
+        "VALUES ('chaos:x', 1, 'expired', 'sweeper'), ('chaos:x', 1, 'forced', 'ops')",
         None,
     ),
     "I7 run attempts within budget": (

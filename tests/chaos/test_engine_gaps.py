@@ -2,7 +2,10 @@
 Fixed: in_commit in a branch; a commit and a claim on dropped connections; two branch
 commits of one group deadlocked when one of them failed (fail_fast cancelled its
 siblings' rows while a sibling held its row and waited for the group row): every final
-branch commit now locks the group row first."""
+branch commit now locks the group row first. A reaped run re-claimed the resource lock
+its reaped attempt still held, under the same token and fence (F-21): the reaper now
+frees (and audits) the lock of every attempt it reaps, so the next one takes it again
+under a higher fence."""
 
 from __future__ import annotations
 
@@ -134,3 +137,44 @@ def test_a_failing_branch_and_a_committing_one_do_not_deadlock(pg_template):
     # with E-BRANCH-FAILED (keep's result committed first, or keep cancelled)
     assert not any(isinstance(v, Exception) for v in outcome.values()), outcome
     assert run == ("failed", "E-BRANCH-FAILED")
+
+
+def test_a_reaped_attempt_s_lock_is_not_kept_under_its_fence(pg_template):
+    # Given a run whose state holds lock chaos:k0 (fence 1), claimed by a worker that
+    # then froze: its lease ran out, and beat's reaper made the run pending again
+    # (the dead-worker reaper does this before the lock itself expires)
+    from leaseflow import claims
+    from leaseflow.store.records import Claim
+
+    with scratch_engine(pg_template) as engine:
+        run_id = engine.start(workflows.locked, {"pause": 0.0, "slow": 0.0, "key": "k0"})
+        first = engine.runner.handle(messages_step(run_id, 1))
+        assert first.result == "committed"
+        frozen = claims.claim_step(
+            engine.store, run_id, 2, owner="frozen:1", ttl=30, workflow="chaos_lock", state="hold"
+        )
+        assert isinstance(frozen, Claim) and frozen.lock_fence == 1
+        engine.conn.execute(
+            "UPDATE lf_runs SET lease_expires_at = now() - interval '1 second' WHERE id = %s",
+            (run_id,),
+        )
+        assert len(engine.store.reap()) == 1
+
+        # When another worker claims the run again
+        again = claims.claim_step(
+            engine.store, run_id, 3, owner="fresh:2", ttl=30, workflow="chaos_lock", state="hold"
+        )
+        audit = engine.store.lock_audit("chaos:k0")
+
+    # Then it does not hold the lock under the frozen attempt's token and fence, which
+    # the frozen attempt still uses (README: "Each acquisition of a key gets a higher
+    # fence"; lock_sql.ACQUIRE: "re-acquired after a reaped attempt: the fence grows"):
+    # either it waits until the lock is freed (swept, audited) or it gets fence 2
+    assert isinstance(again, Claim), again
+    assert (again.lock_token, again.lock_fence) != (frozen.lock_token, frozen.lock_fence), audit
+
+
+def messages_step(run_id: str, seq: int):
+    from leaseflow import messages
+
+    return messages.StateStep(run_id, workflows.locked.name, "", seq)

@@ -11,6 +11,11 @@
   by a hash of run id and attempt, so a run's luck is reproducible), which leaves
   three of its five attempts to the faults.
 - ``chaos_fan``: fork -> (``width`` x leg, a Parallel) -> gather -> leave.
+- ``chaos_lock`` (not in the standard mix: the lock faults add it, :data:`LOCKED`):
+  enter -> hold -> leave, ``hold`` declared ``lock="chaos:{key}"``: it writes an
+  ``enter`` row to ``chaos_lock_ledger`` (its own connection, committed at once, with
+  ``ctx.lock_token``), sleeps ``ctx.data.slow``, writes ``exit``, and records its
+  effect (key and fence) in its commit; the ledger is invariant I6's evidence.
 - ``chaos_wait`` (not in the standard mix: the wait faults submit it): enter -> park,
   which returns ``Wait(event="go", next="done", timeout=wait_s, on_timeout="late")``
   (``timer``: a durable timer ``Wait(next="done", timeout=wait_s)``); ``done`` records
@@ -87,8 +92,34 @@ SABOTAGE = (
 )
 
 
+#: Who held which lock when, as the holders themselves saw it (invariant I6): a state
+#: holding ``lock=`` (``holder`` = ``run <lease token>``) or code holding a lock
+#: (``code <lock token>``) writes ``enter`` and ``exit`` rows, each committed at once.
+LEDGER_DDL = """
+CREATE TABLE IF NOT EXISTS chaos_lock_ledger (
+    id bigserial PRIMARY KEY,
+    key text NOT NULL,
+    fence bigint NOT NULL,
+    holder text NOT NULL,
+    run_id uuid,
+    event text NOT NULL CHECK (event IN ('enter', 'exit')),
+    pid int NOT NULL,
+    at timestamptz NOT NULL DEFAULT clock_timestamp()
+)
+"""
+
+
+#: The registry's refusal counts as the harness saw them before stopping the workers (a
+#: worker process that stops cleanly leaves ``lf_workers``).
+WORKERS_SEEN_DDL = """
+CREATE TABLE IF NOT EXISTS chaos_workers_seen (id text NOT NULL, leases_lost int NOT NULL)
+"""
+
+
 def create_effects_table(conn: Any) -> None:
     conn.execute(EFFECTS_DDL)
+    conn.execute(LEDGER_DDL)
+    conn.execute(WORKERS_SEEN_DDL)
 
 
 class Chaos(BaseModel):
@@ -101,6 +132,7 @@ class Chaos(BaseModel):
     sabotage: str = ""  # how: one of SABOTAGE
     extra: Any = None  # where context sabotage puts its value
     wait_s: float | None = None  # chaos_wait: the wait's timeout (None: none)
+    key: str = "k0"  # chaos_lock: the lock its hold state takes (chaos:<key>)
     timer: bool = False  # chaos_wait: a durable timer instead of a wait for WAIT_EVENT
 
 
@@ -322,7 +354,67 @@ def late(ctx: Any) -> Complete:
     return Complete(output={"trail": ctx.data.trail, "via": "late", "signal": ctx.signal})
 
 
-WORKFLOWS = (linear, slow, flaky, fan, inline, waiter)
+# -- lock ----------------------------------------------------------------------------------
+
+#: The prefix of the lock keys of ``chaos_lock`` (``chaos:<key>``).
+LOCK_PREFIX = "chaos:"
+#: The ledger's database (the workers' ``LEASEFLOW_DATABASE_URL`` when None).
+LEDGER_URL: str | None = None
+_ledger: dict[int, Any] = {}  # pid -> its autocommit connection
+
+
+def ledger_write(key: str, fence: int, holder: str, event: str, run_id: str | None = None) -> None:
+    """One ``chaos_lock_ledger`` row, committed at once (not with the state's commit: a
+    holder whose commit is refused has entered all the same)."""
+    conn = _ledger.get(os.getpid())
+    if conn is None or conn.closed:
+        url = LEDGER_URL or os.environ["LEASEFLOW_DATABASE_URL"]
+        conn = psycopg.connect(url.replace("+psycopg", ""), autocommit=True)
+        _ledger[os.getpid()] = conn
+    row = (key, fence, holder, run_id, event, os.getpid())
+    sql = (
+        "INSERT INTO chaos_lock_ledger (key, fence, holder, run_id, event, pid) "
+        "VALUES (%s, %s, %s, %s, %s, %s)"
+    )
+    try:
+        conn.execute(sql, row)
+    except psycopg.OperationalError:  # a dropped connection: once more on a fresh one
+        _ledger.pop(os.getpid(), None)
+        url = LEDGER_URL or os.environ["LEASEFLOW_DATABASE_URL"]
+        conn = psycopg.connect(url.replace("+psycopg", ""), autocommit=True)
+        _ledger[os.getpid()] = conn
+        conn.execute(sql, row)
+
+
+locked = Workflow("chaos_lock", context=Chaos)
+
+
+@locked.state(initial=True, to=["hold"], retry=RETRY, name="enter")
+def lock_enter(ctx: Any) -> Any:
+    return _step(ctx, "hold")
+
+
+@locked.state(to=["leave"], retry=RETRY, lock=LOCK_PREFIX + "{key}", name="hold")
+def lock_hold(ctx: Any) -> Any:
+    key, fence = LOCK_PREFIX + ctx.data.key, ctx.lock_token
+    holder = f"run {ctx.fencing_token}"
+    ledger_write(key, fence, holder, "enter", ctx.run_id)
+    try:
+        time.sleep(ctx.data.slow)  # never checks ctx.lease_lost(): a zombie tries to commit
+    finally:
+        ledger_write(key, fence, holder, "exit", ctx.run_id)
+    time.sleep(ctx.data.pause)
+    ctx.data.trail.append("hold")
+    _record(ctx, {"key": key, "fence": fence})
+    return "leave"
+
+
+@locked.state(retry=RETRY, name="leave")
+def lock_leave(ctx: Any) -> Any:
+    return _step(ctx)
+
+
+WORKFLOWS = (linear, slow, flaky, fan, inline, waiter, locked)
 #: The submitted mix, in rotation: the slow, inline and fan-out runs keep leases in flight.
 MIX = (linear, slow, flaky, fan, inline)
 
@@ -359,6 +451,20 @@ RAISING = (
     steered(fan, "leg", "transient"),  # every branch retried twice
     steered(fan, "leg", "permanent", errors.BRANCH_FAILED, **ONE_LEG),
 )
+#: The lock faults: runs of ``chaos_lock`` over three keys; ``k0``'s holders hold it for a
+#: slow state's time (a fault strikes them mid-state), the others briefly, so that a
+#: worker is seldom busy with them for long.
+LOCKED = (
+    Job(locked, {"key": "k0"}),
+    Job(locked, {"key": "k1", "slow": 0.3}),
+    Job(locked, {"key": "k2", "slow": 0.3}),
+    Job(locked, {"key": "k1", "slow": 0.3}),
+    Job(locked, {"key": "k2", "slow": 0.3}),
+)
+#: How long a long state (F-30, F-31) runs: longer than the shutdown grace.
+LONG_S = 3.0
+#: F-30 and F-31: ``chaos_slow`` runs whose slow state lasts ``LONG_S``.
+LONG = (Job(slow, {"slow": LONG_S}),)
 #: F-17: outputs and contexts that are not JSON.
 NOT_JSON = (
     steered(inline, "leave", "output:set", errors.STATE_ERROR),

@@ -175,3 +175,19 @@ def test_a_claim_whose_key_cannot_be_made_takes_no_lock(env):
     assert isinstance(claim, Claim) and not claim.holds_lock
     assert held(env) == {}
     assert str(uuid.UUID(claim.run_id)) == run_id
+
+
+def test_the_reaper_frees_a_reaped_attempt_s_lock_for_a_higher_fence(env):
+    run_id = start(env)
+    frozen = take(env, run_id)
+    assert isinstance(frozen, Claim)
+    env.age(TTL + 1)
+
+    (reaped,) = env.store.reap()
+    again = take(env, run_id, reaped.step_seq, owner="w2")
+
+    assert reaped.status == "pending"
+    (audit,) = env.store.lock_audit("db:acme")
+    assert (audit.action, audit.actor, audit.fence) == ("expired", "reaper", 1)
+    assert isinstance(again, Claim) and again.lock_fence == 2
+    assert again.lock_token != frozen.lock_token
