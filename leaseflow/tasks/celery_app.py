@@ -57,12 +57,12 @@ def celery_settings(queue: str, result_backend: str | None = None) -> dict[str, 
 
 
 def priority_settings(broker_url: str) -> dict[str, Any]:
-    """Message priorities (``client.start(priority=0..9)``): ten steps on Redis (kombu
-    keeps a list per step and serves the lowest first; ``dispatch.broker_priority``
-    maps), and on RabbitMQ queues declared with ``x-max-priority`` (a queue declared
-    before without it must be deleted once: RabbitMQ refuses to change its arguments)."""
-    if broker_url.startswith("redis"):
-        return {"broker_transport_options": {"priority_steps": list(range(10))}}
+    """Message priorities (``client.start(priority=0..9)``): on Redis, kombu's own four
+    priority steps (a list per step, the lowest number served first;
+    ``dispatch.broker_priority`` maps, so leaseflow's 7-9, 4-6, 1-3 and 0 are served in
+    that order; ten steps would make every consumer's BRPOP watch ten lists per queue);
+    on RabbitMQ, queues declared with ``x-max-priority`` (a queue declared before
+    without it must be deleted once: RabbitMQ refuses to change its arguments)."""
     if broker_url.startswith(("amqp", "pyamqp")):
         return {"task_queue_max_priority": 9, "task_default_priority": 0}
     return {}

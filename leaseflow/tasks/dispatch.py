@@ -38,33 +38,41 @@ def _spec(workflow: str, state: str, version: int | None) -> StateSpec | None:
 
 def queue_for(workflow: str, state: str, default: str, version: int | None = None) -> str:
     """The queue of a state: its ``queue=`` in the run's ``version`` (when known)."""
-    spec = _spec(workflow, state, version)
-    return (spec.queue if spec is not None else None) or default
+    return _route(_spec(workflow, state, version), default)[0]
 
 
 def time_limits(workflow: str, state: str, version: int | None = None) -> list[float | None]:
     """``[hard, soft]`` time limits of a state's message: its ``timeout=`` in the run's
     version, carried by each message (a task serves every version of its state)."""
-    spec = _spec(workflow, state, version)
-    if spec is None or spec.timeout is None:
-        return [None, None]
-    return [spec.timeout + HARD_LIMIT_GRACE, spec.timeout]
+    return _route(_spec(workflow, state, version), "")[1]
+
+
+def _route(spec: StateSpec | None, default: str) -> tuple[str, list[float | None]]:
+    """A state's queue and its messages' ``[hard, soft]`` time limits."""
+    if spec is None:
+        return default, [None, None]
+    limits: list[float | None] = [None, None]
+    if spec.timeout is not None:
+        limits = [spec.timeout + HARD_LIMIT_GRACE, spec.timeout]
+    return spec.queue or default, limits
 
 
 def broker_priority(app: Celery, priority: int) -> int:
     """leaseflow's priority (0 default, 9 most urgent) as the broker's: RabbitMQ reads it
     so (``x-max-priority``); kombu's Redis transport serves its lowest number first."""
-    if app.conf.broker_url and str(app.conf.broker_url).startswith("redis"):
-        return 9 - priority
-    return priority
+    inverted = getattr(app, "leaseflow_inverted_priority", None)
+    if inverted is None:  # read once per app: a configuration lookup costs microseconds
+        inverted = str(app.conf.broker_url or "").startswith("redis")
+        app.leaseflow_inverted_priority = inverted
+    return 9 - priority if inverted else priority
 
 
 def redis_queue_keys(queue: str) -> list[str]:
     """The Redis lists kombu keeps for ``queue`` (one per priority step), in the order a
-    worker serves them: leaseflow's priority 9 first, the default 0 last. The length of
-    a queue is the sum of theirs."""
+    worker serves them: leaseflow's priorities 7-9 first, the default 0 last. The length
+    of a queue is the sum of theirs."""
     sep = kombu_redis.Channel.sep
-    return [queue] + [f"{queue}{sep}{step}" for step in range(1, 10)]
+    return [queue if step == 0 else f"{queue}{sep}{step}" for step in kombu_redis.PRIORITY_STEPS]
 
 
 def publish(app: Celery, d: messages.Message, producer: Any = None) -> None:
@@ -136,11 +144,12 @@ def publish_all(
 
 def _publish_lean(app: Celery, sender: wire.Sender, d: messages.Message, default: str) -> None:
     """``publish`` without ``send_task``: the same message, built by ``wire``."""
+    queue, limits = _route(_spec(d.workflow, d.state, d.version), default)
     sender.publish(
         d,
         name=task_name(d.workflow, d.state),
-        queue=queue_for(d.workflow, d.state, default, d.version),
-        time_limits=time_limits(d.workflow, d.state, d.version),
+        queue=queue,
+        time_limits=limits,
         priority=broker_priority(app, d.priority),
     )
     logs.debug("step_published", run_id=d.run_id, state=d.state, task_id=d.task_id)
