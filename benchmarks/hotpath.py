@@ -196,7 +196,13 @@ def _variant(name: str, runs: int) -> dict[str, float]:
                         if name == "raw":
                             row = conn.execute(
                                 queries.CLAIM,
-                                {"run_id": run_id, "seq": seq, "owner": "b", "ttl": 60},
+                                {
+                                    "run_id": run_id,
+                                    "seq": seq,
+                                    "owner": "b",
+                                    "ttl": 60,
+                                    "versions": None,
+                                },
                             ).fetchone()
                             token, started = row[6], row[7]
                             sql, params = queries.COMMIT_MOVE, {}
