@@ -439,6 +439,9 @@ def resumed_after_the_kill(h: Harness) -> list[str]:
     early: list[str] = h.notes.get("wait_kill_early", [])
     struck: list[str] = h.notes.get("wait_struck", [])
     receipts: dict[str, str] = h.notes.get("wait_kill_receipts", {})
+    # The armed worker's first Wait kills it: a late run's, or an early one's (whose Wait
+    # resumed it in its own commit); looked at again now, every dead pid long reaped.
+    struck = struck or h.notes.get("wait_struck_early", []) or struck_by_the_kill(h, ids + early)
     problems = [] if struck else ["F-26: no worker died right after committing a Wait"]
     steps, runs = steps_of(h, ids + early), runs_of(h, ids + early)
     for run_id in ids + early:
