@@ -17,6 +17,10 @@ QUEUE_PROBES = Counter(
 )
 WORKERS_REAPED = Counter("leaseflow_workers_reaped_total", "Workers found dead by beat")
 RELEASED = Counter("leaseflow_leases_released_total", "Leases a worker shutting down handed back")
+REGATHERED = Counter(
+    "leaseflow_checkpoints_regathered_total",
+    "Stale checkpoints (no upcaster path) sent to the workflow's regather state",
+)
 LOCKS_SWEPT = Counter("leaseflow_locks_swept_total", "Expired resource locks freed by beat")
 STEP_SECONDS = Histogram(
     "leaseflow_step_duration_seconds", "Time a state function ran", ["workflow", "state"]

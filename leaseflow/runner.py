@@ -151,6 +151,18 @@ class Runner:
         try:
             data = rules.load_context(wf, claim.checkpoint, claim.context_version)
         except errors.CheckpointError as exc:
+            regathers = exc.code == errors.CHECKPOINT_STALE and wf.regather is not None
+            if regathers and isinstance(claim, records.Claim):
+                metrics.REGATHERED.inc()
+                logs.warning(
+                    "checkpoint_regathered",
+                    run_id=claim.run_id,
+                    state=claim.state,
+                    regather=wf.regather,
+                    reason=exc.detail,
+                )
+                attempts = {"attempt": claim.attempt, "max_attempts": claim.max_attempts}
+                return self._settle(claim, rules.regather(wf, claim.input, self.limits, **attempts))
             return self._settle(claim, _failure(claim, exc.code, exc.detail))
         except pydantic.ValidationError as exc:
             return self._settle(claim, _failure(claim, errors.CONTEXT_INVALID, str(exc)))

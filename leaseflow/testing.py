@@ -181,6 +181,20 @@ class Engine:
         self._publish(_wakeup(due))
         return due.state
 
+    def deploy(self, workflow: Workflow) -> None:
+        """Replace the declared workflow of the same name and version by ``workflow`` (a
+        deploy of new code: a new ``context_version``, upcasters, ``regather=``); runs
+        in flight go on under it."""
+        workflow.validate()
+        try:
+            old = registry.get(workflow.name, workflow.version)
+        except errors.UnknownWorkflow:
+            old = None
+        if old is not None and old is not workflow:
+            registry.unregister(old)
+        self._known(workflow)
+        self.store.register_workflow(workflow)
+
     def get(self, run_id: str) -> RunRecord:
         """The run with its step log and groups, as ``Client.get`` returns it."""
         return self.store.get_run(run_id)

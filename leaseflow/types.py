@@ -39,3 +39,4 @@ class StepOutcome(StrEnum):
     CANCELLED = "cancelled"  # the run was cancelled
     TIMED_OUT = "timed_out"  # the run passed its deadline (run_timeout=)
     REDRIVEN = "redriven"  # a finished run was sent back to pending (client.retry)
+    REGATHERED = "regathered"  # a stale checkpoint: the run goes to regather= (no upcaster)

@@ -68,6 +68,7 @@ class Workflow:
         version: int = 1,
         context_version: int = 1,
         run_timeout: float | None = None,
+        regather: str | None = None,
         register: bool = True,
     ) -> None:
         if not name or not name.replace("_", "").replace("-", "").isalnum():
@@ -88,6 +89,11 @@ class Workflow:
         #: Seconds from a run's start (or re-drive) after which it ends ``timed_out``.
         self.run_timeout = None if run_timeout is None else float(run_timeout)
         self.context = context
+        #: The state a run goes to when its checkpoint is of an older context version
+        #: with no upcaster path: it rebuilds the context from the run's input.
+        self.regather = regather
+        #: ``{from_version: fn}``: each upgrades a checkpoint's data by one version.
+        self.upcasters: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
         self.version = version
         self.context_version = context_version
         self._states: dict[str, StateSpec] = {}
@@ -191,6 +197,23 @@ class Workflow:
 
         return decorate
 
+    def upcaster(
+        self, *, from_version: int
+    ) -> Callable[[Callable[[dict[str, Any]], dict[str, Any]]], Callable[..., Any]]:
+        """Declare ``fn(data) -> data`` upgrading a checkpoint's context from
+        ``from_version`` to the next one. A run loading an older checkpoint chains them up
+        to ``context_version``, then validates the result with the context model; with
+        no path it goes to ``regather=`` (if declared) or fails ``E-CHECKPOINT-STALE``."""
+
+        def decorate(fn: Callable[[dict[str, Any]], dict[str, Any]]) -> Callable[..., Any]:
+            if from_version in self.upcasters:
+                self._duplicates.append(f"<upcaster from version {from_version}>")
+            self.upcasters[from_version] = fn
+            self._validated = False
+            return fn
+
+        return decorate
+
     # -- reading the definition ---------------------------------------------------
 
     @property
@@ -213,13 +236,27 @@ class Workflow:
         pairs = [(START, self.initial.name)]
         for spec in self._states.values():
             pairs.extend((spec.name, target) for target in spec.targets)
+        if self.regather is not None:  # every state may be sent to re-gather its context
+            pairs.extend(
+                (spec.name, self.regather)
+                for spec in self._states.values()
+                if not spec.branch and (spec.name, self.regather) not in pairs
+            )
         return pairs
 
     def validate(self) -> Workflow:
         """Check the whole definition; raise one ``InvalidDefinition`` naming every fault."""
         if self._validated:
             return self
-        problems = validation.problems(self._states, self._duplicates, context=self.context)
+        roots = () if self.regather is None else (self.regather,)
+        problems = validation.problems(
+            self._states, self._duplicates, context=self.context, roots=roots
+        )
+        upgrade = validation.upgrade_problems(
+            self.upcasters, self.context_version, self.regather, self._states
+        )
+        if upgrade:
+            problems.setdefault(validation.WORKFLOW, []).extend(upgrade)
         if problems:
             raise errors.InvalidDefinition(self.name, problems)
         self._validated = True

@@ -18,6 +18,8 @@ import pydantic_core
 
 from leaseflow import errors
 from leaseflow.fsm import checkpoint, waits
+from leaseflow.fsm.contexts import first_checkpoint as first_checkpoint
+from leaseflow.fsm.contexts import load_context as load_context
 from leaseflow.fsm.definition import StateSpec, Workflow
 from leaseflow.fsm.outcomes import (
     BRANCH_ERROR_POLICIES,
@@ -353,55 +355,28 @@ def _on_fork(
     return replace(waiting, fork=fork)
 
 
-def load_context(wf: Workflow, blob: bytes, version: int) -> pydantic.BaseModel:
-    """The run's context from its checkpoint; ``CheckpointError`` when this code cannot
-    read it, ``pydantic.ValidationError`` when it no longer validates."""
-    if version > wf.context_version:
-        raise errors.CheckpointError(
-            errors.CHECKPOINT_CORRUPT,
-            f"checkpoint has context version {version}, newer than "
-            f"this worker's {wf.context_version}",
-        )
-    if version < wf.context_version:
-        raise errors.CheckpointError(
+def regather(
+    wf: Workflow, input: dict[str, Any], limits: Limits, *, attempt: int, max_attempts: int
+) -> Transition:
+    """A stale checkpoint with no upcaster path: the run moves to ``wf.regather`` with a
+    context rebuilt from its input (the state re-gathers the rest)."""
+    assert wf.regather is not None
+    try:
+        blob, _ = first_checkpoint(wf, input, limits)
+    except errors.InvalidInput as exc:
+        return failure(
             errors.CHECKPOINT_STALE,
-            f"checkpoint has context version {version}, older than this worker's "
-            f"{wf.context_version}; this version of leaseflow cannot upgrade checkpoints",
+            f"cannot re-gather: the run's input no longer validates: {exc.detail}",
+            attempt=attempt,
+            max_attempts=max_attempts,
         )
-    return wf.context.model_validate(checkpoint.decode(blob))
-
-
-def first_checkpoint(
-    wf: Workflow, input: dict[str, Any] | None, limits: Limits
-) -> tuple[bytes, dict[str, Any]]:
-    """The validated input of a new run and its first checkpoint; ``InvalidInput``
-    (naming what is wrong) when the input is not a JSON object of the context model, or
-    holds what the store cannot take (``checkpoint.check``, naming the field)."""
-    payload = {} if input is None else input
-    if not isinstance(payload, dict):
-        raise errors.InvalidInput(
-            wf.name, f"input must be a JSON object, not {type(payload).__name__}"
-        )
-    try:
-        checkpoint.dumps(payload, what="input", limit=limits.max_payload_bytes)
-    except errors.UnstorableValue as exc:
-        raise errors.InvalidInput(wf.name, str(exc)) from exc
-    try:
-        data = wf.context.model_validate(payload)
-    except pydantic.ValidationError as exc:
-        raise errors.InvalidInput(wf.name, str(exc)) from exc
-    try:
-        blob = checkpoint.encode(
-            data.model_dump(mode="json"),
-            limit=limits.max_payload_bytes,
-            compress_min=limits.compress_min_bytes,
-            what="context",
-        )
-    except errors.UnstorableValue as exc:
-        raise errors.InvalidInput(wf.name, str(exc)) from exc
-    except (TypeError, ValueError, pydantic_core.PydanticSerializationError) as exc:
-        raise errors.InvalidInput(wf.name, f"context is not JSON-serialisable: {exc}") from exc
-    return blob, payload
+    target = wf.states[wf.regather]
+    return replace(
+        _move(target, accepted=False),
+        outcome=StepOutcome.REGATHERED,
+        checkpoint=blob,
+        context_version=wf.context_version,
+    )
 
 
 # -- branches ------------------------------------------------------------------------

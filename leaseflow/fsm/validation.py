@@ -30,7 +30,9 @@ def problems(
     duplicates: Sequence[str] = (),
     *,
     context: type[BaseModel] | None = None,
+    roots: Sequence[str] = (),
 ) -> dict[str, list[str]]:
+    """``roots``: states reachable besides the initial one (``regather=``)."""
     """Return ``{state: [problem, ...]}``; empty when the definition is sound."""
     found: dict[str, list[str]] = defaultdict(list)
     for name in duplicates:
@@ -83,7 +85,7 @@ def problems(
 
     flow = {name: spec for name, spec in states.items() if not spec.branch}
     if len(initials) == 1 and initials[0] in flow:
-        reachable = _closure([initials[0]], flow, forward=True)
+        reachable = _closure([initials[0], *(r for r in roots if r in flow)], flow, forward=True)
         for name in flow:
             if name not in reachable:
                 found[name].append(f"is unreachable from the initial state {initials[0]!r}")
@@ -142,6 +144,25 @@ def _lock_problems(
                 spec.hold_lock_until, (n for n, s in states.items() if not s.branch)
             )
             out.append(f"names unknown state {spec.hold_lock_until!r} in hold_lock_until={hint}")
+    return out
+
+
+def upgrade_problems(
+    upcasters: Mapping[int, object],
+    context_version: int,
+    regather: str | None,
+    states: Mapping[str, StateSpec],
+) -> list[str]:
+    """What is wrong with a workflow's upcasters and ``regather=``."""
+    out = [
+        f"has an upcaster from context version {v}, which is not below context_version="
+        f"{context_version}"
+        for v in sorted(upcasters)
+        if not 1 <= v < context_version
+    ]
+    if regather is not None and (regather not in states or states[regather].branch):
+        flow = (name for name, spec in states.items() if not spec.branch)
+        out.append(f"names unknown state {regather!r} in regather={did_you_mean(regather, flow)}")
     return out
 
 

@@ -31,6 +31,7 @@ def register_workflow_txn(conn: psycopg.Connection[Any], wf: Workflow) -> None:
         "name": wf.name,
         "version": wf.version,
         "initial": wf.initial.name,
+        "regather": wf.regather,
         "states": {
             s.name: {"to": list(s.to), "on_error": s.on_error, "queue": s.queue}
             for s in wf.states.values()
