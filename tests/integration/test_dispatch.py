@@ -144,7 +144,11 @@ def test_the_worker_acks_and_sends_events_through_reused_clients(
         channels["events"] = dispatcher.producer.channel
     for name, channel in channels.items():
         assert getattr(channel.Client, "reuses_clients", False), name
-    client.wait_for(client.start(basic.linear, {"n": 1}), timeout=20)  # warm every path
+    # Warm every path with runs in flight together: the producer pool then holds the
+    # connections concurrent publishes need (a new pooled connection builds its client
+    # once, however many messages it later carries)
+    for run_id in client.start_many(basic.linear, [{"n": 1}] * 4):
+        client.wait_for(run_id, timeout=20)
     built: list[int] = []
     original = redis.Redis.__init__
 
