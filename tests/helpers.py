@@ -179,7 +179,9 @@ class WorkerProcess(_Subprocess):
             "-c",
             str(concurrency),
             "-n",
-            f"{name}@%h",
+            # A node name of its own: suites running at once on one broker (the chaos
+            # profile beside the main suite in CI) must not share a pidbox queue.
+            f"{name}-{uuid.uuid4().hex[:6]}@%h",
             "-Q",
             settings.default_queue,
             "-l",
