@@ -15,7 +15,7 @@ from leaseflow.fsm import registry, rules, waits
 from leaseflow.fsm.definition import Workflow
 from leaseflow.settings import Settings, get_settings
 from leaseflow.store import base
-from leaseflow.store.records import CancelResult, Due, RunRecord, SignalReceipt
+from leaseflow.store.records import CancelResult, RunRecord, SignalReceipt
 from leaseflow.tasks import dispatch, runtime
 from leaseflow.types import RunStatus
 
@@ -186,11 +186,6 @@ class Client:
         except Exception as exc:  # the runs are durable: the dispatcher will publish them
             logs.warning("publish_failed", runs=len(wakeups), error=repr(exc))
 
-    def _wakeup(self, due: Due) -> messages.StateStep:
-        return messages.StateStep(
-            due.run_id, due.workflow, due.state, due.step_seq, 0.0, due.priority, due.version
-        )
-
     # -- signals, cancel, re-drive --------------------------------------------------
 
     def signal(
@@ -214,7 +209,7 @@ class Client:
         event, given = waits.check_signal(event, payload, signal_id, limit=limit)
         done = self.store.signal(str(run_id), event, payload, signal_id=given or str(uuid.uuid4()))
         if done.due is not None:
-            self._publish([self._wakeup(done.due)])
+            self._publish([done.due.wakeup()])
         logs.info(
             "signal_received",
             run_id=str(run_id),
@@ -258,7 +253,7 @@ class Client:
             run_timeout=run_timeout,
         )
         logs.info("run_redriven", run_id=str(run_id), state=due.state, step_seq=due.step_seq)
-        self._publish([self._wakeup(due)])
+        self._publish([due.wakeup()])
         return due.state
 
     # -- reading --------------------------------------------------------------------

@@ -42,7 +42,7 @@ from leaseflow.fsm.definition import StateSpec, Workflow
 from leaseflow.heartbeat import LeaseKeeper
 from leaseflow.runner import Runner, StepResult, call_state
 from leaseflow.store import memory
-from leaseflow.store.records import CancelResult, Due, RunRecord, SignalReceipt
+from leaseflow.store.records import CancelResult, RunRecord, SignalReceipt
 
 __all__ = ["Clock", "Engine", "WorkerCrashed", "engine"]
 
@@ -158,7 +158,7 @@ class Engine:
         event, given = waits.check_signal(event, payload, signal_id, limit=limit)
         done = self.store.signal(run_id, event, payload, signal_id=given or str(uuid.uuid4()))
         if done.due is not None:
-            self._publish(_wakeup(done.due))
+            self._publish(done.due.wakeup())
         return done.receipt
 
     def cancel(self, run_id: str, reason: str | None = None) -> CancelResult:
@@ -178,7 +178,7 @@ class Engine:
             max_attempts=wf.states[target].retry.max_attempts,
             run_timeout=wf.run_timeout,
         )
-        self._publish(_wakeup(due))
+        self._publish(due.wakeup())
         return due.state
 
     def deploy(self, workflow: Workflow) -> None:
@@ -319,12 +319,6 @@ class Engine:
         jobs.sweep_locks(self.store)
         for message in jobs.reap(self.store) + jobs.sweep_timeouts(self.store):
             self._publish(message)
-
-
-def _wakeup(due: Due) -> messages.StateStep:
-    return messages.StateStep(
-        due.run_id, due.workflow, due.state, due.step_seq, 0.0, due.priority, due.version
-    )
 
 
 @contextmanager

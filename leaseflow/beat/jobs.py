@@ -205,17 +205,7 @@ def dispatch_overdue(
     for row in store.redispatch_runs(lost_runs):
         metrics.REDISPATCHED.inc()
         logs.info("run_redispatched", run_id=row.run_id, state=row.state, step_seq=row.step_seq)
-        out.wakeups.append(
-            messages.StateStep(
-                row.run_id,
-                row.workflow,
-                row.state,
-                row.step_seq,
-                row.countdown,
-                row.priority,
-                row.version,
-            )
-        )
+        out.wakeups.append(row.wakeup())
     lost_branches = [
         (b.group_id, b.idx) for b in branches if gone(b.workflow, b.state, b.published_by)
     ]
@@ -228,18 +218,7 @@ def dispatch_overdue(
             branch=due.idx,
             state=due.state,
         )
-        out.wakeups.append(
-            messages.BranchStep(
-                due.run_id,
-                due.workflow,
-                due.state,
-                due.group_id,
-                due.idx,
-                due.countdown,
-                due.priority,
-                due.version,
-            )
-        )
+        out.wakeups.append(due.wakeup())
     for queue in sorted(unproven) if probe else ():
         sent_at = store.send_probe(queue)
         if sent_at is not None:

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
+from leaseflow import messages
 from leaseflow.fsm.rules import Transition
 from leaseflow.store._jsonable import jsonable as _jsonable
 
@@ -247,6 +248,19 @@ class DueBranch:
     priority: int = 0
     version: int | None = None
 
+    def wakeup(self) -> messages.BranchStep:
+        """The message that publishes it."""
+        return messages.BranchStep(
+            self.run_id,
+            self.workflow,
+            self.state,
+            self.group_id,
+            self.idx,
+            self.countdown,
+            self.priority,
+            self.version,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class ExpiredBranch:
@@ -283,6 +297,18 @@ class Due:
     step_seq: int
     countdown: float = 0.0
     priority: int = 0
+
+    def wakeup(self) -> messages.StateStep:
+        """The message that publishes it (its version is the newest known, or given)."""
+        return messages.StateStep(
+            self.run_id,
+            self.workflow,
+            self.state,
+            self.step_seq,
+            self.countdown,
+            self.priority,
+            self.version,
+        )
 
 
 @dataclass(frozen=True, slots=True)

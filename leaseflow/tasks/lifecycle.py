@@ -56,16 +56,8 @@ def hand_back(controller: Any) -> records.Released:
     owners = [f"{host}:{pid}" for pid in _pool_pids(controller)]
     store = runtime.get().store
     released = store.release_leases_of(owners)
-    wakeups: list[messages.Message] = [
-        messages.StateStep(d.run_id, d.workflow, d.state, d.step_seq, 0.0, d.priority, d.version)
-        for d in released.runs
-    ]
-    wakeups += [
-        messages.BranchStep(
-            b.run_id, b.workflow, b.state, b.group_id, b.idx, 0.0, b.priority, b.version
-        )
-        for b in released.branches
-    ]
+    wakeups: list[messages.Message] = [due.wakeup() for due in released.runs]
+    wakeups += [due.wakeup() for due in released.branches]
     for due in released.runs:
         metrics.RELEASED.inc()
         logs.warning("lease_released", run_id=due.run_id, state=due.state, reason="shutdown")
