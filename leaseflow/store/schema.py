@@ -129,6 +129,8 @@ runs = Table(
         postgresql_where=text("finished_at IS NULL AND run_deadline IS NOT NULL"),
     ),
     Index("ix_lf_runs_workflow_created_at", "workflow", "created_at"),
+    # Retention finds finished runs by age; set once, when a run finishes.
+    Index("ix_lf_runs_finished", "finished_at", postgresql_where=text("finished_at IS NOT NULL")),
     Index(
         "uq_lf_runs_idempotency",
         "workflow",
@@ -153,6 +155,9 @@ steps = Table(
     Column("outcome", Text, nullable=False),
     Column("next_state", Text),
     Column("error", Text),
+    #: The context's JSON and its stored checkpoint, in bytes, when the commit wrote one.
+    Column("context_bytes", Integer),
+    Column("checkpoint_bytes", Integer),
     PrimaryKeyConstraint("run_id", "seq"),
 )
 
@@ -210,6 +215,25 @@ branches = Table(
     CheckConstraint(f"status IN {BRANCH_STATUSES!r}", name="status"),
     CheckConstraint("status <> 'running' OR lease_token IS NOT NULL", name="running_has_lease"),
     Index("ix_lf_branches_unfinished", "group_id", postgresql_where=text("finished_at IS NULL")),
+)
+
+#: What states put with ``ctx.artifacts.put``: zstd-compressed, one row per run and name,
+#: written in the state's fenced commit.
+artifacts = Table(
+    "lf_artifacts",
+    metadata,
+    Column("run_id", UUID(as_uuid=False), nullable=False),
+    Column("name", Text, nullable=False),
+    Column("content_type", Text),
+    Column("codec", SmallInteger, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    Column("size_bytes", BigInteger, nullable=False),
+    Column("stored_bytes", BigInteger, nullable=False),
+    Column("sha256", Text, nullable=False),
+    Column("state", Text),
+    Column("step_seq", Integer),
+    Column("created_at", _ts, nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("run_id", "name"),
 )
 
 #: Every signal sent to a run, once per ``(run_id, signal_id)``: stored even when the
