@@ -1,8 +1,14 @@
 """Checkpoint codec: context JSON, zstd-compressed above a threshold, codec byte in front.
 
-Layout: one codec byte (``0`` raw JSON, ``1`` zstd JSON) then the payload. The size
-limit applies to the JSON before compression, so a huge context is refused before
-anything is compressed, written or sent.
+Layout: one codec byte, the payload, and a CRC-32 of both (4 bytes, big-endian). Codec
+``2``: the payload is the JSON; ``3``: a zstd frame of it. The checksum makes any damage
+of up to four adjacent bytes a refusal (``E-CHECKPOINT-CORRUPT``), never a different
+value; it is checked before anything is decompressed. Checkpoints written before the
+checksum (codec ``0`` raw, ``1`` zstd, no trailer) still decode. The size limit applies
+to the JSON before compression, so a huge context is refused before anything is
+compressed, written or sent.
+
+The same framing (``pack``/``unpack``) stores artefacts' bytes.
 
 Every value bound for the store (contexts, inputs, outputs, branch results, Map items)
 first passes ``check``: what PostgreSQL would refuse at commit (a NUL byte, NaN) or
@@ -16,14 +22,18 @@ from __future__ import annotations
 import json
 import math
 import threading
+import zlib
 from typing import Any
 
 import zstandard
 
 from leaseflow import errors
 
-RAW = 0
-ZSTD = 1
+LEGACY_RAW = 0  # read, no longer written: no checksum
+LEGACY_ZSTD = 1
+RAW = 2
+ZSTD = 3
+_CRC = 4  # bytes of the trailer
 #: A zstd frame that declares more than this is damaged (or hostile): refused unread.
 MAX_DECODED_BYTES = 64 * 1024 * 1024
 #: How deep JSON arrays and objects may nest in a stored value (the outermost one is
@@ -190,34 +200,59 @@ def dumps(value: Any, *, what: str, limit: int) -> bytes:
 def encode(
     data: dict[str, Any], *, limit: int, compress_min: int = 256, what: str = "checkpoint"
 ) -> bytes:
-    """The checkpoint of ``data`` (``dumps``, then compressed from ``compress_min``)."""
-    raw = dumps(data, what=what, limit=limit)
+    """The checkpoint of ``data`` (``dumps``, then ``pack``)."""
+    return pack(dumps(data, what=what, limit=limit), compress_min=compress_min)
+
+
+def pack(raw: bytes, *, compress_min: int = 256) -> bytes:
+    """``raw`` framed: codec byte, payload (zstd from ``compress_min`` bytes), CRC-32."""
     if len(raw) >= compress_min:
-        return bytes((ZSTD,)) + _compressor().compress(raw)
-    return bytes((RAW,)) + raw
+        framed = bytes((ZSTD,)) + _compressor().compress(raw)
+    else:
+        framed = bytes((RAW,)) + raw
+    return framed + zlib.crc32(framed).to_bytes(_CRC, "big")
+
+
+def unpack(blob: bytes | memoryview | None, *, what: str = "checkpoint") -> bytes:
+    """The bytes ``pack`` framed; any damage raises ``CheckpointError(E-CHECKPOINT-CORRUPT)``."""
+    if blob is None or len(blob) == 0:
+        raise errors.CheckpointError(errors.CHECKPOINT_CORRUPT, f"{what} is empty")
+    blob = bytes(blob)
+    codec = blob[0]
+    if codec in (RAW, ZSTD):
+        if len(blob) < 1 + _CRC:
+            raise errors.CheckpointError(errors.CHECKPOINT_CORRUPT, f"{what} is truncated")
+        framed, trailer = blob[:-_CRC], blob[-_CRC:]
+        if zlib.crc32(framed).to_bytes(_CRC, "big") != trailer:
+            raise errors.CheckpointError(
+                errors.CHECKPOINT_CORRUPT,
+                f"{what} fails its checksum ({len(blob)} bytes: damaged or truncated)",
+            )
+        payload, compressed = framed[1:], codec == ZSTD
+    elif codec in (LEGACY_RAW, LEGACY_ZSTD):
+        payload, compressed = blob[1:], codec == LEGACY_ZSTD
+    else:
+        raise errors.CheckpointError(errors.CHECKPOINT_CORRUPT, f"unknown codec byte {codec}")
+    if not compressed:
+        return payload
+    try:
+        size = zstandard.frame_content_size(payload)
+        if size > MAX_DECODED_BYTES:
+            raise errors.CheckpointError(
+                errors.CHECKPOINT_CORRUPT, f"zstd frame declares {size} bytes"
+            )
+        return _decompressor().decompress(payload, max_output_size=MAX_DECODED_BYTES)
+    except zstandard.ZstdError as exc:
+        raise errors.CheckpointError(errors.CHECKPOINT_CORRUPT, f"{what}: {exc}") from exc
 
 
 def decode(blob: bytes | memoryview | None) -> dict[str, Any]:
     """Decode a checkpoint; any damage raises ``CheckpointError(E-CHECKPOINT-CORRUPT)``."""
-    if blob is None or len(blob) == 0:
-        raise errors.CheckpointError(errors.CHECKPOINT_CORRUPT, "checkpoint is empty")
-    blob = bytes(blob)
-    codec, payload = blob[0], blob[1:]
+    payload = unpack(blob)
     try:
-        if codec == ZSTD:
-            size = zstandard.frame_content_size(payload)
-            if size > MAX_DECODED_BYTES:
-                raise errors.CheckpointError(
-                    errors.CHECKPOINT_CORRUPT, f"zstd frame declares {size} bytes"
-                )
-            payload = _decompressor().decompress(payload, max_output_size=MAX_DECODED_BYTES)
-        elif codec != RAW:
-            raise errors.CheckpointError(errors.CHECKPOINT_CORRUPT, f"unknown codec byte {codec}")
         value = json.loads(payload)
-    except errors.CheckpointError:
-        raise
-    except (zstandard.ZstdError, ValueError) as exc:
-        raise errors.CheckpointError(errors.CHECKPOINT_CORRUPT, str(exc)) from exc
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError included
+        raise errors.CheckpointError(errors.CHECKPOINT_CORRUPT, f"checkpoint: {exc}") from exc
     if not isinstance(value, dict):
         raise errors.CheckpointError(errors.CHECKPOINT_CORRUPT, "checkpoint is not an object")
     return value

@@ -123,9 +123,10 @@ def test_with_neither_the_run_fails_stale():
     [
         (lambda blob: b"\x07" + blob[1:], "unknown codec byte 7"),
         (lambda blob: b"\x01" + b"not a zstd frame", "content size"),
+        (lambda blob: blob[:-1] + bytes((blob[-1] ^ 1,)), "fails its checksum"),
         (lambda blob: blob[: max(2, len(blob) // 2)], ""),
     ],
-    ids=["codec-byte", "bad-frame", "truncated"],
+    ids=["codec-byte", "bad-frame", "flipped-bit", "truncated"],
 )
 def test_damaged_bytes_fail_corrupt_once(damage, reason):
     with engine() as eng:

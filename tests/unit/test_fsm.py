@@ -10,6 +10,7 @@ import json
 import math
 import pickle
 import struct
+import zlib
 from datetime import UTC, datetime
 from typing import Any
 
@@ -565,23 +566,29 @@ def test_a_nonsensical_policy_is_refused(kwargs: dict[str, Any]):
 LIMIT = 1024 * 1024
 
 
-def test_a_small_checkpoint_is_stored_raw_behind_codec_byte_0():
+def _crc_ok(blob: bytes) -> bool:
+    return zlib.crc32(blob[:-4]).to_bytes(4, "big") == blob[-4:]
+
+
+def test_a_small_checkpoint_is_stored_raw_behind_codec_byte_2_with_a_crc():
     data = {"n": 1, "name": "zoë", "nested": {"xs": [1, 2.5, None, True]}}
     blob = checkpoint.encode(data, limit=LIMIT)
-    assert blob[0] == checkpoint.RAW == 0
-    assert json.loads(blob[1:]) == data
+    assert blob[0] == checkpoint.RAW == 2
+    assert json.loads(blob[1:-4]) == data
+    assert _crc_ok(blob)
     assert "zoë".encode() in blob  # UTF-8, not \\u escapes
     assert checkpoint.decode(blob) == data
 
 
-def test_a_large_checkpoint_is_zstd_behind_codec_byte_1():
+def test_a_large_checkpoint_is_zstd_behind_codec_byte_3_with_a_crc():
     data = {"trail": ["state"] * 500}
     blob = checkpoint.encode(data, limit=LIMIT, compress_min=256)
-    assert blob[0] == checkpoint.ZSTD == 1
+    assert blob[0] == checkpoint.ZSTD == 3
     assert (
-        zstandard.ZstdDecompressor().decompress(blob[1:])
+        zstandard.ZstdDecompressor().decompress(blob[1:-4])
         == json.dumps(data, separators=(",", ":")).encode()
     )
+    assert _crc_ok(blob)
     assert len(blob) < len(json.dumps(data))
     assert checkpoint.decode(blob) == data
 
@@ -592,6 +599,32 @@ def test_the_compression_threshold_is_inclusive():
     assert checkpoint.encode(data, limit=LIMIT, compress_min=size)[0] == checkpoint.ZSTD
     assert checkpoint.encode(data, limit=LIMIT, compress_min=size + 1)[0] == checkpoint.RAW
     assert checkpoint.encode({}, limit=LIMIT, compress_min=0)[0] == checkpoint.ZSTD
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [
+        pytest.param(b'\x00{"a":[1,"z\xc3\xab"]}', id="raw"),
+        pytest.param(
+            b"\x01" + zstandard.ZstdCompressor().compress(b'{"a":[1,"z\xc3\xab"]}'), id="zstd"
+        ),
+    ],
+)
+def test_checkpoints_written_before_the_checksum_still_decode(blob: bytes):
+    assert checkpoint.decode(blob) == {"a": [1, "zë"]}
+
+
+def _framed(codec: int, payload: bytes) -> bytes:
+    """A checkpoint with a valid checksum around ``payload``: damage the CRC cannot see."""
+    framed = bytes((codec,)) + payload
+    return framed + zlib.crc32(framed).to_bytes(4, "big")
+
+
+def test_a_flipped_byte_fails_the_checksum_before_anything_is_decompressed():
+    blob = bytearray(_ZSTD_BLOB)
+    blob[len(blob) // 2] ^= 0x01
+    with pytest.raises(errors.CheckpointError, match="fails its checksum"):
+        checkpoint.decode(bytes(blob))
 
 
 def test_decode_accepts_a_memoryview():
@@ -655,6 +688,11 @@ _ZSTD_BLOB = checkpoint.encode({"trail": ["state"] * 500}, limit=LIMIT)
         pytest.param(None, id="none"),
         pytest.param(b"", id="empty"),
         pytest.param(b"\x07{}", id="unknown-codec"),
+        pytest.param(b"\x02{}", id="too-short-for-its-crc"),
+        pytest.param(_framed(2, b"{not json"), id="crc-raw-not-json"),
+        pytest.param(_framed(2, b"\xff\xfe"), id="crc-raw-not-utf8"),
+        pytest.param(_framed(3, b"not a zstd frame"), id="crc-zstd-garbage"),
+        pytest.param(_framed(3, zstandard.ZstdCompressor().compress(b"[1]")), id="crc-zstd-array"),
         pytest.param(b"\x00{not json", id="raw-not-json"),
         pytest.param(b"\x00\xff\xfe\xfd", id="raw-not-utf8"),
         pytest.param(b"\x00", id="raw-no-payload"),
@@ -675,7 +713,7 @@ def test_a_damaged_checkpoint_fails_closed(blob: bytes | None):
 
 def test_a_zstd_header_claiming_a_huge_size_fails_closed():
     # Given a corrupt checkpoint whose zstd header claims a terabyte
-    blob = b"\x01" + _forged_zstd_header(2**40) + b"\x01\x00\x00"
+    blob = _framed(checkpoint.ZSTD, _forged_zstd_header(2**40) + b"\x01\x00\x00")
     # Then it is refused as corrupt, not by allocating a terabyte
     with pytest.raises(errors.CheckpointError) as caught:
         checkpoint.decode(blob)
