@@ -12,7 +12,13 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
 
-    from leaseflow.store.records import GroupRecord, LockRecord, RunRecord, WorkerRecord
+    from leaseflow.store.records import (
+        GroupRecord,
+        LockRecord,
+        RunRecord,
+        StepRecord,
+        WorkerRecord,
+    )
 
 #: Width of tables written to a pipe or file, so ids and timestamps never wrap.
 PIPE_WIDTH = 200
@@ -117,6 +123,7 @@ def print_run(run: RunRecord) -> None:
     steps.add_column("started", no_wrap=True)
     steps.add_column("finished", no_wrap=True)
     steps.add_column("ms", justify="right")
+    steps.add_column("context", justify="right")
     steps.add_column("worker")
     steps.add_column("error")
     for step in run.steps:
@@ -129,6 +136,7 @@ def print_run(run: RunRecord) -> None:
             when(step.started_at),
             when(step.finished_at),
             "" if step.duration_ms is None else str(step.duration_ms),
+            _sizes(step),
             step.worker or "",
             summary(step.error),
         )
@@ -216,3 +224,15 @@ def _group_table(group: GroupRecord) -> Any:
         shown = branch.error if branch.error else json.dumps(branch.result, default=str)
         table.add_row(str(branch.idx), branch.state, branch.status, summary(shown))
     return table
+
+
+def _sizes(step: StepRecord) -> str:
+    """``12.3 KB -> 2.1 KB (17%)``: the context's JSON and its stored checkpoint."""
+    ratio = step.checkpoint_ratio
+    if ratio is None or step.context_bytes is None or step.checkpoint_bytes is None:
+        return ""
+    return f"{_kb(step.context_bytes)} -> {_kb(step.checkpoint_bytes)} ({ratio:.0%})"
+
+
+def _kb(size: int) -> str:
+    return f"{size} B" if size < 1024 else f"{size / 1024:.1f} KB"

@@ -205,7 +205,7 @@ class Client:
         ``RunNotFound``, ``RunFinished`` (``E-RUN-FINISHED``), ``InvalidSignal``,
         ``PayloadTooLarge``.
         """
-        limit = self.settings.max_checkpoint_bytes
+        limit = self.settings.max_payload_bytes
         event, given = waits.check_signal(event, payload, signal_id, limit=limit)
         done = self.store.signal(str(run_id), event, payload, signal_id=given or str(uuid.uuid4()))
         if done.due is not None:

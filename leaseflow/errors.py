@@ -107,18 +107,22 @@ class InvalidInput(LeaseflowError):
 
 
 class PayloadTooLarge(LeaseflowError):
-    """A payload exceeds ``LEASEFLOW_MAX_CHECKPOINT_BYTES``."""
+    """A value's JSON exceeds its limit (``setting``: ``LEASEFLOW_MAX_PAYLOAD_BYTES`` for
+    inputs, outputs, branch results, Map items and signal payloads,
+    ``LEASEFLOW_MAX_CHECKPOINT_BYTES`` for contexts, ``LEASEFLOW_MAX_ARTIFACT_BYTES``)."""
 
     code = PAYLOAD_TOO_LARGE
 
-    def __init__(self, what: str, size: int, limit: int) -> None:
-        super().__init__(what, size, limit)
+    def __init__(self, what: str, size: int, limit: int, setting: str | None = None) -> None:
+        super().__init__(what, size, limit, setting)
         self.what = what
         self.size = size
         self.limit = limit
+        self.setting = setting
 
     def __str__(self) -> str:
-        return f"{self.what} is {self.size} bytes, over the limit of {self.limit} bytes"
+        named = f" ({self.setting})" if self.setting else ""
+        return f"{self.what} is {self.size} bytes, over the limit of {self.limit} bytes{named}"
 
 
 class IdempotencyConflict(LeaseflowError):

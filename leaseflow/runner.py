@@ -20,8 +20,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
-import pydantic
-
 from leaseflow import claims, errors, faults, heartbeat, logs, messages, metrics, steplog
 from leaseflow.context import StateContext
 from leaseflow.fsm import registry, rules
@@ -164,8 +162,6 @@ class Runner:
                 attempts = {"attempt": claim.attempt, "max_attempts": claim.max_attempts}
                 return self._settle(claim, rules.regather(wf, claim.input, self.limits, **attempts))
             return self._settle(claim, _failure(claim, exc.code, exc.detail))
-        except pydantic.ValidationError as exc:
-            return self._settle(claim, _failure(claim, errors.CONTEXT_INVALID, str(exc)))
         if isinstance(claim, records.Claim) and spec.lock is not None and claim.lock_fence is None:
             want = claims.lock_want(claim)  # why the claim could not take the state's lock
             reason = (want.error if want else None) or f"state {claim.state!r} took no lock"

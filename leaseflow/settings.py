@@ -67,7 +67,12 @@ class Settings(BaseSettings):
     shutdown_grace: float = Field(20.0, ge=0)
     dispatch_timeout: float = Field(60.0, gt=0)
     dispatch_batch: int = Field(1000, gt=0)
+    #: A context's JSON (its checkpoint before compression) may be this large.
     max_checkpoint_bytes: int = Field(1024 * 1024, gt=0)
+    #: Run inputs, outputs, Map items, branch results and signal payloads (their JSON).
+    max_payload_bytes: int = Field(1024 * 1024, gt=0)
+    #: One artefact (``ctx.artifacts.put``), before compression.
+    max_artifact_bytes: int = Field(64 * 1024 * 1024, gt=0)
     compress_min_bytes: int = Field(256, ge=0)
     statement_timeout_ms: int = Field(30_000, ge=0)
     pool_max_size: int = Field(4, gt=0)

@@ -87,12 +87,13 @@ class Engine:
         *,
         lease_ttl: float = 60.0,
         max_payload_bytes: int = 1024 * 1024,
+        max_checkpoint_bytes: int | None = None,
         inline_max_states: int = 100,
         seed: int = 0,
     ) -> None:
         self.clock = Clock()
         self.store = memory.MemoryStore(clock=self.clock)
-        self.limits = rules.Limits(max_payload_bytes)
+        self.limits = rules.Limits(max_payload_bytes, max_checkpoint_bytes=max_checkpoint_bytes)
         self.keeper = LeaseKeeper(
             self.store, worker=WORKER, ttl=lease_ttl, interval=lease_ttl / 4, background=False
         )

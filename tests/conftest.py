@@ -242,9 +242,9 @@ def store(settings: Settings):
 
 def make_runner(store, settings: Settings, worker: str):
     """A Celery-free runner for one simulated worker process."""
-    from leaseflow.fsm import rules
     from leaseflow.heartbeat import LeaseKeeper
     from leaseflow.runner import Runner
+    from leaseflow.tasks import runtime
 
     keeper = LeaseKeeper(
         store, worker=worker, ttl=settings.lease_ttl, interval=settings.heartbeat_interval
@@ -254,7 +254,7 @@ def make_runner(store, settings: Settings, worker: str):
         keeper,
         worker=worker,
         ttl=settings.lease_ttl,
-        limits=rules.Limits(settings.max_checkpoint_bytes),
+        limits=runtime.limits(settings),
         rand=lambda: 0.5,
     )
 

@@ -184,7 +184,7 @@ def storable_text(text: str) -> str:
 # -- the codec -----------------------------------------------------------------------
 
 
-def dumps(value: Any, *, what: str, limit: int) -> bytes:
+def dumps(value: Any, *, what: str, limit: int, setting: str | None = None) -> bytes:
     """Serialise ``value`` to compact JSON bytes, enforcing ``check`` and ``limit``.
 
     Raises ``UnstorableValue`` (naming the field, from ``what``) for what the store
@@ -193,15 +193,20 @@ def dumps(value: Any, *, what: str, limit: int) -> bytes:
     check(value, what=what)
     raw = json.dumps(value, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode()
     if len(raw) > limit:
-        raise errors.PayloadTooLarge(what, len(raw), limit)
+        raise errors.PayloadTooLarge(what, len(raw), limit, setting)
     return raw
 
 
 def encode(
-    data: dict[str, Any], *, limit: int, compress_min: int = 256, what: str = "checkpoint"
+    data: dict[str, Any],
+    *,
+    limit: int,
+    compress_min: int = 256,
+    what: str = "checkpoint",
+    setting: str | None = None,
 ) -> bytes:
     """The checkpoint of ``data`` (``dumps``, then ``pack``)."""
-    return pack(dumps(data, what=what, limit=limit), compress_min=compress_min)
+    return pack(dumps(data, what=what, limit=limit, setting=setting), compress_min=compress_min)
 
 
 def pack(raw: bytes, *, compress_min: int = 256) -> bytes:

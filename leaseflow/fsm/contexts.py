@@ -22,8 +22,8 @@ def load_context(wf: Workflow, blob: bytes, version: int) -> pydantic.BaseModel:
     """The run's context from its checkpoint, upgraded by the workflow's upcasters when it
     is older; ``CheckpointError`` when this code cannot read it (``E-CHECKPOINT-STALE``:
     older with no upcaster path; ``E-CHECKPOINT-CORRUPT``: newer, damaged, or an upcaster
-    failed or produced data the context model refuses), ``pydantic.ValidationError`` when
-    a current checkpoint no longer validates."""
+    failed or produced data the context model refuses, or a checkpoint of the current
+    version no longer validates: the model changed without a new ``context_version``)."""
     if version > wf.context_version:
         raise errors.CheckpointError(
             errors.CHECKPOINT_CORRUPT,
@@ -32,7 +32,15 @@ def load_context(wf: Workflow, blob: bytes, version: int) -> pydantic.BaseModel:
         )
     data = checkpoint.decode(blob)
     if version == wf.context_version:
-        return wf.context.model_validate(data)
+        try:
+            return wf.context.model_validate(data)
+        except pydantic.ValidationError as exc:
+            raise errors.CheckpointError(
+                errors.CHECKPOINT_CORRUPT,
+                f"the checkpoint (context version {version}) does not validate against "
+                f"{wf.context.__name__}: {exc} (if the model changed, raise the workflow's "
+                "context_version and register an upcaster)",
+            ) from exc
     start = version
     while version < wf.context_version:
         upcast = wf.upcasters.get(version)
@@ -75,7 +83,12 @@ def first_checkpoint(
             wf.name, f"input must be a JSON object, not {type(payload).__name__}"
         )
     try:
-        checkpoint.dumps(payload, what="input", limit=limits.max_payload_bytes)
+        checkpoint.dumps(
+            payload,
+            what="input",
+            limit=limits.max_payload_bytes,
+            setting="LEASEFLOW_MAX_PAYLOAD_BYTES",
+        )
     except errors.UnstorableValue as exc:
         raise errors.InvalidInput(wf.name, str(exc)) from exc
     try:
@@ -85,9 +98,10 @@ def first_checkpoint(
     try:
         blob = checkpoint.encode(
             data.model_dump(mode="json"),
-            limit=limits.max_payload_bytes,
+            limit=limits.checkpoint_limit,
             compress_min=limits.compress_min_bytes,
             what="context",
+            setting="LEASEFLOW_MAX_CHECKPOINT_BYTES",
         )
     except errors.UnstorableValue as exc:
         raise errors.InvalidInput(wf.name, str(exc)) from exc

@@ -32,14 +32,28 @@ from leaseflow.fsm.outcomes import (
 )
 from leaseflow.types import TERMINAL_STATUSES, StepOutcome
 
+#: The settings that bound a value's JSON, named in ``PayloadTooLarge``.
+PAYLOAD_SETTING = "LEASEFLOW_MAX_PAYLOAD_BYTES"
+CHECKPOINT_SETTING = "LEASEFLOW_MAX_CHECKPOINT_BYTES"
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Payload limits: the JSON size of contexts, outputs, items and branch results,
-    and the size from which a checkpoint is compressed."""
+    """Size limits of JSON values: ``max_payload_bytes`` for inputs, outputs, Map items,
+    branch results and signal payloads, ``max_checkpoint_bytes`` for contexts (None: the
+    payload limit); and the size from which a checkpoint is compressed."""
 
     max_payload_bytes: int
     compress_min_bytes: int = 256
+    max_checkpoint_bytes: int | None = None
+
+    @property
+    def checkpoint_limit(self) -> int:
+        return (
+            self.max_payload_bytes
+            if self.max_checkpoint_bytes is None
+            else self.max_checkpoint_bytes
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +94,9 @@ class Transition:
     delay: float = 0.0  # the next attempt is due this many seconds after the commit
     checkpoint: bytes | None = None  # None: the stored context is unchanged
     context_version: int | None = None
+    #: The context's JSON and its checkpoint, in bytes (the step log shows the ratio).
+    context_bytes: int | None = None
+    checkpoint_bytes: int | None = None
     output: Any = None
     error_code: str | None = None
     error: str | None = None
@@ -226,7 +243,12 @@ def on_outcome(
         return with_context(parked, wf, data, stored, limits, fail)
     if isinstance(returned, Complete):
         try:
-            checkpoint.dumps(returned.output, what="output", limit=limits.max_payload_bytes)
+            checkpoint.dumps(
+                returned.output,
+                what="output",
+                limit=limits.max_payload_bytes,
+                setting=PAYLOAD_SETTING,
+            )
         except errors.PayloadTooLarge as exc:
             return fail(errors.PAYLOAD_TOO_LARGE, str(exc))
         except errors.UnstorableValue as exc:
@@ -275,11 +297,11 @@ def with_context(
 ) -> Transition:
     """``tr`` with the checkpoint of ``data``, or the failure that refuses it."""
     try:
-        blob = checkpoint.encode(
+        raw = checkpoint.dumps(
             data.model_dump(mode="json"),
-            limit=limits.max_payload_bytes,
-            compress_min=limits.compress_min_bytes,
             what="context",
+            limit=limits.checkpoint_limit,
+            setting=CHECKPOINT_SETTING,
         )
     except errors.PayloadTooLarge as exc:
         return fail(errors.PAYLOAD_TOO_LARGE, str(exc))
@@ -287,9 +309,16 @@ def with_context(
         return fail(errors.CONTEXT_INVALID, str(exc))
     except (TypeError, ValueError, pydantic_core.PydanticSerializationError) as exc:
         return fail(errors.CONTEXT_INVALID, f"context is not JSON: {exc}")
-    if blob == stored:
-        return tr  # unchanged: the commit keeps the stored bytes
-    return replace(tr, checkpoint=blob, context_version=wf.context_version)
+    blob = checkpoint.pack(raw, compress_min=limits.compress_min_bytes)
+    if blob == stored:  # unchanged: the commit keeps the stored bytes
+        return replace(tr, context_bytes=len(raw), checkpoint_bytes=len(blob))
+    return replace(
+        tr,
+        checkpoint=blob,
+        context_version=wf.context_version,
+        context_bytes=len(raw),
+        checkpoint_bytes=len(blob),
+    )
 
 
 def _on_fork(
@@ -320,7 +349,9 @@ def _on_fork(
         if window is not None and window < 1:
             return fail(illegal, "Map.max_concurrency must be >= 1")
         try:
-            checkpoint.dumps(items, what="Map.items", limit=limits.max_payload_bytes)
+            checkpoint.dumps(
+                items, what="Map.items", limit=limits.max_payload_bytes, setting=PAYLOAD_SETTING
+            )
         except errors.PayloadTooLarge as exc:
             return fail(errors.PAYLOAD_TOO_LARGE, str(exc))
         except errors.UnstorableValue as exc:
@@ -395,7 +426,12 @@ def on_branch(
     """A branch returned ``returned`` (its result) or raised ``raised``."""
     if raised is None:
         try:
-            checkpoint.dumps(returned, what="branch result", limit=limits.max_payload_bytes)
+            checkpoint.dumps(
+                returned,
+                what="branch result",
+                limit=limits.max_payload_bytes,
+                setting=PAYLOAD_SETTING,
+            )
         except errors.PayloadTooLarge as exc:
             return BranchDecision("failed", error=f"{errors.PAYLOAD_TOO_LARGE}: {exc}")
         except errors.UnstorableValue as exc:

@@ -186,7 +186,9 @@ def check_signal(
     name = check_event(event)
     given = None if signal_id is None else check_signal_id(signal_id)
     try:
-        checkpoint.dumps(payload, what="signal payload", limit=limit)
+        checkpoint.dumps(
+            payload, what="signal payload", limit=limit, setting="LEASEFLOW_MAX_PAYLOAD_BYTES"
+        )
     except errors.UnstorableValue as exc:
         raise errors.InvalidSignal(str(exc)) from exc
     return name, given

@@ -247,6 +247,8 @@ class _Runs(Lifecycle):
                 worker=worker,
                 lease_token=claim.lease_token,
                 error=tr.step_error,
+                context_bytes=tr.context_bytes,
+                checkpoint_bytes=tr.checkpoint_bytes,
             )
             if tr.next_state is not None:
                 run.prev_state, run.state, run.signal = run.state, tr.next_state, None

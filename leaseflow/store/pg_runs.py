@@ -195,6 +195,8 @@ def commit_params(
         "started_at": claim.started_at,
         "outcome": tr.outcome,
         "step_error": tr.step_error,
+        "context_bytes": tr.context_bytes,
+        "checkpoint_bytes": tr.checkpoint_bytes,
     }
 
 

@@ -86,11 +86,12 @@ FENCE = """
 #: The step-log row of the commit, for the run the fenced update moved.
 _COMMIT_STEP = """
 INSERT INTO lf_steps (run_id, seq, state, attempt, lease_token, worker, started_at,
-                      finished_at, duration_ms, outcome, next_state, error)
+                      finished_at, duration_ms, outcome, next_state, error, context_bytes,
+                      checkpoint_bytes)
 SELECT id, step_seq - 1, %(state)s, %(step_attempt)s, %(token)s, %(worker)s, %(started_at)s,
        clock_timestamp(),
        (extract(epoch FROM clock_timestamp() - %(started_at)s) * 1000)::int,
-       %(outcome)s, %(next_state)s, %(step_error)s
+       %(outcome)s, %(next_state)s, %(step_error)s, %(context_bytes)s, %(checkpoint_bytes)s
   FROM moved
 """
 
@@ -411,7 +412,7 @@ def list_runs(*, status: bool, workflow: bool) -> str:
 
 STEPS = """
 SELECT seq, state, attempt, outcome, next_state, started_at, finished_at, duration_ms, worker,
-       lease_token::text, error
+       lease_token::text, error, context_bytes, checkpoint_bytes
   FROM lf_steps WHERE run_id = %(run_id)s ORDER BY seq
 """
 

@@ -390,6 +390,16 @@ class StepRecord:
     worker: str | None
     lease_token: str | None
     error: str | None
+    #: The context's JSON and its stored checkpoint, in bytes, as of this step.
+    context_bytes: int | None = None
+    checkpoint_bytes: int | None = None
+
+    @property
+    def checkpoint_ratio(self) -> float | None:
+        """Stored checkpoint bytes per byte of context JSON (the codec's ratio)."""
+        if not self.context_bytes or self.checkpoint_bytes is None:
+            return None
+        return self.checkpoint_bytes / self.context_bytes
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(asdict(self))

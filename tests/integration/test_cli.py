@@ -220,13 +220,14 @@ def test_start_of_an_unknown_version_fails(cli: Cli, db: psycopg.Connection):
 
 
 def test_start_with_an_input_over_the_size_limit_fails(cli: Cli, db: psycopg.Connection):
-    # Given a 200-byte checkpoint limit
-    cli.setenv("LEASEFLOW_MAX_CHECKPOINT_BYTES", "200")
+    # Given a 200-byte payload limit
+    cli.setenv("LEASEFLOW_MAX_PAYLOAD_BYTES", "200")
     # When a run is started with a larger input
     payload = json.dumps({"n": 1, "trail": ["x" * 300]})
     result = cli("start", "linear5", "--input", payload)
     # Then it is refused before anything is written
-    assert "over the limit of 200 bytes" in failed_cleanly(result, "E-PAYLOAD-TOO-LARGE")
+    message = failed_cleanly(result, "E-PAYLOAD-TOO-LARGE")
+    assert "over the limit of 200 bytes (LEASEFLOW_MAX_PAYLOAD_BYTES)" in message
     assert count_runs(db) == 0
 
 

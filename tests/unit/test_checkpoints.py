@@ -177,3 +177,56 @@ def test_bad_upgrade_definitions_are_refused():
         info.value
     )
     assert "unknown state 'nowhere' in regather=" in str(info.value)
+
+
+def test_a_model_changed_without_a_new_context_version_fails_corrupt_with_a_hint():
+    # Given a run checkpointed under v1, then code whose model for the SAME context
+    # version no longer accepts that data (a field renamed, no version bump)
+    class Renamed(BaseModel):
+        full_name: str
+
+    changed = Workflow("t_ckpt", context=Renamed, register=False)
+
+    @changed.state(initial=True, to=["greet"])
+    def start(ctx: Any) -> Wait:  # pragma: no cover - the run was started on v1
+        return Wait(event="go", next="greet")
+
+    @changed.state()
+    def greet(ctx: Any) -> Complete:  # pragma: no cover - never reached
+        return Complete(output=ctx.data.full_name)
+
+    with engine() as eng:
+        run_id = parked_on_v1(eng)
+        eng.deploy(changed)
+        run = go_on(eng, run_id)
+        # Then the run fails closed, once, naming the model and what to do
+        assert (run.status, run.error_code) == ("failed", "E-CHECKPOINT-CORRUPT")
+        assert "does not validate against Renamed" in (run.error or "")
+        assert "raise the workflow's context_version" in (run.error or "")
+        assert [s.outcome for s in run.steps] == ["wait", "signalled", "failed"]
+
+
+def test_every_step_that_checkpoints_records_the_context_and_stored_sizes():
+    class Notes(BaseModel):
+        text: str = ""
+
+    wf = Workflow("t_sizes", context=Notes, register=False)
+
+    @wf.state(initial=True, to=["write"])
+    def start(ctx: Any) -> str:
+        ctx.data.text = "short"
+        return "write"
+
+    @wf.state()
+    def write(ctx: Any) -> Complete:
+        ctx.data.text = "the same sentence again and again. " * 200
+        return Complete()
+
+    with engine() as eng:
+        run = eng.run_until_done(eng.start(wf, {}))
+        small, large = run.steps
+        # the raw codec below the compression threshold: framing only (codec byte + CRC)
+        assert (small.context_bytes, small.checkpoint_bytes) == (16, 16 + 5)
+        assert large.context_bytes == len('{"text":""}') + 35 * 200
+        assert large.checkpoint_bytes is not None and large.checkpoint_ratio is not None
+        assert large.checkpoint_ratio < 0.05  # zstd on repetitive text
