@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from leaseflow.errors import (
+    ArtifactNotFound,
     IdempotencyConflict,
+    InvalidArtifact,
     InvalidDefinition,
     InvalidInput,
     InvalidSignal,
@@ -31,12 +33,14 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArtifactNotFound",
     "CancelResult",
     "Client",
     "Complete",
     "Context",
     "Failed",
     "IdempotencyConflict",
+    "InvalidArtifact",
     "InvalidDefinition",
     "InvalidInput",
     "InvalidSignal",

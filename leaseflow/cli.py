@@ -394,6 +394,22 @@ def runs_show(run_id: str, as_json: bool) -> None:
     render.print_run(run)
 
 
+@runs.command("artifact")
+@click.argument("run_id")
+@click.argument("name")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="A file.")
+def runs_artifact(run_id: str, name: str, output: Path | None) -> None:
+    """Write an artefact's bytes to stdout (or to --output), exactly as put."""
+    with _client() as client:
+        found = client.artifact(run_id, name)
+    assert found.data is not None
+    if output is not None:
+        output.write_bytes(found.data)
+    else:
+        sys.stdout.buffer.write(found.data)
+        sys.stdout.buffer.flush()
+
+
 # -- demo -------------------------------------------------------------------------
 
 

@@ -150,6 +150,28 @@ def print_run(run: RunRecord) -> None:
     if run.signals:
         out.print()
         out.print(_signals_table(run))
+    if run.artifacts:
+        out.print()
+        out.print(_artifacts_table(run))
+
+
+def _artifacts_table(run: RunRecord) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"{len(run.artifacts)} artifact(s)", title_justify="left")
+    for column in ("name", "content type", "size", "stored", "state", "seq", "created"):
+        table.add_column(column)
+    for art in run.artifacts:
+        table.add_row(
+            art.name,
+            art.content_type or "",
+            _kb(art.size_bytes),
+            _kb(art.stored_bytes),
+            art.state or "",
+            "" if art.step_seq is None else str(art.step_seq),
+            when(art.created_at),
+        )
+    return table
 
 
 def locks_table(held: list[LockRecord]) -> Any:

@@ -15,6 +15,7 @@ from leaseflow.fsm import registry, rules, waits
 from leaseflow.fsm.definition import Workflow
 from leaseflow.settings import Settings, get_settings
 from leaseflow.store import base
+from leaseflow.store.artifact_records import ArtifactRecord
 from leaseflow.store.records import CancelResult, RunRecord, SignalReceipt
 from leaseflow.tasks import dispatch, runtime
 from leaseflow.types import RunStatus
@@ -261,6 +262,11 @@ class Client:
     def get(self, run_id: str) -> RunView:
         """The run with its step log; raises ``RunNotFound``."""
         return self.store.get_run(str(run_id))
+
+    def artifact(self, run_id: str, name: str) -> ArtifactRecord:
+        """An artefact of the run (``ctx.artifacts.put``) with its bytes (``.data``,
+        ``.text``); raises ``ArtifactNotFound``, ``RunNotFound``."""
+        return self.store.get_artifact(str(run_id), name)
 
     def list_runs(
         self,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from leaseflow import heartbeat
+from leaseflow.artifacts import Artifacts
 from leaseflow.store import records
 
 D = TypeVar("D")
@@ -38,6 +39,13 @@ class StateContext(Generic[D]):
     #: While the run holds a resource lock (``lock=``): its fence, higher for every
     #: acquisition of the key; pass it to the resource so it refuses older holders.
     lock_token: int | None = None
+    #: Large values beside the run, by reference: ``ref = ctx.artifacts.put(name, data)``
+    #: (written with this state's commit), ``ctx.artifacts.get(ref)``.
+    artifacts: Artifacts = field(default=None, repr=False)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.artifacts is None:  # no store: this attempt's own puts only
+            self.artifacts = Artifacts(None, self.run_id, self.state, None, sink=self._in_commit)
 
     def join(self, branches: list[records.BranchResult]) -> None:
         """Give a join state its group's results (None for a failed branch) and errors."""

@@ -361,3 +361,35 @@ class LockNotFound(LeaseflowError):
 
     def __str__(self) -> str:
         return f"no lock {self.key!r} is held"
+
+
+ARTIFACT_NOT_FOUND = "E-ARTIFACT-NOT-FOUND"
+
+
+class ArtifactNotFound(LeaseflowError):
+    """The run has no artefact of that name (or it was replaced since the reference)."""
+
+    code = ARTIFACT_NOT_FOUND
+
+    def __init__(self, run_id: str, name: str, reason: str = "") -> None:
+        super().__init__(run_id, name, reason)
+        self.run_id = run_id
+        self.name = name
+        self.reason = reason
+
+    def __str__(self) -> str:
+        why = f": {self.reason}" if self.reason else ""
+        return f"run {self.run_id} has no artifact {self.name!r}{why}"
+
+
+class InvalidArtifact(LeaseflowError, ValueError):
+    """An artefact name, reference or data that cannot be stored."""
+
+    code = "E-ARTIFACT-INVALID"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return self.detail

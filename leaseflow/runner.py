@@ -21,6 +21,7 @@ from dataclasses import replace
 from typing import Any
 
 from leaseflow import claims, errors, faults, heartbeat, logs, messages, metrics, steplog
+from leaseflow.artifacts import Artifacts
 from leaseflow.context import StateContext
 from leaseflow.fsm import registry, rules
 from leaseflow.fsm.definition import StateSpec, Workflow
@@ -184,6 +185,8 @@ class Runner:
             self.keeper.release(claim.lease_token)
 
     def _context(self, wf: Workflow, claim: Leased, data: Any) -> StateContext[Any]:
+        writes: list[records.InCommit] = []  # in_commit writes, artefacts included
+        step_seq = claim.step_seq if isinstance(claim, records.Claim) else None
         ctx: StateContext[Any] = StateContext(
             data=data,
             run_id=claim.run_id,
@@ -191,9 +194,19 @@ class Runner:
             attempt=claim.attempt,
             input=claim.input,
             fencing_token=claim.lease_token,
-            step_seq=claim.step_seq if isinstance(claim, records.Claim) else 0,
+            step_seq=step_seq or 0,
             workflow=wf.name,
             _keeper=self.keeper,
+            _in_commit=writes,
+            artifacts=Artifacts(
+                self.store,
+                claim.run_id,
+                claim.state,
+                step_seq,
+                sink=writes,
+                limit=self.limits.max_artifact_bytes,
+                compress_min=self.limits.compress_min_bytes,
+            ),
         )
         if isinstance(claim, records.BranchClaim):
             ctx.item, ctx.index = claim.item, claim.idx

@@ -42,6 +42,7 @@ from leaseflow.fsm.definition import StateSpec, Workflow
 from leaseflow.heartbeat import LeaseKeeper
 from leaseflow.runner import Runner, StepResult, call_state
 from leaseflow.store import memory
+from leaseflow.store.artifact_records import ArtifactRecord
 from leaseflow.store.records import CancelResult, RunRecord, SignalReceipt
 
 __all__ = ["Clock", "Engine", "WorkerCrashed", "engine"]
@@ -199,6 +200,10 @@ class Engine:
     def get(self, run_id: str) -> RunRecord:
         """The run with its step log and groups, as ``Client.get`` returns it."""
         return self.store.get_run(run_id)
+
+    def artifact(self, run_id: str, name: str) -> ArtifactRecord:
+        """An artefact of the run with its bytes, as ``Client.artifact`` returns it."""
+        return self.store.get_artifact(run_id, name)
 
     @property
     def in_commit_log(self) -> list[Any]:

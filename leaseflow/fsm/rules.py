@@ -46,6 +46,7 @@ class Limits:
     max_payload_bytes: int
     compress_min_bytes: int = 256
     max_checkpoint_bytes: int | None = None
+    max_artifact_bytes: int = 64 * 1024 * 1024
 
     @property
     def checkpoint_limit(self) -> int:

@@ -15,8 +15,10 @@ from typing import Any
 
 from leaseflow import errors
 from leaseflow.fsm.rules import BranchDecision, Fork
+from leaseflow.store import artifact_sql
 from leaseflow.store import records as rec
 from leaseflow.store._refusals import refuse_json, refuse_unstorable
+from leaseflow.store.artifact_records import ArtifactRecord
 
 __all__ = ["refuse_json", "refuse_unstorable"]
 
@@ -246,6 +248,8 @@ class Tables:
         self._group_ids = itertools.count(1)
         #: The writes of ``in_commit`` callbacks whose commit landed, in commit order.
         self.in_commit_log: list[InCommitWrite] = []
+        #: Artefacts by ``(run_id, name)``: their metadata and stored (framed) bytes.
+        self._artifacts: dict[tuple[str, str], tuple[ArtifactRecord, bytes]] = {}
         #: Workers seen by ``heartbeat`` and ``count_lease_lost``.
         self.workers: dict[str, WorkerRow] = {}
 
@@ -259,6 +263,18 @@ class Tables:
         """Run the ``in_commit`` callbacks (``InCommitError`` if one raises); returns
         their writes, to keep if the commit lands."""
         raise NotImplementedError
+
+    def _keep(self, writes: list[InCommitWrite], now: datetime) -> None:
+        """The writes of a commit that landed: artefacts to their table, the rest to
+        ``in_commit_log``."""
+        for write in writes:
+            if write.sql != artifact_sql.PUT:
+                self.in_commit_log.append(write)
+                continue
+            p = dict(write.params)
+            blob = p.pop("data")
+            del p["codec"]
+            self._artifacts[(p["run_id"], p["name"])] = (ArtifactRecord(**p, created_at=now), blob)
 
     def _held(self, key: str | None, token: str | None) -> LockRow | None:
         """The lock ``key`` if ``token`` holds it."""
@@ -385,7 +401,7 @@ class Branches(Tables):
             clear_lease(branch)
             branch.status, branch.finished_at = decision.status, now
             branch.result, branch.error = as_json(decision.result), decision.error
-            self.in_commit_log.extend(writes)
+            self._keep(writes, now)
             if group.status != "running":  # closed meanwhile (failed fast)
                 return rec.BranchCommit(run_id=run.id)
             group.done += not failed

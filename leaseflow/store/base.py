@@ -26,6 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from leaseflow.fsm.definition import Workflow
 from leaseflow.fsm.rules import BranchDecision, Transition
+from leaseflow.store.artifact_records import ArtifactRecord
 from leaseflow.store.records import (
     BranchClaim,
     BranchCommit,
@@ -331,6 +332,10 @@ class RunStore(Protocol):
 
     def get_run(self, run_id: str, *, with_steps: bool = True) -> RunRecord:
         """The run, with its step log and groups; ``RunNotFound`` if there is none."""
+
+    def get_artifact(self, run_id: str, name: str) -> ArtifactRecord:
+        """An artefact of the run with its bytes (``data``); ``ArtifactNotFound``,
+        ``RunNotFound``; ``CheckpointError`` if its stored bytes are damaged."""
 
     def list_runs(
         self, *, status: str | None = None, workflow: str | None = None, limit: int = 50

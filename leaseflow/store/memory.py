@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
 from leaseflow import errors
-from leaseflow.fsm import definition, waits
+from leaseflow.fsm import checkpoint, definition, waits
 from leaseflow.fsm.rules import Fork, Transition
 from leaseflow.store import _memory as tables
 from leaseflow.store import records as rec
@@ -30,6 +31,7 @@ from leaseflow.store._memory_dispatch import Dispatcher
 from leaseflow.store._memory_ops import Lifecycle
 from leaseflow.store._memory_reaper import Reaper
 from leaseflow.store._memory_workers import Registry
+from leaseflow.store.artifact_records import ArtifactRecord
 from leaseflow.store.base import Extended, LeaseRef, NewRun
 
 __all__ = ["InCommitWrite", "MemoryStore", "RecordingConnection", "WorkerRow"]
@@ -284,7 +286,7 @@ class _Runs(Lifecycle):
                 handoff = claim.handed_off(tr, token=run.lease_token, started_at=now)
             if claim.holds_lock:
                 self._settle_lock(run, claim, claim.releases_lock(tr.terminal), lock_ttl, now)
-            self.in_commit_log.extend(writes)
+            self._keep(writes, now)
             return rec.Committed(
                 step_seq=run.step_seq, group_id=run.group_id, handoff=handoff, resumed=resumed
             )
@@ -399,9 +401,23 @@ class MemoryStore(_Runs, tables.Branches, Reaper, Dispatcher, Registry):
                 for group in sorted(self._groups.values(), key=lambda g: g.id)
                 if group.run_id == run.id
             )
-            return self._record(
-                run, tuple(self._steps[run.id]), groups, self.signal_records(run.id)
+            artifacts = tuple(
+                meta for (owner, _), (meta, _) in sorted(self._artifacts.items()) if owner == run.id
             )
+            return self._record(
+                run, tuple(self._steps[run.id]), groups, self.signal_records(run.id), artifacts
+            )
+
+    def get_artifact(self, run_id: str, name: str) -> ArtifactRecord:
+        with self._lock:
+            run = self._runs.get(tables.run_key(run_id) or "")
+            if run is None:
+                raise errors.RunNotFound(run_id)
+            found = self._artifacts.get((run.id, name))
+        if found is None:
+            raise errors.ArtifactNotFound(run_id, name)
+        meta, blob = found
+        return replace(meta, data=checkpoint.unpack(blob, what=f"artifact {name!r}"))
 
     def list_runs(
         self, *, status: str | None = None, workflow: str | None = None, limit: int = 50
@@ -422,6 +438,7 @@ class MemoryStore(_Runs, tables.Branches, Reaper, Dispatcher, Registry):
         steps: tuple[rec.StepRecord, ...] = (),
         groups: tuple[rec.GroupRecord, ...] = (),
         signals: tuple[rec.SignalRecord, ...] = (),
+        artifacts: tuple[ArtifactRecord, ...] = (),
     ) -> rec.RunRecord:
         return rec.RunRecord(
             id=run.id,
@@ -452,6 +469,7 @@ class MemoryStore(_Runs, tables.Branches, Reaper, Dispatcher, Registry):
             steps=steps,
             groups=groups,
             signals=signals,
+            artifacts=artifacts,
         )
 
     def close(self) -> None:

@@ -10,12 +10,14 @@ from typing import Any
 import psycopg
 
 from leaseflow import errors
-from leaseflow.store import control_sql, group_sql, queries, records
+from leaseflow.fsm import checkpoint
+from leaseflow.store import artifact_sql, control_sql, group_sql, queries, records
+from leaseflow.store.artifact_records import ArtifactRecord
 
 _RUN_FIELDS = tuple(
     f.name
     for f in dataclasses.fields(records.RunRecord)
-    if f.name not in ("steps", "groups", "signals")
+    if f.name not in ("steps", "groups", "signals", "artifacts")
 )
 _GROUP_FIELDS = tuple(
     f.name for f in dataclasses.fields(records.GroupRecord) if f.name != "branches"
@@ -69,7 +71,24 @@ def get_run_txn(
         records.SignalRecord(*s)
         for s in conn.execute(control_sql.SIGNALS_OF_RUN, {"run_id": run_id})
     )
-    return _run_record(row, steps, groups_txn(conn, run_id), signals)
+    artifacts = tuple(
+        ArtifactRecord(*a) for a in conn.execute(artifact_sql.LIST, {"run_id": run_id})
+    )
+    return _run_record(row, steps, groups_txn(conn, run_id), signals, artifacts)
+
+
+def get_artifact_txn(conn: psycopg.Connection[Any], run_id: str, name: str) -> ArtifactRecord:
+    """One artefact with its bytes; ``ArtifactNotFound`` (``RunNotFound``: no such run)."""
+    try:
+        row = conn.execute(artifact_sql.GET, {"run_id": run_id, "name": name}).fetchone()
+    except psycopg.errors.InvalidTextRepresentation:  # not a uuid: no such run
+        raise errors.RunNotFound(run_id) from None
+    if row is None:
+        if conn.execute(queries.GET_RUN, {"run_id": run_id}).fetchone() is None:
+            raise errors.RunNotFound(run_id)
+        raise errors.ArtifactNotFound(run_id, name)
+    meta = ArtifactRecord(*row[:-1])
+    return dataclasses.replace(meta, data=checkpoint.unpack(row[-1], what=f"artifact {name!r}"))
 
 
 def list_runs_txn(
@@ -85,6 +104,9 @@ def _run_record(
     steps: tuple[records.StepRecord, ...] = (),
     groups: tuple[records.GroupRecord, ...] = (),
     signals: tuple[records.SignalRecord, ...] = (),
+    artifacts: tuple[ArtifactRecord, ...] = (),
 ) -> records.RunRecord:
     fields = dict(zip(_RUN_FIELDS, row, strict=True))
-    return records.RunRecord(**fields, steps=steps, groups=groups, signals=signals)
+    return records.RunRecord(
+        **fields, steps=steps, groups=groups, signals=signals, artifacts=artifacts
+    )

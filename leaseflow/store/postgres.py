@@ -33,6 +33,7 @@ from leaseflow.store import (
     pg_runs,
 )
 from leaseflow.store import records as rec
+from leaseflow.store.artifact_records import ArtifactRecord
 
 #: The connection kinds (see ``connections``).
 MAIN = connections.MAIN
@@ -279,6 +280,9 @@ class PostgresStore(pg_operations.Operations, pg_jobs.BeatJobs, pg_lock_ops.Lock
         return self.connections.with_retry(
             lambda c: pg_read.get_run_txn(c, run_id, with_steps=with_steps)
         )
+
+    def get_artifact(self, run_id: str, name: str) -> ArtifactRecord:
+        return self.connections.with_retry(lambda c: pg_read.get_artifact_txn(c, run_id, name))
 
     def list_runs(
         self, *, status: str | None = None, workflow: str | None = None, limit: int = 50

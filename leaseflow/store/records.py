@@ -11,6 +11,7 @@ from typing import Any
 from leaseflow import messages
 from leaseflow.fsm.rules import Transition
 from leaseflow.store._jsonable import jsonable as _jsonable
+from leaseflow.store.artifact_records import ArtifactRecord
 
 # Lock and registry records live in lock_records; re-exported here with the rest.
 from leaseflow.store.lock_records import (  # noqa: F401
@@ -452,15 +453,18 @@ class RunRecord:
     groups: tuple[GroupRecord, ...] = field(default=())
     #: Signals sent to the run, in arrival order, consumed or still stored.
     signals: tuple[SignalRecord, ...] = field(default=())
+    #: Artefacts of the run (``ctx.artifacts.put``), by name, without their data.
+    artifacts: tuple[ArtifactRecord, ...] = field(default=())
 
     @property
     def terminal(self) -> bool:
         return self.status in ("completed", "failed", "cancelled", "timed_out")
 
     def to_dict(self) -> dict[str, Any]:
-        nested = ("steps", "groups", "signals")
+        nested = ("steps", "groups", "signals", "artifacts")
         data = _jsonable({k: v for k, v in asdict(self).items() if k not in nested})
         data["steps"] = [step.to_dict() for step in self.steps]
         data["groups"] = [group.to_dict() for group in self.groups]
         data["signals"] = [signal.to_dict() for signal in self.signals]
+        data["artifacts"] = [artifact.to_dict() for artifact in self.artifacts]
         return data

@@ -55,7 +55,10 @@ def make_store(settings: Settings, *, application_name: str = "leaseflow") -> Po
 def limits(settings: Settings) -> rules.Limits:
     """The payload limits of ``settings``."""
     return rules.Limits(
-        settings.max_payload_bytes, settings.compress_min_bytes, settings.max_checkpoint_bytes
+        settings.max_payload_bytes,
+        settings.compress_min_bytes,
+        settings.max_checkpoint_bytes,
+        settings.max_artifact_bytes,
     )
 
 
