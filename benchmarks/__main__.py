@@ -17,6 +17,7 @@ WORKLOADS = {
     "latency": "benchmarks.latency",
     "soak": "benchmarks.soak",
     "publish": "benchmarks.publish",
+    "purge": "benchmarks.purge",
 }
 
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import click
 import pydantic
 
-from leaseflow import cli_args, cli_control, errors
+from leaseflow import cli_args, cli_control, cli_purge, errors
 from leaseflow import cli_render as render
 from leaseflow.fsm import graph as graph_mod
 from leaseflow.fsm import registry
@@ -468,6 +468,7 @@ def graph(workflow: str, fmt: str, version: int | None) -> None:
 
 
 cli_control.register(main)
+cli_purge.register(main)
 
 if __name__ == "__main__":
     main()

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from datetime import timedelta
 from typing import Any
 
 from celery import Celery
@@ -14,8 +15,9 @@ from leaseflow import errors, local, logs, messages
 from leaseflow.fsm import registry, rules, waits
 from leaseflow.fsm.definition import Workflow
 from leaseflow.settings import Settings, get_settings
-from leaseflow.store import base
+from leaseflow.store import base, purge_records
 from leaseflow.store.artifact_records import ArtifactRecord
+from leaseflow.store.purge_records import Purged
 from leaseflow.store.records import CancelResult, RunRecord, SignalReceipt
 from leaseflow.tasks import dispatch, runtime
 from leaseflow.types import RunStatus
@@ -256,6 +258,36 @@ class Client:
         logs.info("run_redriven", run_id=str(run_id), state=due.state, step_seq=due.step_seq)
         self._publish([due.wakeup()])
         return due.state
+
+    # -- retention ------------------------------------------------------------------
+
+    def purge(
+        self,
+        older_than: float | timedelta,
+        *,
+        statuses: Sequence[str] = purge_records.FINISHED,
+        dry_run: bool = False,
+        max_runs: int | None = None,
+    ) -> Purged:
+        """Delete finished runs of ``statuses`` that finished more than ``older_than``
+        (seconds, or a ``timedelta``) ago, with their steps, groups, branches, signals
+        and artifacts, in small batches; ``dry_run`` only counts them. Returns what was
+        (or would be) deleted. ``ValueError`` for an active status or a negative age."""
+        seconds = older_than.total_seconds() if isinstance(older_than, timedelta) else older_than
+        done = self.store.purge_runs(
+            older_than=float(seconds), statuses=statuses, dry_run=dry_run, max_runs=max_runs
+        )
+        if not dry_run:
+            logs.info("runs_purged", older_than=seconds, **done.counts())
+        return done
+
+    def purge_run(self, run_id: str, *, force: bool = False) -> Purged:
+        """Delete one run with its rows. ``RunNotFound``; ``RunNotFinished``
+        (``E-RUN-ACTIVE``) for an active run unless ``force``: then it is cancelled first
+        (a running state is fenced off: its commit finds no run) and deleted."""
+        done = self.store.purge_run(str(run_id), force=force)
+        logs.info("run_purged", run_id=str(run_id), force=force, **done.counts())
+        return done
 
     # -- reading --------------------------------------------------------------------
 

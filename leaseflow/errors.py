@@ -292,6 +292,20 @@ class RunActive(LeaseflowError):
         )
 
 
+class RunNotFinished(LeaseflowError):
+    """An active run (pending, running, waiting) is purged only with ``force``."""
+
+    code = "E-RUN-ACTIVE"
+
+    def __init__(self, run_id: str, status: str) -> None:
+        super().__init__(run_id, status)
+        self.run_id = run_id
+        self.status = status
+
+    def __str__(self) -> str:
+        return f"run {self.run_id} is {self.status}: cancel it first or purge with --force"
+
+
 class RunCompleted(LeaseflowError):
     """A completed run cannot be re-driven: start a new run instead."""
 

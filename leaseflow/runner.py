@@ -198,15 +198,7 @@ class Runner:
             workflow=wf.name,
             _keeper=self.keeper,
             _in_commit=writes,
-            artifacts=Artifacts(
-                self.store,
-                claim.run_id,
-                claim.state,
-                step_seq,
-                sink=writes,
-                limit=self.limits.max_artifact_bytes,
-                compress_min=self.limits.compress_min_bytes,
-            ),
+            artifacts=_artifacts(self.store, claim, step_seq, writes, self.limits),
         )
         if isinstance(claim, records.BranchClaim):
             ctx.item, ctx.index = claim.item, claim.idx
@@ -342,6 +334,25 @@ class Runner:
             ),
             outcome=decision.status,
         )
+
+
+def _artifacts(
+    store: base.RunStore,
+    claim: Leased,
+    step_seq: int | None,
+    sink: list[records.InCommit],
+    limits: rules.Limits,
+) -> Artifacts:
+    """``ctx.artifacts`` of an attempt: its puts go to ``sink`` (the commit's writes)."""
+    return Artifacts(
+        store,
+        claim.run_id,
+        claim.state,
+        step_seq,
+        sink=sink,
+        limit=limits.max_artifact_bytes,
+        compress_min=limits.compress_min_bytes,
+    )
 
 
 def _spec(claim: records.Claim) -> StateSpec | None:

@@ -9,6 +9,8 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from leaseflow import durations
+
 #: The schemes a PostgreSQL URL may come with, and the two forms leaseflow uses.
 _POSTGRES_SCHEMES = ("postgresql+psycopg://", "postgres+psycopg://", "postgresql://", "postgres://")
 SQLALCHEMY_SCHEME = "postgresql+psycopg://"
@@ -83,6 +85,18 @@ class Settings(BaseSettings):
     #: first, and no new state once this many seconds have passed since it started.
     inline_max_states: int = Field(100, ge=0)
     inline_max_seconds: float = Field(2.0, ge=0)
+    #: Beat purges finished runs older than this (a duration: ``30d``, ``12h``, seconds);
+    #: unset or empty: never.
+    retention: float | None = Field(None, gt=0)
+    #: How often beat's retention job runs (when ``retention`` is set).
+    retention_interval: float = Field(300.0, gt=0)
+
+    @field_validator("retention", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> object:
+        if isinstance(value, str):
+            return durations.parse(value) if value.strip() else None
+        return value
 
     @field_validator("workflows", mode="before")
     @classmethod

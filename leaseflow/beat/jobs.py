@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 
 from leaseflow import errors, logs, messages, metrics, runner
 from leaseflow.fsm import rules
-from leaseflow.store import base
+from leaseflow.store import base, purge_records
 
 
 def reap_dead_workers(store: base.RunStore, *, self_id: str, after: float) -> list[str]:
@@ -144,6 +144,29 @@ def sweep_locks(store: base.RunStore, *, limit: int = 1000) -> int:
             run_id=row.holder_run,
         )
     return len(freed)
+
+
+#: The most runs one retention tick deletes, so that a tick never runs long; a backlog
+#: is worked off over the next ticks.
+RETENTION_MAX_RUNS = 10_000
+#: Runs per batch (one short transaction each).
+RETENTION_BATCH = 500
+
+
+def purge_finished(
+    store: base.RunStore,
+    *,
+    older_than: float,
+    max_runs: int = RETENTION_MAX_RUNS,
+    batch: int = RETENTION_BATCH,
+) -> purge_records.Purged:
+    """Retention: delete runs finished more than ``older_than`` seconds ago with their
+    rows, in batches, at most ``max_runs`` per call; logs what it deleted. Two beats at
+    once delete each run once."""
+    done = store.purge_runs(older_than=older_than, batch=batch, max_runs=max_runs)
+    if done.runs:
+        logs.info("runs_purged", older_than=older_than, **done.counts())
+    return done
 
 
 #: A message leaves a moment after the commit that made it due; a probe sent within

@@ -32,9 +32,10 @@ REAP_TASK = "leaseflow.beat.reap"
 DISPATCH_TASK = "leaseflow.beat.dispatch"
 TIMEOUTS_TASK = "leaseflow.beat.timeouts"
 LOCKS_TASK = "leaseflow.beat.locks"
+RETENTION_TASK = "leaseflow.beat.retention"
 PROBE_TASK = dispatch.PROBE_TASK
 #: The periodic jobs whose idle ticks Celery logs at DEBUG only.
-TICK_TASKS = frozenset({REAP_TASK, DISPATCH_TASK, TIMEOUTS_TASK, LOCKS_TASK})
+TICK_TASKS = frozenset({REAP_TASK, DISPATCH_TASK, TIMEOUTS_TASK, LOCKS_TASK, RETENTION_TASK})
 #: Celery's loggers of a task's "received", "succeeded" and "Discarding" lines.
 CELERY_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace", "celery.worker.request")
 #: Celery's line for a message it drops unrun (expired or revoked).
@@ -78,7 +79,8 @@ def quiet_ticks() -> None:
 
 def schedule(settings: Settings) -> dict[str, Any]:
     """Celery's ``beat_schedule`` for ``settings``: the reaper, the dispatcher and the
-    timeout sweeper (wait timeouts, timers, run deadlines) and the lock sweeper."""
+    timeout sweeper (wait timeouts, timers, run deadlines), the lock sweeper, and the
+    retention purge when ``LEASEFLOW_RETENTION`` is set."""
 
     def entry(task: str, every: float) -> dict[str, Any]:
         return {
@@ -94,12 +96,16 @@ def schedule(settings: Settings) -> dict[str, Any]:
             },
         }
 
-    return {
+    entries = {
         "leaseflow-reaper": entry(REAP_TASK, settings.reaper_interval),
         "leaseflow-dispatcher": entry(DISPATCH_TASK, settings.dispatch_interval),
         "leaseflow-timeouts": entry(TIMEOUTS_TASK, settings.timeout_interval),
         "leaseflow-lock-sweeper": entry(LOCKS_TASK, settings.lock_sweep_interval),
     }
+    if settings.retention is not None:  # beat's own setting travels with the job
+        purge = entry(RETENTION_TASK, settings.retention_interval)
+        entries["leaseflow-retention"] = {**purge, "args": (settings.retention,)}
+    return entries
 
 
 def register(app: Celery) -> None:
@@ -127,6 +133,16 @@ def register(app: Celery) -> None:
     def lock_sweeper() -> int:
         engine = runtime.get()
         return jobs.sweep_locks(engine.store, limit=engine.settings.dispatch_batch)
+
+    @app.task(name=RETENTION_TASK, ignore_result=True, shared=False)
+    def retention(older_than: float | None = None) -> int:
+        """Purge runs finished more than ``older_than`` seconds ago (beat's
+        ``LEASEFLOW_RETENTION``; without it, the worker's)."""
+        engine = runtime.get()
+        age = engine.settings.retention if older_than is None else older_than
+        if age is None:
+            return 0
+        return jobs.purge_finished(engine.store, older_than=age).runs
 
     @app.task(name=DISPATCH_TASK, ignore_result=True, shared=False)
     def redispatch() -> int:

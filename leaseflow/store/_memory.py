@@ -248,8 +248,8 @@ class Tables:
         self._group_ids = itertools.count(1)
         #: The writes of ``in_commit`` callbacks whose commit landed, in commit order.
         self.in_commit_log: list[InCommitWrite] = []
-        #: Artefacts by ``(run_id, name)``: their metadata and stored (framed) bytes.
-        self._artifacts: dict[tuple[str, str], tuple[ArtifactRecord, bytes]] = {}
+        #: ``run_id -> {name: (metadata, stored bytes)}``: artefacts, deleted with their run.
+        self._artifacts: dict[str, dict[str, tuple[ArtifactRecord, bytes]]] = {}
         #: Workers seen by ``heartbeat`` and ``count_lease_lost``.
         self.workers: dict[str, WorkerRow] = {}
 
@@ -274,7 +274,8 @@ class Tables:
             p = dict(write.params)
             blob = p.pop("data")
             del p["codec"]
-            self._artifacts[(p["run_id"], p["name"])] = (ArtifactRecord(**p, created_at=now), blob)
+            meta = ArtifactRecord(**p, created_at=now)
+            self._artifacts.setdefault(meta.run_id, {})[meta.name] = (meta, blob)
 
     def _held(self, key: str | None, token: str | None) -> LockRow | None:
         """The lock ``key`` if ``token`` holds it."""

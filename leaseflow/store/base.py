@@ -26,6 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from leaseflow.fsm.definition import Workflow
 from leaseflow.fsm.rules import BranchDecision, Transition
+from leaseflow.store import purge_records
 from leaseflow.store.artifact_records import ArtifactRecord
 from leaseflow.store.records import (
     BranchClaim,
@@ -327,6 +328,30 @@ class RunStore(Protocol):
 
     def lock_audit(self, key: str | None = None, *, limit: int = 100) -> list[LockAudit]:
         """Audit rows, newest first."""
+
+    # -- retention -----------------------------------------------------------------------
+
+    def purge_runs(
+        self,
+        *,
+        older_than: float,
+        statuses: Sequence[str] = purge_records.FINISHED,
+        dry_run: bool = False,
+        batch: int = 500,
+        max_runs: int | None = None,
+    ) -> purge_records.Purged:
+        """Delete finished runs of ``statuses`` (finished ones only: else ``ValueError``)
+        whose ``finished_at`` is more than ``older_than`` seconds ago by the store's clock,
+        with their steps, groups, branches, signals and artifacts: ``batch`` runs per
+        short transaction, never one across batches, until a batch finds fewer or
+        ``max_runs`` are gone. Two purgers at once delete each run once. ``dry_run``:
+        the counts (and the first run ids), nothing deleted."""
+
+    def purge_run(self, run_id: str, *, force: bool = False) -> purge_records.Purged:
+        """Delete one run with its rows, in one transaction. ``RunNotFound``; an active
+        run raises ``RunNotFinished`` unless ``force``: then the locks it holds are freed
+        (audited ``forced`` by ``purge``), it is cancelled, and deleted; a worker still
+        running one of its states is fenced off (its commit finds no run)."""
 
     # -- reading ---------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from leaseflow.store import records as rec
 from leaseflow.store._memory import Clock, InCommitWrite, WorkerRow
 from leaseflow.store._memory_dispatch import Dispatcher
 from leaseflow.store._memory_ops import Lifecycle
+from leaseflow.store._memory_purge import Retention
 from leaseflow.store._memory_reaper import Reaper
 from leaseflow.store._memory_workers import Registry
 from leaseflow.store.artifact_records import ArtifactRecord
@@ -367,7 +368,7 @@ class _Runs(Lifecycle):
             seen.last_seen_at = now
 
 
-class MemoryStore(_Runs, tables.Branches, Reaper, Dispatcher, Registry):
+class MemoryStore(_Runs, tables.Branches, Reaper, Dispatcher, Registry, Retention):
     """An in-memory ``RunStore`` with ``PostgresStore``'s semantics; thread-safe.
 
     ``clock`` (default: the wall clock, UTC) is the store's database time;
@@ -402,7 +403,7 @@ class MemoryStore(_Runs, tables.Branches, Reaper, Dispatcher, Registry):
                 if group.run_id == run.id
             )
             artifacts = tuple(
-                meta for (owner, _), (meta, _) in sorted(self._artifacts.items()) if owner == run.id
+                meta for _, (meta, _) in sorted(self._artifacts.get(run.id, {}).items())
             )
             return self._record(
                 run, tuple(self._steps[run.id]), groups, self.signal_records(run.id), artifacts
@@ -413,7 +414,7 @@ class MemoryStore(_Runs, tables.Branches, Reaper, Dispatcher, Registry):
             run = self._runs.get(tables.run_key(run_id) or "")
             if run is None:
                 raise errors.RunNotFound(run_id)
-            found = self._artifacts.get((run.id, name))
+            found = self._artifacts.get(run.id, {}).get(name)
         if found is None:
             raise errors.ArtifactNotFound(run_id, name)
         meta, blob = found

@@ -32,6 +32,11 @@ def _lock(conn: psycopg.Connection[Any], run_id: str) -> tuple[Any, ...]:
     return row
 
 
+def lock_run(conn: psycopg.Connection[Any], run_id: str) -> tuple[Any, ...]:
+    """``_lock``, for the other operations on a run from outside its lease (a purge)."""
+    return _lock(conn, run_id)
+
+
 def _resume(
     conn: psycopg.Connection[Any],
     run_id: str,

@@ -29,6 +29,7 @@ from leaseflow.store import (
     pg_jobs,
     pg_lock_ops,
     pg_operations,
+    pg_purge,
     pg_read,
     pg_runs,
 )
@@ -40,7 +41,9 @@ MAIN = connections.MAIN
 CLAIMS = connections.CLAIMS
 
 
-class PostgresStore(pg_operations.Operations, pg_jobs.BeatJobs, pg_lock_ops.Locks):
+class PostgresStore(
+    pg_operations.Operations, pg_jobs.BeatJobs, pg_lock_ops.Locks, pg_purge.Retention
+):
     """Run store on PostgreSQL (``base.RunStore``). Safe to share between threads;
     re-opens its connections after a fork."""
 

@@ -36,6 +36,7 @@ _AGED = {
         "claimed_at",
         "wait_deadline",
         "run_deadline",
+        "finished_at",  # retention judges a finished run's age by it
     ),
     "lf_branches": ("lease_expires_at", "not_before", "redispatch_at", "claimed_at"),
     "lf_queue_marks": ("probe_sent_at", "passed_at"),

@@ -369,7 +369,7 @@ def test_runs_show_a_completed_run_with_its_five_steps(cli: Cli, client: Any, in
         ["4", "s4", "1", "next", "s5"],
         ["5", "s5", "1", "completed", ""],
     ]
-    assert all(row[7].isdigit() and row[8] for row in rows)  # duration_ms, worker
+    assert all(row[7].isdigit() and row[9] for row in rows)  # duration_ms, worker
 
 
 def test_runs_show_as_json(cli: Cli, client: Any, inline_worker: Any):
@@ -398,7 +398,7 @@ def test_runs_show_a_failed_run_names_each_error_in_one_line(
     out = ok(cli("runs", "show", run_id))
     # Then the run's error code is shown and each failed step its exception line
     assert "E-STATE-ERROR" in out
-    errors = [row[9] for row in step_rows(out) if row[1] == "shaky"]
+    errors = [row[-1] for row in step_rows(out) if row[1] == "shaky"]
     assert errors == [f"ConnectionError: transient failure on attempt {n}" for n in (1, 2, 3)], out
 
 
