@@ -47,6 +47,12 @@ HELP = "W1 throughput while leaseflow purge deletes an archive of finished runs"
 ARCHIVED = "archived_bench"
 TABLES = ("lf_runs", "lf_steps", "lf_signals", "lf_artifacts", "lf_groups", "lf_branches")
 
+#: The archive's runs are inserted finished, in their last state: an entry the guard knows.
+DECLARE_ARCHIVED = f"""
+INSERT INTO lf_transitions (workflow, version, from_state, to_state)
+VALUES ('{ARCHIVED}', 1, '', 's5') ON CONFLICT DO NOTHING
+"""
+
 SEED = f"""
 WITH runs AS (
     INSERT INTO lf_runs (id, workflow, version, state, prev_state, status, step_seq, attempt,
@@ -97,7 +103,7 @@ SELECT (SELECT count(*) FROM lf_steps s WHERE NOT EXISTS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--runs", type=int, default=3000, help="W1 runs per drain (default 3000)")
+    p.add_argument("--runs", type=int, default=4000, help="W1 runs per drain (default 4000)")
     p.add_argument(
         "--archive", type=int, default=100_000, help="finished runs to purge (default 100000)"
     )
@@ -119,6 +125,7 @@ class SeededDrain(LeaseflowDrain):
     def enqueue(self, runs: int) -> None:
         super().enqueue(runs)
         t0 = time.monotonic()
+        self.conn.execute(DECLARE_ARCHIVED)
         self.conn.execute(SEED, {"n": self.args.archive})
         self.conn.execute("VACUUM ANALYZE")
         log(
@@ -127,8 +134,9 @@ class SeededDrain(LeaseflowDrain):
         self.sizes = {"seeded": table_sizes(self.conn)}
         self.purge: dict[str, Any] = {}
 
-    def start_worker(self) -> Any:
-        worker = super().start_worker()
+    def wait_consuming(self, worker: Any, queued: int, deadline: Deadline) -> float:
+        """The worker took its first message: the purge (``purging``) starts now."""
+        consuming = super().wait_consuming(worker, queued, deadline)
         self.started_at = time.time()
         self.purger: subprocess.Popen[str] | None = None
         if self.purges:
@@ -140,7 +148,7 @@ class SeededDrain(LeaseflowDrain):
                 stderr=subprocess.PIPE,
                 text=True,
             )
-        return worker
+        return consuming
 
     def done(self) -> int:
         self.polls += 1
@@ -204,12 +212,18 @@ class PurgingDrain(SeededDrain):
 DRAINS = {"seeded": SeededDrain, "purging": PurgingDrain}
 
 
-def table_sizes(conn: Any) -> dict[str, int]:
-    """``pg_total_relation_size`` (heap, indexes, TOAST) of each ``lf_`` table, bytes."""
-    return {
-        t: int(conn.execute("SELECT pg_total_relation_size(%s)", (t,)).fetchone()[0])
-        for t in TABLES
-    }
+def table_sizes(conn: Any) -> dict[str, Any]:
+    """Per ``lf_`` table: ``pg_total_relation_size`` (heap, indexes, TOAST) in bytes and
+    the live and dead rows the statistics count (``pg_stat_user_tables``)."""
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    out: dict[str, Any] = {}
+    for t in TABLES:
+        size = conn.execute("SELECT pg_total_relation_size(%s)", (t,)).fetchone()[0]
+        live, dead = conn.execute(
+            "SELECT n_live_tup, n_dead_tup FROM pg_stat_user_tables WHERE relname = %s", (t,)
+        ).fetchone()
+        out[t] = {"bytes": int(size), "live": int(live), "dead": int(dead)}
+    return out
 
 
 def _mb(size: int) -> str:
@@ -278,4 +292,10 @@ def _print_round(r: int, per: dict[str, Any], args: Any) -> None:
         f"{p['archive_left']}; orphan rows {p['orphans']}"
     )
     for stage, sizes in p["sizes"].items():
-        print(f"  sizes {stage:9s} " + "  ".join(f"{t} {_mb(v)}" for t, v in sizes.items()))
+        print(
+            f"  sizes {stage:9s} "
+            + "  ".join(
+                f"{t} {_mb(v['bytes'])} ({v['live']}/{v['dead']})" for t, v in sizes.items()
+            )
+        )
+    print("  (size (live rows/dead rows) by table; a plain VACUUM makes the space reusable)")
