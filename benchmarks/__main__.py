@@ -18,6 +18,7 @@ WORKLOADS = {
     "soak": "benchmarks.soak",
     "publish": "benchmarks.publish",
     "purge": "benchmarks.purge",
+    "codec": "benchmarks.codec",
 }
 
 

@@ -60,6 +60,7 @@ class Artifacts:
     sink: list[Callable[[Any], None]] = field(default_factory=list, repr=False)
     limit: int = 64 * 1024 * 1024
     compress_min: int = 256
+    compress_level: int = checkpoint.DEFAULT_LEVEL
     #: This attempt's puts, by name, readable before its commit.
     _pending: dict[str, tuple[bytes, str]] = field(default_factory=dict, repr=False)
 
@@ -81,7 +82,7 @@ class Artifacts:
             )
         if len(raw) > self.limit:
             raise errors.PayloadTooLarge(f"artifact {name!r}", len(raw), self.limit, SETTING)
-        blob = checkpoint.pack(raw, compress_min=self.compress_min)
+        blob = checkpoint.pack(raw, compress_min=self.compress_min, level=self.compress_level)
         digest = hashlib.sha256(raw).hexdigest()
         params = {
             "run_id": self.run_id,

@@ -352,6 +352,7 @@ def _artifacts(
         sink=sink,
         limit=limits.max_artifact_bytes,
         compress_min=limits.compress_min_bytes,
+        compress_level=limits.compress_level,
     )
 
 

@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     #: One artefact (``ctx.artifacts.put``), before compression.
     max_artifact_bytes: int = Field(64 * 1024 * 1024, gt=0)
     compress_min_bytes: int = Field(256, ge=0)
+    #: zstd's level for checkpoints and artefacts (1 fastest .. 19 smallest).
+    compress_level: int = Field(5, ge=1, le=19)
     statement_timeout_ms: int = Field(30_000, ge=0)
     pool_max_size: int = Field(4, gt=0)
     #: Claims commit with ``synchronous_commit=off`` (on their own connections): no

@@ -100,6 +100,7 @@ def first_checkpoint(
             data.model_dump(mode="json"),
             limit=limits.checkpoint_limit,
             compress_min=limits.compress_min_bytes,
+            level=limits.compress_level,
             what="context",
             setting="LEASEFLOW_MAX_CHECKPOINT_BYTES",
         )

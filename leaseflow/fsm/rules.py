@@ -41,12 +41,14 @@ CHECKPOINT_SETTING = "LEASEFLOW_MAX_CHECKPOINT_BYTES"
 class Limits:
     """Size limits of JSON values: ``max_payload_bytes`` for inputs, outputs, Map items,
     branch results and signal payloads, ``max_checkpoint_bytes`` for contexts (None: the
-    payload limit); and the size from which a checkpoint is compressed."""
+    payload limit) and one artefact; the size from which checkpoints and artefacts are
+    compressed, and zstd's level."""
 
     max_payload_bytes: int
     compress_min_bytes: int = 256
     max_checkpoint_bytes: int | None = None
     max_artifact_bytes: int = 64 * 1024 * 1024
+    compress_level: int = checkpoint.DEFAULT_LEVEL
 
     @property
     def checkpoint_limit(self) -> int:
@@ -310,7 +312,7 @@ def with_context(
         return fail(errors.CONTEXT_INVALID, str(exc))
     except (TypeError, ValueError, pydantic_core.PydanticSerializationError) as exc:
         return fail(errors.CONTEXT_INVALID, f"context is not JSON: {exc}")
-    blob = checkpoint.pack(raw, compress_min=limits.compress_min_bytes)
+    blob = checkpoint.pack(raw, compress_min=limits.compress_min_bytes, level=limits.compress_level)
     if blob == stored:  # unchanged: the commit keeps the stored bytes
         return replace(tr, context_bytes=len(raw), checkpoint_bytes=len(blob))
     return replace(

@@ -59,6 +59,7 @@ def limits(settings: Settings) -> rules.Limits:
         settings.compress_min_bytes,
         settings.max_checkpoint_bytes,
         settings.max_artifact_bytes,
+        settings.compress_level,
     )
 
 

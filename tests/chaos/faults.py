@@ -22,6 +22,7 @@ from typing import Any
 import psycopg
 
 from leaseflow import errors, local, messages
+from leaseflow.fsm import checkpoint
 from leaseflow.tasks import dispatch
 from tests.chaos import locks_faults as locks
 from tests.chaos import waits_faults as waits
@@ -484,45 +485,157 @@ def _peak_rss_mb(pid: int) -> int:
 
 # -- F-15: checkpoints damaged in the database --------------------------------------------------
 
-#: Each damage done to one pending run's row, and the error its next claim must fail with.
-DAMAGES = (
-    ("checkpoint = decode('deadbeef', 'hex')", errors.CHECKPOINT_CORRUPT),  # unknown codec
-    ("checkpoint = decode('01deadbeef', 'hex')", errors.CHECKPOINT_CORRUPT),  # bad zstd frame
-    (
-        "checkpoint = substring(checkpoint FROM 1 FOR length(checkpoint) / 2)",
-        errors.CHECKPOINT_CORRUPT,
-    ),
-    ("context_version = context_version + 1", errors.CHECKPOINT_CORRUPT),  # N+1: newer code's
-    ("context_version = context_version - 1", errors.CHECKPOINT_STALE),  # N-1: no upcaster
+#: One byte in the middle of the checkpoint, every bit of it flipped (``#``: XOR).
+FLIP_MIDDLE_BYTE = (
+    "checkpoint = set_byte(checkpoint, length(checkpoint) / 2,"
+    " get_byte(checkpoint, length(checkpoint) / 2) # 255)"
 )
 
 
+@dataclass(frozen=True)
+class Damage:
+    """A damage done to one pending run's row, and how its next claim must fail."""
+
+    kind: str
+    change: str  # the SET clause
+    code: str  # the error code the run must fail with
+    says: str  # what its error must say
+    codec: int | None = None  # only a run whose checkpoint has this codec byte (None: any)
+
+
+DAMAGES = (
+    Damage(
+        "zstd byte flipped",
+        FLIP_MIDDLE_BYTE,
+        errors.CHECKPOINT_CORRUPT,
+        "fails its checksum",
+        codec=checkpoint.ZSTD,
+    ),
+    Damage(
+        "raw byte flipped",
+        FLIP_MIDDLE_BYTE,
+        errors.CHECKPOINT_CORRUPT,
+        "fails its checksum",
+        codec=checkpoint.RAW,
+    ),
+    Damage(
+        "unknown codec",
+        "checkpoint = decode('deadbeef', 'hex')",
+        errors.CHECKPOINT_CORRUPT,
+        "unknown codec byte 222",
+    ),
+    Damage(
+        "bad legacy zstd frame",  # codec 1 (written before the checksum): the frame itself
+        "checkpoint = decode('01deadbeef', 'hex')",
+        errors.CHECKPOINT_CORRUPT,
+        "checkpoint: ",
+    ),
+    Damage(
+        "truncated",
+        "checkpoint = substring(checkpoint FROM 1 FOR length(checkpoint) / 2)",
+        errors.CHECKPOINT_CORRUPT,
+        "fails its checksum",
+    ),
+    Damage(
+        "version N+1",  # a newer code's
+        "context_version = context_version + 1",
+        errors.CHECKPOINT_CORRUPT,
+        "newer than this worker's",
+    ),
+    Damage(
+        "version N-1",  # no upcaster
+        "context_version = context_version - 1",
+        errors.CHECKPOINT_STALE,
+        "no upcaster goes from version",
+    ),
+)
+#: Pending runs beyond one per damage: claims go on while the victims are picked.
+SPARE_PENDING = 4
+
+
 def runs_pending(h: Harness) -> bool:
-    """Enough runs wait for a worker to damage one per kind of damage."""
-    row = h.db.execute("SELECT count(*) FROM lf_runs WHERE status = 'pending'").fetchone()
-    return int(row[0]) > 2 * len(DAMAGES)
+    """Enough runs wait for a worker to damage one per kind of damage, among them a run
+    stored under each codec a damage needs."""
+    row = h.db.execute(
+        """SELECT count(*), array_agg(DISTINCT get_byte(checkpoint, 0))
+             FROM lf_runs WHERE status = 'pending' AND id <> ALL(%(taken)s::uuid[])""",
+        {"taken": list(h.expected)},
+    ).fetchone()
+    codecs = set(row[1] or ())
+    needed = {d.codec for d in DAMAGES if d.codec is not None}
+    return int(row[0]) >= len(DAMAGES) + SPARE_PENDING and needed <= codecs
 
 
 def damage_checkpoints(h: Harness, target: Any) -> list[str]:
     """Damage one pending run per kind (row-locked, so no claim runs in between), never
-    one damaged before (a second damage would change the error it must fail with)."""
+    one damaged before (a second damage would change the error it must fail with).
+    Damages that need a codec pick their victims first."""
     damaged: list[str] = []
-    for change, code in DAMAGES:
+    for damage in sorted(DAMAGES, key=lambda d: d.codec is None):
         row = h.db.execute(
             f"""WITH victim AS (
                     SELECT id FROM lf_runs
                      WHERE status = 'pending' AND id <> ALL(%(taken)s::uuid[])
+                       AND (%(codec)s::int IS NULL OR get_byte(checkpoint, 0) = %(codec)s)
                      ORDER BY random() LIMIT 1 FOR UPDATE SKIP LOCKED)
-                UPDATE lf_runs r SET {change} FROM victim WHERE r.id = victim.id
+                UPDATE lf_runs r SET {damage.change} FROM victim WHERE r.id = victim.id
                 RETURNING r.id::text""",
-            {"taken": list(h.expected)},
+            {"taken": list(h.expected), "codec": damage.codec},
         ).fetchone()
         if row is None:
-            h.problems.append(f"no pending run left to damage with {change!r}")
+            h.problems.append(f"no pending run left to damage ({damage.kind})")
             continue
         damaged.append(row[0])
-        h.expect(row[0], code)
+        h.expect(row[0], damage.code)
+        h.notes.setdefault("damaged", {})[row[0]] = damage
     return damaged
+
+
+def damaged_alone(h: Harness) -> list[str]:
+    """F-15's own check, besides the invariants (which hold every run to its expected
+    end): each damaged run failed at once with its damage's code and reason (one
+    ``failed`` step, the last), and the damage touched nothing else: every run not
+    damaged completed, without an error, and its last checkpoint still decodes (the
+    compressed ones included). No worker crashed on the way."""
+    problems = workers_whole(h)
+    damaged: dict[str, Damage] = h.notes.get("damaged", {})
+    if not damaged:
+        return [*problems, "no checkpoint was damaged"]
+    rows = h.db.execute(
+        """SELECT r.id::text, r.status, r.error_code, r.error,
+                  (SELECT count(*) FROM lf_steps s
+                    WHERE s.run_id = r.id AND s.outcome = 'failed')
+             FROM lf_runs r WHERE r.id = ANY(%s::uuid[])""",
+        (list(damaged),),
+    ).fetchall()
+    for run_id, status, code, error, failed_steps in rows:
+        damage = damaged[run_id]
+        if status != "failed" or code != damage.code or damage.says not in (error or ""):
+            problems.append(
+                f"run {run_id} ({damage.kind}) ended {status} {code} {error!r}: "
+                f"expected failed {damage.code} saying {damage.says!r}"
+            )
+        if failed_steps != 1:
+            problems.append(f"run {run_id} ({damage.kind}) has {failed_steps} failed steps")
+    rows = h.db.execute(
+        """SELECT id::text, workflow, status, error_code, checkpoint FROM lf_runs
+            WHERE id = ANY(%(submitted)s::uuid[]) AND id <> ALL(%(damaged)s::uuid[])""",
+        {"submitted": h.submitted, "damaged": list(damaged)},
+    ).fetchall()
+    codecs: set[int] = set()
+    for run_id, workflow, status, code, blob in rows:
+        if status != "completed" or code is not None:
+            problems.append(f"undamaged run {run_id} ({workflow}) ended {status} {code}")
+        try:
+            checkpoint.decode(blob)
+        except errors.CheckpointError as exc:
+            problems.append(f"undamaged run {run_id} ({workflow}): its checkpoint {exc}")
+        codecs.add(blob[0])
+    if len(rows) != len(h.submitted) - len(damaged):
+        problems.append(f"{len(rows)} undamaged runs of {len(h.submitted) - len(damaged)}")
+    if not {checkpoint.RAW, checkpoint.ZSTD} <= codecs:
+        problems.append(f"the undamaged runs' checkpoints have codecs {sorted(codecs)} only")
+    return problems
 
 
 # -- F-22: RabbitMQ closes the connections ------------------------------------------------------
@@ -692,10 +805,12 @@ FAULTS: dict[str, Fault] = {
         ),
         Fault(
             "F-15",
-            "checkpoints of pending runs corrupted, truncated, version N+1 and N-1",
+            "checkpoints of pending runs corrupted (a byte flipped in a zstd and in a raw "
+            "one, a bad codec byte, a bad legacy zstd frame), truncated, version N+1 and N-1",
             damage_checkpoints,
             trigger=runs_pending,
-            check=workers_whole,
+            mix=workflows.WORDY,
+            check=damaged_alone,
         ),
         Fault(
             "F-17",

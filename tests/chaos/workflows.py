@@ -480,6 +480,20 @@ OVERSIZED = (
     steered(inline, "hop", "context:huge", errors.PAYLOAD_TOO_LARGE),
     steered(fan, "leg", "output:huge", errors.BRANCH_FAILED, **ONE_LEG),  # a branch result
 )
+#: F-15: a few sentences in a run's context (``extra``, untouched unless sabotaged) make
+#: its JSON longer than ``compress_min_bytes`` (256): its checkpoints are stored
+#: zstd-compressed (codec 3), where the plain mix's are raw (codec 2).
+WORDS = (
+    "The operator asked for a summary of last night's deploy. Three services were "
+    "rolled out in order: the billing API, the invoice renderer and the mail relay. "
+    "The renderer's health check failed twice before it passed, so the rollout paused "
+    "for four minutes; nothing was rolled back. Open questions: why the check timed "
+    "out, and whether the relay's queue drained before the cutover. Next step: read "
+    "the renderer's logs around 02:14 and compare them with the previous release."
+)
+#: F-15: runs that must complete, with contexts stored zstd-compressed (a plain chain
+#: and a fan-out, whose group keeps the context too).
+WORDY = (Job(linear, {"extra": WORDS}), Job(fan, {"extra": WORDS}))
 
 
 # -- a branch that records its effect (not in the mix: see test_engine_gaps.py) ------------

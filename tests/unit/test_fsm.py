@@ -637,7 +637,7 @@ def test_the_size_limit_applies_to_the_json_before_compression(monkeypatch: pyte
     data = {"x": "a" * 5000}
     size = len(json.dumps(data, separators=(",", ":")))
     calls: list[int] = []
-    monkeypatch.setattr(checkpoint, "_compressor", lambda: calls.append(1))
+    monkeypatch.setattr(checkpoint, "_compressor", lambda level=0: calls.append(1))
     # When it is encoded with a limit below the JSON size
     with pytest.raises(errors.PayloadTooLarge) as caught:
         checkpoint.encode(data, limit=size - 1)
