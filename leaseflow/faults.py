@@ -20,6 +20,7 @@ POINTS = (
     "before_commit",
     "after_commit_before_enqueue",
     "during_heartbeat",
+    "after_purge_batch",  # retention: a batch of finished runs deleted and committed
 )
 #: Switches that change what is published, for tests of the repair paths.
 SWITCHES = (

@@ -25,6 +25,7 @@ from leaseflow import errors, local, messages
 from leaseflow.fsm import checkpoint
 from leaseflow.tasks import dispatch
 from tests.chaos import locks_faults as locks
+from tests.chaos import retention_faults as retention
 from tests.chaos import waits_faults as waits
 from tests.chaos import workflows
 from tests.chaos.harness import (
@@ -44,6 +45,10 @@ FAULTPOINT_KILL = "after_commit_before_enqueue=kill"
 
 
 def _nothing(h: Harness, token: Any) -> None:
+    return None
+
+
+def _nothing_first(h: Harness) -> None:
     return None
 
 
@@ -94,6 +99,8 @@ class Fault:
     #: Submit the standard mix (``workflows.MIX``) beside ``mix``; False: ``mix`` alone
     #: (F-21: no slow state keeps the surviving worker from re-claiming at once).
     standard_mix: bool = True
+    #: Done before any process starts (after ``settings``): F-32 seeds its archive.
+    prepare: Callable[[Harness], None] = _nothing_first
 
 
 # -- F-1, F-2, F-3: crashes and shutdowns ----------------------------------------------------
@@ -920,6 +927,15 @@ FAULTS: dict[str, Fault] = {
             trigger=locks.backlog_drained,
             settings={"worker_dead_after": locks.DEAD_AFTER_S, "lease_ttl": locks.LONG_TTL},
             check=locks.resumed_before_expiry,
+        ),
+        Fault(
+            "F-32",
+            "retention purging an archive beside the mix: kill -9 of the purging worker "
+            "after a committed batch (fault point), then inside a batch statement",
+            retention.purge_and_kill,
+            retention.restart_purger,
+            prepare=retention.seed,
+            check=retention.purged_without_harm,
         ),
         Fault(
             "F-22",

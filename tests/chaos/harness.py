@@ -291,16 +291,21 @@ class Harness:
             worker.wait_ready(timeout=60)
         return self
 
-    def start_beat(self) -> BeatProcess:
-        beat = BeatProcess(self.settings, self.log_dir, name=f"beat{len(self.beats) + 1}")
+    def start_beat(self, settings: Settings | None = None) -> BeatProcess:
+        """Another beat (``settings``: its own, e.g. another maintenance queue)."""
+        beat = BeatProcess(
+            settings or self.settings, self.log_dir, name=f"beat{len(self.beats) + 1}"
+        )
         self.started.append(beat)
         self.beats.append(beat)
         return beat
 
-    def _spawn_worker(self, slot: str, faultpoints: str = "") -> WorkerProcess:
+    def _spawn_worker(
+        self, slot: str, faultpoints: str = "", settings: Settings | None = None
+    ) -> WorkerProcess:
         name = slot if slot not in self.workers else f"{slot}.{self._restarts}"
         worker = WorkerProcess(
-            self.settings,
+            settings or self.settings,
             self.log_dir,
             name=name,
             concurrency=self.concurrency,
@@ -310,11 +315,14 @@ class Harness:
         self.workers[slot] = worker
         return worker
 
-    def restart_worker(self, slot: str, *, faultpoints: str = "") -> WorkerProcess:
-        """Stop the worker of ``slot`` (if still alive) and start a fresh one in its place."""
+    def restart_worker(
+        self, slot: str, *, faultpoints: str = "", settings: Settings | None = None
+    ) -> WorkerProcess:
+        """Stop the worker of ``slot`` (if still alive) and start a fresh one in its place
+        (``settings``: its own, e.g. another maintenance queue)."""
         self.workers[slot].stop()
         self._restarts += 1
-        return self._spawn_worker(slot, faultpoints).wait_ready(timeout=60)
+        return self._spawn_worker(slot, faultpoints, settings).wait_ready(timeout=60)
 
     def slot_of_pid(self, pid: int) -> str | None:
         for slot, worker in self.workers.items():
@@ -588,6 +596,7 @@ def run_scenario(h: Harness, fault: Fault) -> Result:
     if fault.settings:
         h.reconfigure(**fault.settings)
     h.mix = (h.mix if fault.standard_mix else ()) + fault.mix
+    fault.prepare(h)  # e.g. rows seeded before any process starts (F-32's archive)
     h.start(beats=fault.beats)
     recoveries: list[tuple[datetime, list[str]]] = []
     for size in batches(profile.runs, max(profile.rounds, fault.min_rounds)):
