@@ -85,6 +85,7 @@ class Run:
     lock_key: str | None = None  # the lock the run holds, its token, where it is freed
     lock_token: str | None = None
     lock_until: str | None = None
+    tenant: str = "default"
     not_before: datetime = field(init=False)
     updated_at: datetime = field(init=False)
 
@@ -229,6 +230,12 @@ def holds(row: Run | Branch | None, token: str, now: datetime, *, expired: bool 
 
 class Tables:
     """The tables and the helpers every part of the store shares."""
+
+    #: The tenant new runs get; when ``scoped`` (``for_tenant``), the only one whose
+    #: runs this view sees (another tenant's run is "not found", as under PostgreSQL's
+    #: row-level security).
+    tenant = "default"
+    scoped = False
 
     def __init__(self, *, clock: Clock | None = None, dispatch_timeout: float = 60.0) -> None:
         self._clock: Clock = clock or (lambda: datetime.now(UTC))

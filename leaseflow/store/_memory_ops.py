@@ -22,7 +22,7 @@ class Lifecycle(LockTables):
 
     def _run(self, run_id: str) -> tables.Run:
         run = self._runs.get(tables.run_key(run_id) or "")
-        if run is None:
+        if run is None or (self.scoped and run.tenant != self.tenant):
             raise errors.RunNotFound(run_id)
         return run
 

@@ -68,7 +68,10 @@ class Retention(Lifecycle):
         found = [
             run
             for run in self._runs.values()
-            if run.finished_at is not None and run.finished_at < cutoff and run.status in statuses
+            if run.finished_at is not None
+            and run.finished_at < cutoff
+            and run.status in statuses
+            and (not self.scoped or run.tenant == self.tenant)
         ]
         found.sort(key=lambda run: (run.finished_at or cutoff, run.order))
         return found if limit is None else found[:limit]

@@ -98,6 +98,10 @@ class RunStore(Protocol):
 
     # -- definitions and new runs ------------------------------------------------------
 
+    def for_tenant(self, tenant: str) -> RunStore:
+        """A view that creates runs of ``tenant`` and sees and acts on its runs only
+        (another tenant's run is ``RunNotFound``); engine work uses the store itself."""
+
     def register_workflow(self, wf: Workflow) -> None:
         """Record the workflow's legal transitions (idempotent)."""
 
@@ -363,9 +367,16 @@ class RunStore(Protocol):
         ``RunNotFound``; ``CheckpointError`` if its stored bytes are damaged."""
 
     def list_runs(
-        self, *, status: str | None = None, workflow: str | None = None, limit: int = 50
+        self,
+        *,
+        status: str | None = None,
+        workflow: str | None = None,
+        limit: int = 50,
+        tenant: str | None = None,
+        before: tuple[datetime, str] | None = None,
     ) -> list[RunRecord]:
-        """Newest first, without step logs."""
+        """Newest first (by creation, then id), without step logs; ``before``: the
+        ``(created_at, id)`` of the last run of the previous page (keyset)."""
 
     def close(self) -> None:
         """Release connections and threads."""

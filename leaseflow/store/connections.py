@@ -251,3 +251,35 @@ class Connections:
                         cur.connection.close()
             self._pools = {}
             self._pinned = {}
+
+
+#: The role a tenant-scoped request runs as (row-level security, migration 0008).
+TENANT_ROLE = "leaseflow_tenant"
+
+
+class TenantConnections(Connections):
+    """``Connections`` whose every use is one transaction as ``TENANT_ROLE`` with
+    ``leaseflow.tenant`` set: PostgreSQL's row-level security then shows and lets
+    write only that tenant's runs and the rows hanging off them. Shares the pools of
+    the engine's ``Connections`` it was made from (which owns and closes them)."""
+
+    def __init__(self, engine: Connections, tenant: str) -> None:
+        self.__dict__.update(engine.__dict__)
+        self.engine = engine
+        self.tenant = tenant
+
+    def _pool(self, kind: str) -> ConnectionPool:
+        return self.engine._pool(kind)
+
+    @contextmanager
+    def connection(self, kind: str = MAIN) -> Iterator[psycopg.Connection[Any]]:
+        with super().connection(kind) as conn, conn.transaction():
+            conn.execute(f"SET LOCAL ROLE {TENANT_ROLE}")
+            conn.execute("SELECT set_config('leaseflow.tenant', %s, true)", (self.tenant,))
+            yield conn
+
+    def hot(self, kind: str) -> Iterator[psycopg.Cursor[Any]]:  # type: ignore[override]
+        raise NotImplementedError("a tenant-scoped store runs no claims or commits")
+
+    def close(self) -> None:
+        """The engine's ``Connections`` owns the pools."""

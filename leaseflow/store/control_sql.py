@@ -14,8 +14,9 @@ SELECT status, state, step_seq, wait, coalesce(wait_deadline > now(), true), wor
 """
 
 INSERT_SIGNAL = """
-INSERT INTO lf_signals (run_id, signal_id, event, payload)
-VALUES (%(run_id)s, %(signal_id)s, %(event)s, %(payload)s)
+INSERT INTO lf_signals (run_id, signal_id, event, payload, tenant)
+SELECT %(run_id)s, %(signal_id)s, %(event)s, %(payload)s, tenant
+  FROM lf_runs WHERE id = %(run_id)s
 ON CONFLICT (run_id, signal_id) DO NOTHING
 RETURNING id
 """
@@ -41,12 +42,12 @@ WITH resumed AS (
            redispatch_at = now() + %(dispatch_timeout)s * interval '1 second',
            updated_at = now()
      WHERE id = %(run_id)s AND status = 'waiting' AND step_seq = %(seq)s
-    RETURNING id, step_seq, prev_state
+    RETURNING id, step_seq, prev_state, tenant
 )
 INSERT INTO lf_steps (run_id, seq, state, attempt, started_at, finished_at, outcome,
-                      next_state, error)
+                      next_state, error, tenant)
 SELECT id, step_seq - 1, prev_state, 0, clock_timestamp(), clock_timestamp(), %(outcome)s,
-       %(state)s, %(note)s
+       %(state)s, %(note)s, tenant
   FROM resumed
 RETURNING seq + 1
 """
@@ -62,10 +63,12 @@ WITH ended AS (
            lock_key = NULL, lock_token = NULL, lock_until = NULL,
            finished_at = now(), updated_at = now()
      WHERE id = %(run_id)s AND finished_at IS NULL
-    RETURNING id, step_seq, state, attempt
+    RETURNING id, step_seq, state, attempt, tenant
 )
-INSERT INTO lf_steps (run_id, seq, state, attempt, started_at, finished_at, outcome, error)
-SELECT id, step_seq - 1, state, attempt, now(), clock_timestamp(), %(outcome)s, %(error)s
+INSERT INTO lf_steps (run_id, seq, state, attempt, started_at, finished_at, outcome, error,
+                      tenant)
+SELECT id, step_seq - 1, state, attempt, now(), clock_timestamp(), %(outcome)s, %(error)s,
+       tenant
   FROM ended
 RETURNING seq + 1
 """
@@ -111,13 +114,14 @@ WITH freed AS (
            lock_key = NULL, lock_token = NULL, lock_until = NULL
      WHERE id = %(run_id)s AND lease_token = %(token)s AND status = 'running'
        AND lease_expires_at > now() AND (cancel_requested OR run_deadline <= now())
-    RETURNING id, step_seq, state, status, error
+    RETURNING id, step_seq, state, status, error, tenant
 )
 INSERT INTO lf_steps (run_id, seq, state, attempt, lease_token, worker, started_at,
-                      finished_at, duration_ms, outcome, error)
+                      finished_at, duration_ms, outcome, error, tenant)
 SELECT id, step_seq - 1, state, %(step_attempt)s, %(token)s, %(worker)s, %(started_at)s,
        clock_timestamp(),
-       (extract(epoch FROM clock_timestamp() - %(started_at)s) * 1000)::int, status, error
+       (extract(epoch FROM clock_timestamp() - %(started_at)s) * 1000)::int, status, error,
+       tenant
   FROM ended
 RETURNING (SELECT status FROM ended)
 """
@@ -144,12 +148,12 @@ WITH moved AS (
            not_before = now(), redispatch_at = now() + %(dispatch_timeout)s * interval '1 second',
            updated_at = now()
      WHERE id = %(run_id)s AND status IN ('failed', 'cancelled', 'timed_out')
-    RETURNING id, step_seq, prev_state
+    RETURNING id, step_seq, prev_state, tenant
 )
 INSERT INTO lf_steps (run_id, seq, state, attempt, started_at, finished_at, outcome,
-                      next_state, error)
+                      next_state, error, tenant)
 SELECT id, step_seq - 1, prev_state, 0, now(), clock_timestamp(), 'redriven', %(state)s,
-       %(note)s
+       %(note)s, tenant
   FROM moved
 RETURNING seq + 1
 """

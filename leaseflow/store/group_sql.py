@@ -7,10 +7,11 @@ A branch write that must be fenced carries its lease token in its own WHERE clau
 CREATE_GROUP = """
 INSERT INTO lf_groups (run_id, parent_seq, parent_state, join_state, join_max_attempts, kind,
                        width, on_branch_error, max_concurrency, chord, checkpoint,
-                       context_version)
-VALUES (%(run_id)s, %(step_seq)s, %(state)s, %(join_state)s, %(join_max_attempts)s, %(kind)s,
-        %(width)s, %(on_branch_error)s, %(max_concurrency)s, %(chord)s, %(checkpoint)s,
-        %(context_version)s)
+                       context_version, tenant)
+SELECT %(run_id)s, %(step_seq)s, %(state)s, %(join_state)s, %(join_max_attempts)s, %(kind)s,
+       %(width)s, %(on_branch_error)s, %(max_concurrency)s, %(chord)s, %(checkpoint)s,
+       %(context_version)s, tenant
+  FROM lf_runs WHERE id = %(run_id)s
 ON CONFLICT (run_id, parent_seq) DO NOTHING
 RETURNING id
 """
@@ -18,12 +19,13 @@ RETURNING id
 
 CREATE_BRANCHES = """
 INSERT INTO lf_branches (group_id, idx, run_id, state, status, max_attempts, item,
-                         redispatch_at)
+                         redispatch_at, tenant)
 SELECT %(group_id)s, b.idx, %(run_id)s, b.state,
        CASE WHEN %(window)s::int IS NULL OR b.idx < %(window)s THEN 'pending' ELSE 'held' END,
-       b.max_attempts, b.item, now() + %(dispatch_timeout)s * interval '1 second'
+       b.max_attempts, b.item, now() + %(dispatch_timeout)s * interval '1 second', g.tenant
   FROM unnest(%(idxs)s::int[], %(states)s::text[], %(max_attempts)s::int[], %(items)s::jsonb[])
        AS b(idx, state, max_attempts, item)
+ CROSS JOIN (SELECT tenant FROM lf_groups WHERE id = %(group_id)s) g
 """
 
 CLAIM_BRANCH = """
@@ -135,10 +137,10 @@ WITH failed AS (
            step_seq = step_seq + 1, finished_at = now(), updated_at = now(),
            lock_key = NULL, lock_token = NULL, lock_until = NULL
      WHERE id = %(run_id)s AND status = 'waiting' AND group_id = %(group_id)s
-    RETURNING id, step_seq, state
+    RETURNING id, step_seq, state, tenant
 )
-INSERT INTO lf_steps (run_id, seq, state, attempt, started_at, outcome, error)
-SELECT id, step_seq - 1, state, 1, now(), 'failed', %(error)s FROM failed
+INSERT INTO lf_steps (run_id, seq, state, attempt, started_at, outcome, error, tenant)
+SELECT id, step_seq - 1, state, 1, now(), 'failed', %(error)s, tenant FROM failed
 RETURNING seq
 """
 

@@ -15,6 +15,7 @@ nothing.
 
 from __future__ import annotations
 
+import copy
 import uuid
 from collections.abc import Sequence
 from dataclasses import replace
@@ -90,7 +91,8 @@ class _Runs(Lifecycle):
         with self._lock:
             if idempotency_key is not None:
                 for run in self._runs.values():
-                    if run.workflow == wf.name and run.idempotency_key == idempotency_key:
+                    same = run.tenant == self.tenant and run.workflow == wf.name
+                    if same and run.idempotency_key == idempotency_key:
                         if run.input != tables.as_json(input):
                             raise errors.IdempotencyConflict(wf.name, idempotency_key, run.id)
                         return rec.Created(run.id, False)
@@ -131,6 +133,7 @@ class _Runs(Lifecycle):
         now = self._now()
         deadline = None if wf.run_timeout is None else self._later(now, wf.run_timeout)
         self._runs[key] = tables.Run(
+            tenant=self.tenant,
             id=key,
             workflow=wf.name,
             version=wf.version,
@@ -379,6 +382,13 @@ class MemoryStore(_Runs, tables.Branches, Reaper, Dispatcher, Registry, Retentio
     def __init__(self, *, clock: Clock | None = None, dispatch_timeout: float = 60.0) -> None:
         super().__init__(clock=clock, dispatch_timeout=dispatch_timeout)
 
+    def for_tenant(self, tenant: str) -> MemoryStore:
+        """A view of this store (same tables) that creates runs of ``tenant`` and sees
+        only that tenant's runs: another tenant's run is ``RunNotFound``."""
+        view = copy.copy(self)
+        view.tenant, view.scoped = tenant, True
+        return view
+
     def _callbacks(self, run_id: str, callbacks: Sequence[rec.InCommit]) -> list[InCommitWrite]:
         conn = RecordingConnection(run_id)
         for callback in callbacks:
@@ -392,9 +402,7 @@ class MemoryStore(_Runs, tables.Branches, Reaper, Dispatcher, Registry, Retentio
 
     def get_run(self, run_id: str, *, with_steps: bool = True) -> rec.RunRecord:
         with self._lock:
-            run = self._runs.get(tables.run_key(run_id) or "")
-            if run is None:
-                raise errors.RunNotFound(run_id)
+            run = self._run(run_id)
             if not with_steps:
                 return self._record(run)
             groups = tuple(
@@ -411,9 +419,7 @@ class MemoryStore(_Runs, tables.Branches, Reaper, Dispatcher, Registry, Retentio
 
     def get_artifact(self, run_id: str, name: str) -> ArtifactRecord:
         with self._lock:
-            run = self._runs.get(tables.run_key(run_id) or "")
-            if run is None:
-                raise errors.RunNotFound(run_id)
+            run = self._run(run_id)
             found = self._artifacts.get(run.id, {}).get(name)
         if found is None:
             raise errors.ArtifactNotFound(run_id, name)
@@ -421,14 +427,27 @@ class MemoryStore(_Runs, tables.Branches, Reaper, Dispatcher, Registry, Retentio
         return replace(meta, data=checkpoint.unpack(blob, what=f"artifact {name!r}"))
 
     def list_runs(
-        self, *, status: str | None = None, workflow: str | None = None, limit: int = 50
+        self,
+        *,
+        status: str | None = None,
+        workflow: str | None = None,
+        limit: int = 50,
+        tenant: str | None = None,
+        before: tuple[datetime, str] | None = None,
     ) -> list[rec.RunRecord]:
         with self._lock:
+            # Newest first by creation, ties in creation order (a manual clock makes
+            # many); the page after ``before`` is the runs that sort after that run.
+            last = None if before is None else self._runs.get(tables.run_key(before[1]) or "")
+            after = None if before is None else (before[0], -1 if last is None else last.order)
             runs = [
                 run
                 for run in self._runs.values()
                 if (status is None or run.status == status)
                 and (workflow is None or run.workflow == workflow)
+                and (tenant is None or run.tenant == tenant)
+                and (not self.scoped or run.tenant == self.tenant)
+                and (after is None or (run.created_at, run.order) < after)
             ]
             runs.sort(key=lambda run: (run.created_at, run.order), reverse=True)
             return [self._record(run) for run in runs[: max(limit, 0)]]
@@ -467,6 +486,7 @@ class MemoryStore(_Runs, tables.Branches, Reaper, Dispatcher, Registry, Retentio
             wait_deadline=run.wait_deadline,
             run_deadline=run.run_deadline,
             cancel_requested=run.cancel_requested,
+            tenant=run.tenant,
             steps=steps,
             groups=groups,
             signals=signals,

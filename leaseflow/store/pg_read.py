@@ -92,10 +92,23 @@ def get_artifact_txn(conn: psycopg.Connection[Any], run_id: str, name: str) -> A
 
 
 def list_runs_txn(
-    conn: psycopg.Connection[Any], *, status: str | None, workflow: str | None, limit: int
+    conn: psycopg.Connection[Any],
+    *,
+    status: str | None,
+    workflow: str | None,
+    limit: int,
+    tenant: str | None = None,
+    before: tuple[Any, str] | None = None,
 ) -> list[records.RunRecord]:
-    sql = queries.list_runs(status=status is not None, workflow=workflow is not None)
-    params = {"status": status, "workflow": workflow, "limit": limit}
+    sql = queries.list_runs(
+        status=status is not None,
+        workflow=workflow is not None,
+        tenant=tenant is not None,
+        before=before is not None,
+    )
+    params = {"status": status, "workflow": workflow, "tenant": tenant, "limit": limit}
+    if before is not None:
+        params["before_at"], params["before_id"] = before
     return [_run_record(row) for row in conn.execute(sql, params)]
 
 

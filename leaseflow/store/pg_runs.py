@@ -73,9 +73,11 @@ def new_run_params(
     *,
     dispatch_timeout: float,
     priority: int = 0,
+    tenant: str = "default",
 ) -> dict[str, Any]:
     """The parameters of ``CREATE_RUN``."""
     return {
+        "tenant": tenant,
         "priority": priority,
         "run_timeout": wf.run_timeout,
         "id": run_id,
@@ -101,7 +103,9 @@ def create_run_txn(
     if row is not None:
         return records.Created(run_id=row[0], created=True)
     key = params["idempotency_key"]
-    found = conn.execute(queries.FIND_IDEMPOTENT, {"workflow": wf.name, "key": key}).fetchone()
+    found = conn.execute(
+        queries.FIND_IDEMPOTENT, {"tenant": params["tenant"], "workflow": wf.name, "key": key}
+    ).fetchone()
     if found is None:  # pragma: no cover - the conflicting row was purged meanwhile
         raise errors.StoreUnavailable("idempotent run vanished; retry")
     if found[1] != input:

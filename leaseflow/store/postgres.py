@@ -10,9 +10,11 @@ short explicit transaction when ``ctx.in_commit`` callbacks must join it, or a f
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -47,6 +49,9 @@ class PostgresStore(
     """Run store on PostgreSQL (``base.RunStore``). Safe to share between threads;
     re-opens its connections after a fork."""
 
+    #: The tenant of the runs this store creates (``for_tenant``: and the only one it sees).
+    tenant = "default"
+
     def __init__(
         self,
         database_url: str,
@@ -67,6 +72,17 @@ class PostgresStore(
         )
         self._registered: set[tuple[str, int]] = set()
         self._registered_pid = os.getpid()
+        self._engine_connections = self.connections
+
+    def for_tenant(self, tenant: str) -> PostgresStore:
+        """A view of this store whose every request runs as the tenant role with
+        ``leaseflow.tenant`` set (row-level security): it creates runs of ``tenant`` and
+        sees and acts on that tenant's runs only (another's is ``RunNotFound``). It
+        shares this store's connections; closing this store closes them."""
+        view = copy.copy(self)
+        view.tenant = tenant
+        view.connections = connections.TenantConnections(self._engine_connections, tenant)
+        return view
 
     def connection(self, kind: str = MAIN) -> AbstractContextManager[psycopg.Connection[Any]]:
         """A pooled autocommit connection, for tools that query the database directly."""
@@ -85,7 +101,9 @@ class PostgresStore(
         if key in self._registered:
             return
         wf.validate()
-        self.connections.transact(lambda c: pg_runs.register_workflow_txn(c, wf), retry=True)
+        self._engine_connections.transact(
+            lambda c: pg_runs.register_workflow_txn(c, wf), retry=True
+        )
         self._registered.add(key)
 
     def create_run(
@@ -107,6 +125,7 @@ class PostgresStore(
             idempotency_key,
             dispatch_timeout=self.dispatch_timeout,
             priority=priority,
+            tenant=self.tenant,
         )
         return self.connections.with_retry(lambda c: pg_runs.create_run_txn(c, wf, params, input))
 
@@ -125,6 +144,7 @@ class PostgresStore(
                 None,
                 dispatch_timeout=timeout,
                 priority=r.priority,
+                tenant=self.tenant,
             )
             for r in runs
         ]
@@ -288,8 +308,16 @@ class PostgresStore(
         return self.connections.with_retry(lambda c: pg_read.get_artifact_txn(c, run_id, name))
 
     def list_runs(
-        self, *, status: str | None = None, workflow: str | None = None, limit: int = 50
+        self,
+        *,
+        status: str | None = None,
+        workflow: str | None = None,
+        limit: int = 50,
+        tenant: str | None = None,
+        before: tuple[datetime, str] | None = None,
     ) -> list[rec.RunRecord]:
         return self.connections.with_retry(
-            lambda c: pg_read.list_runs_txn(c, status=status, workflow=workflow, limit=limit)
+            lambda c: pg_read.list_runs_txn(
+                c, status=status, workflow=workflow, limit=limit, tenant=tenant, before=before
+            )
         )

@@ -87,18 +87,19 @@ FENCE = """
 _COMMIT_STEP = """
 INSERT INTO lf_steps (run_id, seq, state, attempt, lease_token, worker, started_at,
                       finished_at, duration_ms, outcome, next_state, error, context_bytes,
-                      checkpoint_bytes)
+                      checkpoint_bytes, tenant)
 SELECT id, step_seq - 1, %(state)s, %(step_attempt)s, %(token)s, %(worker)s, %(started_at)s,
        clock_timestamp(),
        (extract(epoch FROM clock_timestamp() - %(started_at)s) * 1000)::int,
-       %(outcome)s, %(next_state)s, %(step_error)s, %(context_bytes)s, %(checkpoint_bytes)s
+       %(outcome)s, %(next_state)s, %(step_error)s, %(context_bytes)s, %(checkpoint_bytes)s,
+       tenant
   FROM moved
 """
 
 #: What the fenced update hands to the step-log insert, and what the statement returns.
-MOVED = "RETURNING id, step_seq"
+MOVED = "RETURNING id, step_seq, tenant"
 RETURN_SEQ = "RETURNING seq"
-_MOVED_HANDED = "RETURNING id, step_seq, claimed_at"
+_MOVED_HANDED = "RETURNING id, step_seq, claimed_at, tenant"
 _RETURN_STARTED = "RETURNING (SELECT claimed_at FROM moved)"
 
 
@@ -214,12 +215,13 @@ WITH owned AS (
       FROM owned o
      WHERE r.id = o.id
     RETURNING r.id, r.workflow, r.version, r.state, r.step_seq, r.priority, r.attempt,
-              o.token, o.owner, o.claimed
+              o.token, o.owner, o.claimed, r.tenant
 ), logged AS (
     INSERT INTO lf_steps (run_id, seq, state, attempt, lease_token, worker, started_at,
-                          outcome, error)
+                          outcome, error, tenant)
     SELECT id, step_seq - 1, state, attempt + 1, token, owner, claimed, 'released',
-           'the worker shut down before the state finished: handed back, attempt refunded'
+           'the worker shut down before the state finished: handed back, attempt refunded',
+           tenant
       FROM released
 )
 SELECT id::text, workflow, version, state, step_seq, 0.0::float8, priority FROM released
@@ -305,12 +307,12 @@ WITH expired AS (
       FROM expired e
      WHERE r.id = e.id
     RETURNING r.id, r.workflow, r.version, r.state, r.step_seq, r.status, r.attempt,
-              e.token, e.owner, e.claimed, r.priority
+              e.token, e.owner, e.claimed, r.priority, r.tenant
 ), logged AS (
     INSERT INTO lf_steps (run_id, seq, state, attempt, lease_token, worker, started_at,
-                          outcome, error)
+                          outcome, error, tenant)
     SELECT id, step_seq - 1, state, attempt, token, owner, claimed, 'lease_expired',
-           format('lease of %%s expired', coalesce(owner, 'unknown worker'))
+           format('lease of %%s expired', coalesce(owner, 'unknown worker')), tenant
       FROM reaped
 )
 SELECT id::text, workflow, version, state, step_seq, status, attempt, owner, priority
@@ -375,36 +377,43 @@ UPDATE lf_queue_marks
 CREATE_RUN = """
 INSERT INTO lf_runs (id, workflow, version, state, status, step_seq, attempt, max_attempts,
                      checkpoint, context_version, input, idempotency_key, redispatch_at,
-                     priority, run_deadline)
+                     priority, run_deadline, tenant)
 VALUES (%(id)s, %(workflow)s, %(version)s, %(state)s, 'pending', 1, 0, %(max_attempts)s,
         %(checkpoint)s, %(context_version)s, %(input)s, %(idempotency_key)s,
         now() + %(dispatch_timeout)s * interval '1 second', %(priority)s,
-        now() + %(run_timeout)s * interval '1 second')
-ON CONFLICT (workflow, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+        now() + %(run_timeout)s * interval '1 second', %(tenant)s)
+ON CONFLICT (tenant, workflow, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING id::text
 """
 
 FIND_IDEMPOTENT = """
-SELECT id::text, input FROM lf_runs WHERE workflow = %(workflow)s AND idempotency_key = %(key)s
+SELECT id::text, input FROM lf_runs
+ WHERE tenant = %(tenant)s AND workflow = %(workflow)s AND idempotency_key = %(key)s
 """
 
 RUN_COLUMNS = """
 id::text, workflow, version, state, prev_state, status, step_seq, attempt, max_attempts,
 lease_owner, lease_expires_at, not_before, input, output, error_code, error, idempotency_key,
 created_at, updated_at, finished_at, priority, wait_event, wait_deadline, run_deadline,
-cancel_requested
+cancel_requested, tenant
 """
 
 GET_RUN = "SELECT " + RUN_COLUMNS + " FROM lf_runs WHERE id = %(run_id)s"
 
 
-_NEWEST_FIRST = " ORDER BY created_at DESC, id LIMIT %(limit)s"
+_NEWEST_FIRST = " ORDER BY created_at DESC, id DESC LIMIT %(limit)s"
 
 
-def list_runs(*, status: bool, workflow: bool) -> str:
-    """Runs newest first, filtered on ``%(status)s`` and ``%(workflow)s`` when asked:
-    the clauses are fixed text chosen here, the values always parameters."""
-    clauses = [("status = %(status)s", status), ("workflow = %(workflow)s", workflow)]
+def list_runs(*, status: bool, workflow: bool, tenant: bool = False, before: bool = False) -> str:
+    """Runs newest first, filtered on ``%(status)s``, ``%(workflow)s``, ``%(tenant)s`` and
+    after the page ending at ``(%(before_at)s, %(before_id)s)`` (keyset) when asked: the
+    clauses are fixed text chosen here, the values always parameters."""
+    clauses = [
+        ("status = %(status)s", status),
+        ("workflow = %(workflow)s", workflow),
+        ("tenant = %(tenant)s", tenant),
+        ("(created_at, id) < (%(before_at)s, %(before_id)s::uuid)", before),
+    ]
     filters = " AND ".join(clause for clause, wanted in clauses if wanted)
     where = " WHERE " + filters if filters else ""
     return "SELECT " + RUN_COLUMNS + " FROM lf_runs" + where + _NEWEST_FIRST

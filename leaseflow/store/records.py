@@ -448,6 +448,7 @@ class RunRecord:
     wait_deadline: datetime | None = None
     run_deadline: datetime | None = None
     cancel_requested: bool = False
+    tenant: str = "default"
     steps: tuple[StepRecord, ...] = field(default=())
     #: Parallel/Map groups of the run, each with its branches (status, result, error).
     groups: tuple[GroupRecord, ...] = field(default=())

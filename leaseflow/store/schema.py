@@ -104,7 +104,9 @@ runs = Table(
     Column("lock_key", Text),
     Column("lock_token", UUID(as_uuid=False)),
     Column("lock_until", Text),
-    Column("tenant", Text),
+    #: Row-level security scopes a tenant's client and API requests to its own runs;
+    #: every row hanging off a run carries its run's tenant.
+    Column("tenant", Text, nullable=False, server_default="default"),
     Column("created_at", _ts, nullable=False, server_default=func.now()),
     Column("updated_at", _ts, nullable=False, server_default=func.now()),
     Column("finished_at", _ts),
@@ -129,10 +131,12 @@ runs = Table(
         postgresql_where=text("finished_at IS NULL AND run_deadline IS NOT NULL"),
     ),
     Index("ix_lf_runs_workflow_created_at", "workflow", "created_at"),
+    Index("ix_lf_runs_tenant_created_at", "tenant", "created_at", "id"),
     # Retention finds finished runs by age; set once, when a run finishes.
     Index("ix_lf_runs_finished", "finished_at", postgresql_where=text("finished_at IS NOT NULL")),
     Index(
         "uq_lf_runs_idempotency",
+        "tenant",
         "workflow",
         "idempotency_key",
         unique=True,
@@ -158,6 +162,7 @@ steps = Table(
     #: The context's JSON and its stored checkpoint, in bytes, when the commit wrote one.
     Column("context_bytes", Integer),
     Column("checkpoint_bytes", Integer),
+    Column("tenant", Text, nullable=False),
     PrimaryKeyConstraint("run_id", "seq"),
 )
 
@@ -182,6 +187,7 @@ groups = Table(
     Column("status", Text, nullable=False, server_default="running"),
     Column("created_at", _ts, nullable=False, server_default=func.now()),
     Column("closed_at", _ts),
+    Column("tenant", Text, nullable=False),
     PrimaryKeyConstraint("id"),
     UniqueConstraint("run_id", "parent_seq"),
     CheckConstraint("status IN ('running', 'joined', 'failed', 'cancelled')", name="status"),
@@ -211,6 +217,7 @@ branches = Table(
     Column("result", JSONB),
     Column("error", Text),
     Column("finished_at", _ts),
+    Column("tenant", Text, nullable=False),
     PrimaryKeyConstraint("group_id", "idx"),
     CheckConstraint(f"status IN {BRANCH_STATUSES!r}", name="status"),
     CheckConstraint("status <> 'running' OR lease_token IS NOT NULL", name="running_has_lease"),
@@ -233,7 +240,24 @@ artifacts = Table(
     Column("state", Text),
     Column("step_seq", Integer),
     Column("created_at", _ts, nullable=False, server_default=func.now()),
+    Column("tenant", Text, nullable=False),
     PrimaryKeyConstraint("run_id", "name"),
+)
+
+#: The HTTP API's bearer tokens: an scrypt hash of the secret part, never the token.
+tokens = Table(
+    "lf_tokens",
+    metadata,
+    Column("id", Text, nullable=False),
+    Column("name", Text, nullable=False),
+    Column("tenant", Text, nullable=False),
+    Column("admin", Boolean, nullable=False, server_default=text("false")),
+    Column("hash", Text, nullable=False),
+    Column("created_at", _ts, nullable=False, server_default=func.now()),
+    Column("last_used_at", _ts),
+    Column("revoked_at", _ts),
+    PrimaryKeyConstraint("id"),
+    Index("uq_lf_tokens_name", "name", unique=True, postgresql_where=text("revoked_at IS NULL")),
 )
 
 #: Every signal sent to a run, once per ``(run_id, signal_id)``: stored even when the
@@ -249,6 +273,7 @@ signals = Table(
     Column("received_at", _ts, nullable=False, server_default=func.now()),
     Column("consumed_at", _ts),
     Column("consumed_seq", Integer),
+    Column("tenant", Text, nullable=False),
     PrimaryKeyConstraint("id"),
     UniqueConstraint("run_id", "signal_id"),
     Index(

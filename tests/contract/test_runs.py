@@ -194,3 +194,16 @@ def test_a_taken_run_id_is_refused_and_the_first_run_kept(env):
 
     # Then the first run is untouched
     assert env.store.get_run(run_id).input == {"i": 1}
+
+
+def test_list_runs_pages_by_keyset_newest_first(env):
+    started = [env.start(linear) for _ in range(5)]
+    pages, before = [], None
+    while True:
+        page = env.store.list_runs(limit=2, before=before)
+        if not page:
+            break
+        pages.append([r.id for r in page])
+        before = (page[-1].created_at, page[-1].id)
+    assert [run_id for page in pages for run_id in page] == started[::-1]
+    assert [len(page) for page in pages] == [2, 2, 1]
