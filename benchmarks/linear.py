@@ -428,10 +428,28 @@ class LeaseflowDrain(Drain):
 
 class LeaseflowRefDrain(LeaseflowDrain):
     """The default mode on the code of ``--ref``: its worker imports leaseflow from a
-    git worktree of that commit (runs are created by this code: the schema and the
-    messages are the same)."""
+    git worktree of that commit, and its runs are created by that commit's own client
+    (a subprocess on the worktree), so their checkpoints and messages are the ref's
+    even when the format changed since. The database is migrated by this code."""
 
     name = "leaseflow_ref"
+
+    def enqueue(self, runs: int) -> None:
+        super().enqueue(0)  # the database, the settings and the connection
+        tree = ref_worktree(self.scratch, self.args.ref)
+        code = (
+            "import sys\n"
+            "from benchmarks import workflows\n"
+            "from leaseflow.client import Client\n"
+            "wf = workflows.linear_inline_bench if sys.argv[2] == '1' else workflows.linear_bench\n"
+            "with Client() as client:\n"
+            "    for _ in range(int(sys.argv[1])):\n"
+            "        client.start(wf, {})\n"
+        )
+        subprocess.run(
+            [sys.executable, "-c", code, str(runs), "1" if self.inline else "0"],
+            env={**self.env, "PYTHONPATH": str(tree)}, cwd=tree, check=True,
+        )  # fmt: skip
 
     def start_worker(self) -> CeleryWorker:
         tree = ref_worktree(self.scratch, self.args.ref)

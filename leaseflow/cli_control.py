@@ -108,7 +108,7 @@ def locks_list(as_json: bool) -> None:
     from leaseflow.cli_render import locks_table
 
     with _client() as client:
-        held = client.store.list_locks()
+        held = client.locks()
     if as_json:
         click.echo(to_json([lock.to_dict() for lock in held]))
     else:
@@ -149,7 +149,7 @@ def workers_list(as_json: bool) -> None:
     from leaseflow.cli_render import console, workers_table
 
     with _client() as client:
-        found = client.store.list_workers()
+        found = client.workers()
     if as_json:
         click.echo(to_json([worker.to_dict() for worker in found]))
     else:

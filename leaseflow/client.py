@@ -3,21 +3,22 @@ for them."""
 
 from __future__ import annotations
 
+import copy
 import time
 import uuid
-from collections.abc import Iterable, Sequence
-from datetime import timedelta
+from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
 from celery import Celery
 
 from leaseflow import errors, local, logs, messages
+from leaseflow.client_admin import Admin
 from leaseflow.fsm import registry, rules, waits
 from leaseflow.fsm.definition import Workflow
 from leaseflow.settings import Settings, get_settings
-from leaseflow.store import base, purge_records
+from leaseflow.store import base
 from leaseflow.store.artifact_records import ArtifactRecord
-from leaseflow.store.purge_records import Purged
 from leaseflow.store.records import CancelResult, RunRecord, SignalReceipt
 from leaseflow.tasks import dispatch, runtime
 from leaseflow.types import RunStatus
@@ -26,8 +27,12 @@ from leaseflow.types import RunStatus
 RunView = RunRecord
 
 
-class Client:
-    """Starts and inspects runs. Cheap to keep for the life of the process."""
+class Client(Admin):
+    """Starts and inspects runs. Cheap to keep for the life of the process.
+
+    ``tenant=`` scopes it to one tenant: its runs are created with that tenant, and it
+    sees and acts on that tenant's runs only (PostgreSQL's row-level security; another
+    tenant's run is ``RunNotFound``). ``for_tenant`` gives such a view of a client."""
 
     def __init__(
         self,
@@ -36,6 +41,7 @@ class Client:
         *,
         settings: Settings | None = None,
         app: Celery | None = None,
+        tenant: str | None = None,
     ) -> None:
         base = settings or get_settings()
         updates: dict[str, Any] = {}
@@ -46,9 +52,19 @@ class Client:
         chosen = Settings(**{**base.model_dump(), **updates}) if updates else base
         # No database URL: the embedded PostgreSQL under LEASEFLOW_HOME (started or reused).
         self.settings = local.resolve(chosen)  # leaves os.environ alone
-        self.store = runtime.make_store(self.settings, application_name="leaseflow-client")
+        self.engine_store = runtime.make_store(self.settings, application_name="leaseflow-client")
+        self.tenant = tenant
+        self.store = self.engine_store if tenant is None else self.engine_store.for_tenant(tenant)
         self._app = app
         self._own_app = False
+        self._owner = True
+
+    def for_tenant(self, tenant: str) -> Client:
+        """A view of this client scoped to ``tenant`` (same connections and broker;
+        closing the view closes nothing)."""
+        view = copy.copy(self)
+        view.tenant, view.store, view._owner = tenant, self.engine_store.for_tenant(tenant), False
+        return view
 
     @classmethod
     def from_env(cls) -> Client:
@@ -68,7 +84,9 @@ class Client:
         return self._app
 
     def close(self) -> None:
-        self.store.close()
+        if not self._owner:
+            return
+        self.engine_store.close()
         if self._own_app and self._app is not None:
             from leaseflow.tasks import celery_app
 
@@ -259,36 +277,6 @@ class Client:
         self._publish([due.wakeup()])
         return due.state
 
-    # -- retention ------------------------------------------------------------------
-
-    def purge(
-        self,
-        older_than: float | timedelta,
-        *,
-        statuses: Sequence[str] = purge_records.FINISHED,
-        dry_run: bool = False,
-        max_runs: int | None = None,
-    ) -> Purged:
-        """Delete finished runs of ``statuses`` that finished more than ``older_than``
-        (seconds, or a ``timedelta``) ago, with their steps, groups, branches, signals
-        and artifacts, in small batches; ``dry_run`` only counts them. Returns what was
-        (or would be) deleted. ``ValueError`` for an active status or a negative age."""
-        seconds = older_than.total_seconds() if isinstance(older_than, timedelta) else older_than
-        done = self.store.purge_runs(
-            older_than=float(seconds), statuses=statuses, dry_run=dry_run, max_runs=max_runs
-        )
-        if not dry_run:
-            logs.info("runs_purged", older_than=seconds, **done.counts())
-        return done
-
-    def purge_run(self, run_id: str, *, force: bool = False) -> Purged:
-        """Delete one run with its rows. ``RunNotFound``; ``RunNotFinished``
-        (``E-RUN-ACTIVE``) for an active run unless ``force``: then it is cancelled first
-        (a running state is fenced off: its commit finds no run) and deleted."""
-        done = self.store.purge_run(str(run_id), force=force)
-        logs.info("run_purged", run_id=str(run_id), force=force, **done.counts())
-        return done
-
     # -- reading --------------------------------------------------------------------
 
     def get(self, run_id: str) -> RunView:
@@ -305,11 +293,17 @@ class Client:
         status: RunStatus | str | None = None,
         workflow: str | None = None,
         limit: int = 50,
+        *,
+        tenant: str | None = None,
+        before: tuple[datetime, str] | None = None,
     ) -> list[RunView]:
-        """Newest first, without their step logs."""
+        """Newest first, without their step logs; ``before``: the ``(created_at, id)``
+        of the last run of the previous page; ``tenant``: only that tenant's."""
         if status is not None:
             status = RunStatus(status).value
-        return self.store.list_runs(status=status, workflow=workflow, limit=limit)
+        return self.store.list_runs(
+            status=status, workflow=workflow, limit=limit, tenant=tenant, before=before
+        )
 
     def wait_for(self, run_id: str, timeout: float = 60.0, *, poll: float = 0.05) -> RunView:
         """Block until the run is terminal and return it; ``TimeoutError`` otherwise."""

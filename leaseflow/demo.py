@@ -222,7 +222,7 @@ SELECT count(*) FILTER (WHERE outcome IN ('next', 'fork', 'completed', 'failed')
 
 
 def _query(client: Client, sql: str, run_ids: list[str]) -> list[tuple[Any, ...]]:
-    with client.store.connection() as conn:
+    with client.engine_store.connection() as conn:
         return conn.execute(sql, (run_ids,)).fetchall()
 
 
