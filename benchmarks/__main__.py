@@ -19,6 +19,7 @@ WORKLOADS = {
     "publish": "benchmarks.publish",
     "purge": "benchmarks.purge",
     "codec": "benchmarks.codec",
+    "api": "benchmarks.api",
 }
 
 
