@@ -255,6 +255,9 @@ class Connections:
 
 #: The role a tenant-scoped request runs as (row-level security, migration 0008).
 TENANT_ROLE = "leaseflow_tenant"
+_AS_TENANT = (
+    f"SELECT set_config('role', '{TENANT_ROLE}', true), set_config('leaseflow.tenant', %s, true)"
+)
 
 
 class TenantConnections(Connections):
@@ -274,8 +277,7 @@ class TenantConnections(Connections):
     @contextmanager
     def connection(self, kind: str = MAIN) -> Iterator[psycopg.Connection[Any]]:
         with super().connection(kind) as conn, conn.transaction():
-            conn.execute(f"SET LOCAL ROLE {TENANT_ROLE}")
-            conn.execute("SELECT set_config('leaseflow.tenant', %s, true)", (self.tenant,))
+            conn.execute(_AS_TENANT, (self.tenant,))  # SET LOCAL ROLE, and the tenant
             yield conn
 
     def hot(self, kind: str) -> Iterator[psycopg.Cursor[Any]]:  # type: ignore[override]
