@@ -63,6 +63,13 @@ def _client() -> Client:
     help="Comma-separated finished statuses [default: completed,failed,cancelled,timed_out].",
 )
 @click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
+@click.option(
+    "--pause",
+    type=click.FloatRange(min=0),
+    default=purge_records.PAUSE,
+    show_default=True,
+    help="Seconds between batches of 500 runs, room for live work (0: as fast as it can).",
+)
 @click.option("--force", is_flag=True, help="With RUN_ID: purge it even if active (cancel it).")
 @click.option("--json", "as_json", is_flag=True, help="Print what was deleted as JSON.")
 @click.pass_context
@@ -72,6 +79,7 @@ def purge(
     older_than: float | None,
     statuses: tuple[str, ...],
     dry_run: bool,
+    pause: float,
     force: bool,
     as_json: bool,
 ) -> None:
@@ -92,7 +100,7 @@ def purge(
     if force:
         raise click.UsageError("--force goes with RUN_ID (an active run): finished runs need none")
     with _client() as client:
-        done = client.purge(older_than, statuses=statuses, dry_run=dry_run)
+        done = client.purge(older_than, statuses=statuses, dry_run=dry_run, pause=pause)
     runs = "run" if done.runs == 1 else "runs"
     age = durations.describe(older_than)
     _print(

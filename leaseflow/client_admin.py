@@ -30,14 +30,20 @@ class Admin:
         statuses: Sequence[str] = purge_records.FINISHED,
         dry_run: bool = False,
         max_runs: int | None = None,
+        pause: float = purge_records.PAUSE,
     ) -> Purged:
         """Delete finished runs of ``statuses`` that finished more than ``older_than``
         (seconds, or a ``timedelta``) ago, with their steps, groups, branches, signals
-        and artifacts, in small batches; ``dry_run`` only counts them. Returns what was
+        and artifacts, in small batches ``pause`` seconds apart (room for live runs);
+        ``dry_run`` only counts them. Returns what was
         (or would be) deleted. ``ValueError`` for an active status or a negative age."""
         seconds = older_than.total_seconds() if isinstance(older_than, timedelta) else older_than
         done = self.store.purge_runs(
-            older_than=float(seconds), statuses=statuses, dry_run=dry_run, max_runs=max_runs
+            older_than=float(seconds),
+            statuses=statuses,
+            dry_run=dry_run,
+            max_runs=max_runs,
+            pause=pause,
         )
         if not dry_run:
             logs.info("runs_purged", older_than=seconds, **done.counts())

@@ -163,7 +163,9 @@ def purge_finished(
     """Retention: delete runs finished more than ``older_than`` seconds ago with their
     rows, in batches, at most ``max_runs`` per call; logs what it deleted. Two beats at
     once delete each run once."""
-    done = store.purge_runs(older_than=older_than, batch=batch, max_runs=max_runs)
+    done = store.purge_runs(
+        older_than=older_than, batch=batch, max_runs=max_runs, pause=purge_records.PAUSE
+    )
     if done.runs:
         logs.info("runs_purged", older_than=older_than, **done.counts())
     return done

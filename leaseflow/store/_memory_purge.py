@@ -29,6 +29,7 @@ class Retention(Lifecycle):
         dry_run: bool = False,
         batch: int = 500,
         max_runs: int | None = None,
+        pause: float = 0.0,  # in memory there is no live work to make room for
     ) -> pr.Purged:
         chosen = pr.check_statuses(statuses)
         pr.check_limits(older_than, batch, max_runs)

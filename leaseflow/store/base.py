@@ -343,13 +343,15 @@ class RunStore(Protocol):
         dry_run: bool = False,
         batch: int = 500,
         max_runs: int | None = None,
+        pause: float = 0.0,
     ) -> purge_records.Purged:
         """Delete finished runs of ``statuses`` (finished ones only: else ``ValueError``)
         whose ``finished_at`` is more than ``older_than`` seconds ago by the store's clock,
         with their steps, groups, branches, signals and artifacts: ``batch`` runs per
-        short transaction, never one across batches, until a batch finds fewer or
-        ``max_runs`` are gone. Two purgers at once delete each run once. ``dry_run``:
-        the counts (and the first run ids), nothing deleted."""
+        short transaction, never one across batches, ``pause`` seconds between batches
+        (room for live work), until a batch finds fewer or ``max_runs`` are gone. Two
+        purgers at once delete each run once. ``dry_run``: the counts (and the first run
+        ids), nothing deleted."""
 
     def purge_run(self, run_id: str, *, force: bool = False) -> purge_records.Purged:
         """Delete one run with its rows, in one transaction. ``RunNotFound``; an active

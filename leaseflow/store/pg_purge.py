@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -90,10 +91,12 @@ class Retention:
         dry_run: bool = False,
         batch: int = 500,
         max_runs: int | None = None,
+        pause: float = 0.0,
     ) -> pr.Purged:
         """Delete finished runs of ``statuses`` older than ``older_than`` seconds (by the
-        database clock) with their rows, ``batch`` runs per transaction, until a batch
-        finds fewer or ``max_runs`` are gone. ``dry_run``: count them, delete nothing."""
+        database clock) with their rows, ``batch`` runs per transaction, ``pause``
+        seconds between batches (room for live work), until a batch finds fewer or
+        ``max_runs`` are gone. ``dry_run``: count them, delete nothing."""
         chosen = pr.check_statuses(statuses)
         pr.check_limits(older_than, batch, max_runs)
         if dry_run:
@@ -113,6 +116,8 @@ class Retention:
             faults.point("after_purge_batch", runs=done.runs, purged=total.runs)
             if done.runs < limit:
                 break
+            if pause > 0:
+                time.sleep(pause)  # a throttle, not a wait for anything
         return total
 
     def purge_run(self, run_id: str, *, force: bool = False) -> pr.Purged:
