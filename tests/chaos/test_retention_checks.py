@@ -171,13 +171,13 @@ def test_the_verdict_flags_a_kept_run_that_gained_rows(ledger: Ledger) -> None:
     [
         (
             "lf_steps",
-            "INSERT INTO lf_steps (run_id, seq, state, attempt, outcome) "
-            "VALUES (gen_random_uuid(), 1, 's1', 1, 'next')",
+            "INSERT INTO lf_steps (run_id, seq, state, attempt, outcome, tenant) "
+            "VALUES (gen_random_uuid(), 1, 's1', 1, 'next', 'default')",
         ),
         (
             "lf_signals",
-            "INSERT INTO lf_signals (run_id, signal_id, event) "
-            "VALUES (gen_random_uuid(), 'x', 'go')",
+            "INSERT INTO lf_signals (run_id, signal_id, event, tenant) "
+            "VALUES (gen_random_uuid(), 'x', 'go', 'default')",
         ),
         ("lf_artifacts", "DELETE FROM lf_runs WHERE workflow = 'chaos_parked'"),
         ("lf_groups", "DELETE FROM lf_runs WHERE id = ANY(%(live)s::uuid[])"),
