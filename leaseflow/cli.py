@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import click
 import pydantic
 
-from leaseflow import cli_args, cli_control, cli_purge, errors
+from leaseflow import cli_args, cli_control, cli_purge, cli_serve, cli_tokens, errors
 from leaseflow import cli_render as render
 from leaseflow.fsm import graph as graph_mod
 from leaseflow.fsm import registry
@@ -469,6 +469,8 @@ def graph(workflow: str, fmt: str, version: int | None) -> None:
 
 cli_control.register(main)
 cli_purge.register(main)
+cli_serve.register(main)
+cli_tokens.register(main)
 
 if __name__ == "__main__":
     main()

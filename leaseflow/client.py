@@ -4,30 +4,26 @@ for them."""
 from __future__ import annotations
 
 import copy
-import time
 import uuid
 from collections.abc import Iterable
-from datetime import datetime
 from typing import Any
 
 from celery import Celery
 
 from leaseflow import errors, local, logs, messages
 from leaseflow.client_admin import Admin
+from leaseflow.client_reading import Reading, RunView
 from leaseflow.fsm import registry, rules, waits
 from leaseflow.fsm.definition import Workflow
 from leaseflow.settings import Settings, get_settings
 from leaseflow.store import base
-from leaseflow.store.artifact_records import ArtifactRecord
-from leaseflow.store.records import CancelResult, RunRecord, SignalReceipt
+from leaseflow.store.records import CancelResult, SignalReceipt
 from leaseflow.tasks import dispatch, runtime
-from leaseflow.types import RunStatus
 
-#: A run as the client shows it: status, state, attempt, output, error and its steps.
-RunView = RunRecord
+__all__ = ["Client", "RunView"]
 
 
-class Client(Admin):
+class Client(Admin, Reading):
     """Starts and inspects runs. Cheap to keep for the life of the process.
 
     ``tenant=`` scopes it to one tenant: its runs are created with that tenant, and it
@@ -120,6 +116,23 @@ class Client(Admin):
         or non-JSON input raises ``InvalidInput`` and creates nothing. With an
         ``idempotency_key`` already used for this workflow, returns that run's id.
         """
+        run_id, _ = self.start_with(
+            workflow, input, idempotency_key=idempotency_key, version=version, priority=priority
+        )
+        return run_id
+
+    def start_with(
+        self,
+        workflow: Workflow | str,
+        input: dict[str, Any] | None = None,
+        *,
+        idempotency_key: str | None = None,
+        version: int | None = None,
+        priority: int = 0,
+    ) -> tuple[str, bool]:
+        """As ``start``; returns ``(run_id, created)``: ``created`` is False when the
+        ``idempotency_key`` named a run already (``IdempotencyConflict`` if its input
+        differs)."""
         wf = self._workflow(workflow, version)
         priority = self._priority(wf, priority)
         blob, payload = self._initial_checkpoint(wf, input)
@@ -133,7 +146,7 @@ class Client(Admin):
         )
         if found.created:
             self._publish_first(wf, [found.run_id], priority)
-        return found.run_id
+        return found.run_id, found.created
 
     def start_many(
         self,
@@ -276,47 +289,3 @@ class Client(Admin):
         logs.info("run_redriven", run_id=str(run_id), state=due.state, step_seq=due.step_seq)
         self._publish([due.wakeup()])
         return due.state
-
-    # -- reading --------------------------------------------------------------------
-
-    def get(self, run_id: str) -> RunView:
-        """The run with its step log; raises ``RunNotFound``."""
-        return self.store.get_run(str(run_id))
-
-    def artifact(self, run_id: str, name: str) -> ArtifactRecord:
-        """An artefact of the run (``ctx.artifacts.put``) with its bytes (``.data``,
-        ``.text``); raises ``ArtifactNotFound``, ``RunNotFound``."""
-        return self.store.get_artifact(str(run_id), name)
-
-    def list_runs(
-        self,
-        status: RunStatus | str | None = None,
-        workflow: str | None = None,
-        limit: int = 50,
-        *,
-        tenant: str | None = None,
-        before: tuple[datetime, str] | None = None,
-    ) -> list[RunView]:
-        """Newest first, without their step logs; ``before``: the ``(created_at, id)``
-        of the last run of the previous page; ``tenant``: only that tenant's."""
-        if status is not None:
-            status = RunStatus(status).value
-        return self.store.list_runs(
-            status=status, workflow=workflow, limit=limit, tenant=tenant, before=before
-        )
-
-    def wait_for(self, run_id: str, timeout: float = 60.0, *, poll: float = 0.05) -> RunView:
-        """Block until the run is terminal and return it; ``TimeoutError`` otherwise."""
-        deadline = time.monotonic() + timeout
-        delay = poll
-        while True:
-            run = self.store.get_run(str(run_id), with_steps=False)
-            if run.terminal:
-                return self.store.get_run(str(run_id))
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(
-                    f"run {run_id} is still {run.status} in state {run.state!r} after {timeout}s"
-                )
-            time.sleep(min(delay, remaining))
-            delay = min(delay * 1.5, 0.5)

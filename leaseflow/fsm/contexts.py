@@ -13,7 +13,7 @@ from leaseflow.fsm import checkpoint
 from leaseflow.fsm.definition import Workflow
 
 if TYPE_CHECKING:
-    from leaseflow.fsm.rules import Limits
+    from leaseflow.fsm.limits import Limits
 
 __all__ = ["first_checkpoint", "load_context"]
 

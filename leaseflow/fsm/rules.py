@@ -21,6 +21,9 @@ from leaseflow.fsm import checkpoint, waits
 from leaseflow.fsm.contexts import first_checkpoint as first_checkpoint
 from leaseflow.fsm.contexts import load_context as load_context
 from leaseflow.fsm.definition import StateSpec, Workflow
+from leaseflow.fsm.limits import CHECKPOINT_SETTING as CHECKPOINT_SETTING
+from leaseflow.fsm.limits import PAYLOAD_SETTING as PAYLOAD_SETTING
+from leaseflow.fsm.limits import Limits as Limits
 from leaseflow.fsm.outcomes import (
     BRANCH_ERROR_POLICIES,
     Complete,
@@ -31,32 +34,6 @@ from leaseflow.fsm.outcomes import (
     Wait,
 )
 from leaseflow.types import TERMINAL_STATUSES, StepOutcome
-
-#: The settings that bound a value's JSON, named in ``PayloadTooLarge``.
-PAYLOAD_SETTING = "LEASEFLOW_MAX_PAYLOAD_BYTES"
-CHECKPOINT_SETTING = "LEASEFLOW_MAX_CHECKPOINT_BYTES"
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """Size limits of JSON values: ``max_payload_bytes`` for inputs, outputs, Map items,
-    branch results and signal payloads, ``max_checkpoint_bytes`` for contexts (None: the
-    payload limit) and one artefact; the size from which checkpoints and artefacts are
-    compressed, and zstd's level."""
-
-    max_payload_bytes: int
-    compress_min_bytes: int = 256
-    max_checkpoint_bytes: int | None = None
-    max_artifact_bytes: int = 64 * 1024 * 1024
-    compress_level: int = checkpoint.DEFAULT_LEVEL
-
-    @property
-    def checkpoint_limit(self) -> int:
-        return (
-            self.max_payload_bytes
-            if self.max_checkpoint_bytes is None
-            else self.max_checkpoint_bytes
-        )
 
 
 @dataclass(frozen=True, slots=True)
