@@ -375,7 +375,7 @@ class LeaseflowDrain(Drain):
         from leaseflow.settings import Settings
 
         db = self.new_db()
-        db.migrate()
+        self.migrate(db)
         settings = Settings(
             database_url=db.sqlalchemy_url,
             broker_url=self.redis.url,
@@ -397,6 +397,9 @@ class LeaseflowDrain(Drain):
             client.close()
         self.conn = psycopg.connect(db.url, autocommit=True)
         self.scratch.defer("close connection", self.conn.close)
+
+    def migrate(self, db: ScratchDatabase) -> None:
+        db.migrate()
 
     def run_of(self, i: int) -> tuple[Any, dict[str, Any]]:
         """The workflow and input of run ``i``."""
@@ -430,9 +433,22 @@ class LeaseflowRefDrain(LeaseflowDrain):
     """The default mode on the code of ``--ref``: its worker imports leaseflow from a
     git worktree of that commit, and its runs are created by that commit's own client
     (a subprocess on the worktree), so their checkpoints and messages are the ref's
-    even when the format changed since. The database is migrated by this code."""
+    even when the format changed since. Its database is migrated by its own code."""
 
     name = "leaseflow_ref"
+
+    def migrate(self, db: ScratchDatabase) -> None:
+        """The ref's own migrations: its schema, as its code expects."""
+        tree = ref_worktree(self.scratch, self.args.ref)
+        code = "import sys; from leaseflow import migrations; migrations.upgrade(sys.argv[1])"
+        subprocess.run(
+            [sys.executable, "-c", code, db.sqlalchemy_url],
+            env={**clean_env(), "PYTHONPATH": str(tree)}, cwd=tree, check=True,
+        )  # fmt: skip
+        import psycopg
+
+        with psycopg.connect(db.url, autocommit=True) as conn:
+            conn.execute("VACUUM ANALYZE")
 
     def enqueue(self, runs: int) -> None:
         super().enqueue(0)  # the database, the settings and the connection
