@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from leaseflow import tokens
+from leaseflow import dashboard, tokens
 from leaseflow.api import auth, errors, routes_admin, routes_health, routes_runs
 from leaseflow.client import Client
 from leaseflow.settings import Settings, get_settings
@@ -89,4 +89,5 @@ def create_app(settings: Settings | None = None, client: Client | None = None) -
     app.include_router(routes_health.router)
     app.include_router(routes_runs.router)
     app.include_router(routes_admin.router)
+    dashboard.install(app)  # the HTML pages under /ui (/ leads there)
     return app
