@@ -92,12 +92,26 @@ def claim_step(
 
 
 def contended(
-    store: base.RunStore, run_id: str, step_seq: int, busy: records.LockContended
+    store: base.RunStore,
+    run_id: str,
+    step_seq: int,
+    busy: records.LockContended,
+    *,
+    workflow: str | None = None,
+    state: str | None = None,
 ) -> StepResult:
     """The step's lock is held elsewhere: count it, and publish the step again for when
     the run is due (no attempt was spent)."""
     metrics.CLAIMS.labels("lock_contended").inc()
-    logs.info("lock_contended", run_id=run_id, step_seq=step_seq, key=busy.key, holder=busy.holder)
+    logs.info(
+        "lock_contended",
+        run_id=run_id,
+        step_seq=step_seq,
+        key=busy.key,
+        holder=busy.holder,
+        state=state,
+        workflow=workflow,
+    )
     return explain_miss(store, run_id, step_seq)
 
 
@@ -117,6 +131,8 @@ def explain_miss(
             version=peek.version,
             versions=",".join(map(str, versions)),
             hint="the run is left pending for a worker that declares its version",
+            state=peek.state,
+            step_seq=step_seq,
         )
         return StepResult("skipped")
     if ours and peek is not None and not peek.past_deadline:
@@ -140,6 +156,8 @@ def explain_miss(
         step_seq=step_seq,
         status=peek.status if peek else "missing",
         current_seq=peek.step_seq if peek else None,
+        current_state=peek.state if peek else None,
+        workflow=peek.workflow if peek else None,
     )
     return StepResult("skipped")
 
@@ -159,5 +177,8 @@ def explain_branch_miss(store: base.RunStore, group_id: int, idx: int) -> StepRe
         group_id=group_id,
         branch=idx,
         status=peek.status if peek else "missing",
+        run_id=peek.run_id if peek else None,
+        state=peek.state if peek else None,
+        workflow=peek.workflow if peek else None,
     )
     return StepResult("skipped")

@@ -14,6 +14,7 @@ With ``--json`` among the arguments, the error is printed as one JSON object
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -25,7 +26,16 @@ from typing import TYPE_CHECKING, Any
 import click
 import pydantic
 
-from leaseflow import cli_args, cli_control, cli_purge, cli_serve, cli_tokens, errors
+from leaseflow import (
+    cli_args,
+    cli_control,
+    cli_flower,
+    cli_purge,
+    cli_serve,
+    cli_tokens,
+    errors,
+    logfmt,
+)
 from leaseflow import cli_render as render
 from leaseflow.fsm import graph as graph_mod
 from leaseflow.fsm import registry
@@ -117,6 +127,10 @@ def main() -> None:
     # Like ``celery -A``: the modules of LEASEFLOW_WORKFLOWS may live in the cwd.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    # LEASEFLOW_LOG_FORMAT and _LEVEL (a worker's are Celery's); a bad environment is
+    # reported by the command that reads it (``--help`` needs none).
+    with contextlib.suppress(pydantic.ValidationError, errors.LeaseflowError):
+        logfmt.configure_cli(get_settings())
 
 
 # -- helpers ----------------------------------------------------------------------
@@ -468,6 +482,7 @@ def graph(workflow: str, fmt: str, version: int | None) -> None:
 
 
 cli_control.register(main)
+cli_flower.register(main)
 cli_purge.register(main)
 cli_serve.register(main)
 cli_tokens.register(main)

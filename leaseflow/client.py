@@ -250,6 +250,9 @@ class Client(Admin, Reading):
             event=event,
             signal_id=done.receipt.signal_id,
             result=done.receipt.result,
+            state=done.receipt.state,  # the run's, after the signal
+            step_seq=done.due.step_seq if done.due else None,
+            workflow=done.due.workflow if done.due else None,
         )
         return done.receipt
 
@@ -286,6 +289,12 @@ class Client(Admin, Reading):
             max_attempts=max_attempts,
             run_timeout=run_timeout,
         )
-        logs.info("run_redriven", run_id=str(run_id), state=due.state, step_seq=due.step_seq)
+        logs.info(
+            "run_redriven",
+            run_id=str(run_id),
+            state=due.state,
+            step_seq=due.step_seq,
+            workflow=due.workflow,
+        )
         self._publish([due.wakeup()])
         return due.state

@@ -11,6 +11,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from leaseflow import errors, faults, logs
 from leaseflow.store import base, records
@@ -24,6 +25,11 @@ class _Lease:
     branch: tuple[int, int] | None = None  # (group_id, idx) for a branch lease
     lost: bool = False
     cancelled: bool = False  # the run was asked to cancel (a branch: cancelled)
+    ids: dict[str, Any] | None = None  # for its log lines (``steplog.ids``)
+
+    def fields(self) -> dict[str, Any]:
+        """Its ids, for a log line."""
+        return self.ids or {"run_id": self.run_id, "lease_token": self.token}
 
     @property
     def ref(self) -> base.LeaseRef:
@@ -70,10 +76,12 @@ class LeaseKeeper:
         *,
         timeout: float | None = None,
         branch: tuple[int, int] | None = None,
+        ids: dict[str, Any] | None = None,
     ) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
+        lease = _Lease(run_id, token, deadline, branch, ids=ids)
         with self._lock:
-            self._leases[token] = _Lease(run_id, token, deadline, branch)
+            self._leases[token] = lease
         self._ensure_thread()
 
     def release(self, token: str) -> None:
@@ -110,7 +118,7 @@ class LeaseKeeper:
         for lease in leases:
             if lease.token in cancelled and not lease.cancelled:
                 lease.cancelled = True
-                logs.info("cancel_learnt", run_id=lease.run_id, lease_token=lease.token)
+                logs.info("cancel_learnt", **lease.fields())
         return alive
 
     def start(self) -> None:
@@ -163,7 +171,6 @@ class LeaseKeeper:
                 lease.lost = True
                 logs.warning(
                     "lease_expired_in_heartbeat",
-                    run_id=lease.run_id,
-                    lease_token=lease.token,
+                    **lease.fields(),
                     worker=self.worker,
                 )

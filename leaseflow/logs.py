@@ -1,7 +1,7 @@
 """Structured log lines: a stable snake_case ``action`` plus the ids, as key=value pairs.
 
 Tests and operators match on ``action``, never on wording. The fields also travel
-as ``extra`` so JSON log handlers can pick them up.
+as ``extra`` (each, and all of them as ``lf_fields``) for ``leaseflow.logfmt``'s JSON.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import logging
 from typing import Any
 
 logger = logging.getLogger("leaseflow")
+#: The record attribute that holds an event's fields (what the JSON format writes).
+FIELDS = "lf_fields"
 
 
 def event(action: str, level: int = logging.INFO, /, **fields: Any) -> None:
@@ -17,7 +19,9 @@ def event(action: str, level: int = logging.INFO, /, **fields: Any) -> None:
     if not logger.isEnabledFor(level):
         return
     pairs = " ".join(f"{key}={value}" for key, value in fields.items() if value is not None)
-    logger.log(level, "action=%s %s", action, pairs, extra={"action": action, **fields})
+    logger.log(
+        level, "action=%s %s", action, pairs, extra={"action": action, FIELDS: fields, **fields}
+    )
 
 
 def debug(action: str, /, **fields: Any) -> None:

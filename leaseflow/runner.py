@@ -103,7 +103,9 @@ class Runner:
         )
         metrics.CLAIM_SECONDS.observe(time.perf_counter() - started)
         if isinstance(claim, records.LockContended):
-            return claims.contended(self.store, run_id, step_seq, claim)
+            return claims.contended(
+                self.store, run_id, step_seq, claim, workflow=workflow, state=state
+            )
         if claim is None:
             return claims.explain_miss(self.store, run_id, step_seq, claims.versions_of(workflow))
         metrics.CLAIMS.labels("claimed").inc()
@@ -155,8 +157,7 @@ class Runner:
                 metrics.REGATHERED.inc()
                 logs.warning(
                     "checkpoint_regathered",
-                    run_id=claim.run_id,
-                    state=claim.state,
+                    **steplog.ids(claim),
                     regather=wf.regather,
                     reason=exc.detail,
                 )
@@ -169,7 +170,13 @@ class Runner:
             return self._settle(claim, _failure(claim, errors.LOCK_KEY, reason))
         ctx = self._context(wf, claim, data)
         branch = (claim.group_id, claim.idx) if isinstance(claim, records.BranchClaim) else None
-        self.keeper.hold(claim.run_id, claim.lease_token, timeout=spec.timeout, branch=branch)
+        self.keeper.hold(
+            claim.run_id,
+            claim.lease_token,
+            timeout=spec.timeout,
+            branch=branch,
+            ids=steplog.ids(claim),
+        )
         try:
             returned, raised = self._call(wf, spec, ctx)
             decision = self._decide(wf, spec, claim, ctx, returned, raised)
@@ -392,9 +399,7 @@ def refused(claim: Leased, exc: errors.UnstorableValue | errors.IllegalTransitio
     """
     logs.warning(
         "commit_refused",
-        run_id=claim.run_id,
-        state=claim.state,
-        step_seq=claim.step_seq if isinstance(claim, records.Claim) else None,
+        **steplog.ids(claim),
         error_code=exc.code,
         error=str(exc),
     )
@@ -416,9 +421,7 @@ def _fork_start(
     )
     logs.info(
         "run_forked",
-        run_id=claim.run_id,
-        state=claim.state,
-        step_seq=claim.step_seq,
+        **steplog.ids(claim),
         group_id=group_id,
         width=len(fork.states),
         join=fork.join_state,
@@ -466,10 +469,7 @@ def lease_lost(store: base.RunStore, worker: str, claim: Leased) -> StepResult:
     metrics.LEASES_LOST.inc()
     logs.warning(
         "lease_lost",
-        run_id=claim.run_id,
-        state=claim.state,
-        step_seq=claim.step_seq if isinstance(claim, records.Claim) else None,
-        lease_token=claim.lease_token,
+        **steplog.ids(claim),
         worker=worker,
     )
     with contextlib.suppress(errors.StoreUnavailable):  # a count, not a correctness matter

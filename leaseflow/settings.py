@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from leaseflow import durations
@@ -92,6 +92,20 @@ class Settings(BaseSettings):
     retention: float | None = Field(None, gt=0)
     #: How often beat's retention job runs (when ``retention`` is set).
     retention_interval: float = Field(300.0, gt=0)
+    #: ``console``: key=value text (``action=... run_id=...``); ``json``: one object a line.
+    log_format: Literal["console", "json"] = "console"
+    #: The ``leaseflow`` logger's level by name (DEBUG, INFO, ...); unset: the process's.
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] | None = None
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _log_names(cls, value: object, info: ValidationInfo) -> object:
+        if isinstance(value, str):
+            name = value.strip()
+            if info.field_name == "log_format":
+                return name.lower()
+            return {"WARN": "WARNING"}.get(name.upper(), name.upper()) or None
+        return value
 
     @field_validator("retention", mode="before")
     @classmethod

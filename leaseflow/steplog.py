@@ -6,9 +6,27 @@ exception's last line, everything else DEBUG or INFO; every line carries the ids
 
 from __future__ import annotations
 
+from typing import Any
+
 from leaseflow import errors, logs
 from leaseflow.fsm import rules
 from leaseflow.store import records
+
+
+def ids(claim: records.Claim | records.BranchClaim) -> dict[str, Any]:
+    """The ids every line about a claimed step carries (a branch: its group and index)."""
+    if isinstance(claim, records.BranchClaim):
+        where: dict[str, Any] = {"group_id": claim.group_id, "branch": claim.idx}
+    else:
+        where = {"step_seq": claim.step_seq}
+    # workflow and lease_token last: the console text keeps its older prefix for greps
+    return {
+        "run_id": claim.run_id,
+        "state": claim.state,
+        **where,
+        "workflow": claim.workflow,
+        "lease_token": claim.lease_token,
+    }
 
 
 def committed(
@@ -19,11 +37,10 @@ def committed(
     resumed: str | None = None,
 ) -> None:
     """Log a committed step of a run."""
+    where = ids(claim)
     logs.debug(
         "step_committed",
-        run_id=claim.run_id,
-        state=claim.state,
-        step_seq=claim.step_seq,
+        **where,
         outcome=decision.outcome,
         next_state=decision.next_state,
         error_code=decision.error_code,
@@ -32,9 +49,7 @@ def committed(
     if decision.outcome == "retry" or (decision.moves and decision.step_error is not None):
         logs.warning(
             "state_retry" if decision.outcome == "retry" else "state_error_handled",
-            run_id=claim.run_id,
-            state=claim.state,
-            step_seq=claim.step_seq,
+            **where,
             attempt=claim.attempt,
             max_attempts=claim.max_attempts,
             next_state=decision.next_state,
@@ -45,9 +60,7 @@ def committed(
         wait = decision.wait
         logs.info(
             "run_resumed" if resumed else "run_waiting",
-            run_id=claim.run_id,
-            state=claim.state,
-            step_seq=claim.step_seq,
+            **where,
             event=wait.event,
             timeout=wait.timeout,
             next_state=resumed,
@@ -55,9 +68,7 @@ def committed(
     if decision.terminal and decision.status == "failed":
         logs.error(
             "run_failed",
-            run_id=claim.run_id,
-            state=claim.state,
-            step_seq=claim.step_seq,
+            **where,
             attempt=claim.attempt,
             error_code=decision.error_code,
             error=rules.error_line(decision.step_error or decision.error),
@@ -65,7 +76,7 @@ def committed(
     elif decision.terminal:
         logs.info(
             "run_finished",
-            run_id=claim.run_id,
+            **where,
             status=decision.status,
             error_code=decision.error_code,
         )
@@ -75,9 +86,7 @@ def ended(claim: records.Claim, status: str) -> None:
     """The state's commit found its run cancelled, or past its deadline: it ended so."""
     logs.warning(
         "run_cancelled" if status == "cancelled" else "run_timed_out",
-        run_id=claim.run_id,
-        state=claim.state,
-        step_seq=claim.step_seq,
+        **ids(claim),
         error_code=errors.CANCELLED if status == "cancelled" else errors.RUN_TIMEOUT,
     )
 
@@ -88,29 +97,20 @@ def branch_committed(
     """Log a committed branch attempt (and the run it failed, if any)."""
     logs.debug(
         "branch_committed",
-        run_id=claim.run_id,
-        state=claim.state,
-        group_id=claim.group_id,
-        branch=claim.idx,
+        **ids(claim),
         outcome=decision.status,
     )
     if decision.status != "completed":
         logs.warning(
             "branch_retry" if decision.status == "retry" else "branch_failed",
-            run_id=claim.run_id,
-            state=claim.state,
-            group_id=claim.group_id,
-            branch=claim.idx,
+            **ids(claim),
             attempt=claim.attempt,
             error=rules.error_line(decision.error),
         )
     if done.parent_failed:
         logs.error(
             "run_failed",
-            run_id=claim.run_id,
-            state=claim.state,
-            group_id=claim.group_id,
-            branch=claim.idx,
+            **ids(claim),
             error_code=errors.BRANCH_FAILED,
             error=rules.error_line(decision.error),
         )

@@ -300,7 +300,12 @@ class Engine:
         try:
             result = self.runner.handle(message)
         except WorkerCrashed:
-            logs.warning("worker_crashed", run_id=message.run_id, state=message.state)
+            logs.warning(
+                "worker_crashed",
+                run_id=message.run_id,
+                state=message.state,
+                workflow=message.workflow,
+            )
             return  # the message dies with the worker; the lease waits for the reaper
         self.results.append(result)
         if result.fork is not None:

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from leaseflow import dashboard, tokens
+from leaseflow import dashboard, logfmt, tokens
 from leaseflow.api import auth, errors, routes_admin, routes_health, routes_runs
 from leaseflow.client import Client
 from leaseflow.settings import Settings, get_settings
@@ -70,6 +70,8 @@ def create_app(settings: Settings | None = None, client: Client | None = None) -
     """The API over ``client`` (kept open), or over a client of ``settings`` (default:
     the environment's, the embedded PostgreSQL included), made on first use and
     closed at shutdown."""
+    if settings is None and client is None:  # `leaseflow serve`: each uvicorn process
+        logfmt.configure_cli(get_settings())
     engine = Engine(settings, client)
 
     @asynccontextmanager

@@ -229,7 +229,9 @@ class CatchAll:
             await self.app(scope, receive, tracked)
         except Exception as exc:
             if started:  # the response is on its way: nothing better to send
-                logging.getLogger("leaseflow").error("action=api_error_late", exc_info=exc)
+                logging.getLogger("leaseflow").error(
+                    "action=api_error_late", exc_info=exc, extra={"action": "api_error_late"}
+                )
                 return
             if isinstance(exc, RecursionError):
                 response = error_response(422, REQUEST_INVALID, "the JSON is nested too deeply")

@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from leaseflow import errors, logs, messages, metrics, runner
 from leaseflow.fsm import rules
-from leaseflow.store import base, purge_records
+from leaseflow.store import base, purge_records, records
 
 
 def reap_dead_workers(store: base.RunStore, *, self_id: str, after: float) -> list[str]:
@@ -38,6 +39,7 @@ def reap(store: base.RunStore, *, limit: int = 1000) -> list[messages.Message]:
             run_id=row.run_id,
             state=row.state,
             step_seq=row.step_seq - 1,
+            workflow=row.workflow,
             attempt=row.attempt,
             lease_owner=row.lease_owner,
             result="requeued" if row.status == "pending" else row.status,
@@ -79,6 +81,8 @@ def reap_branches(store: base.RunStore, *, limit: int = 1000) -> list[messages.M
             state=b.state,
             group_id=b.group_id,
             branch=b.idx,
+            workflow=b.workflow,
+            lease_token=b.lease_token,
             attempt=b.attempt,
             lease_owner=b.lease_owner,
             result="requeued" if retry else "failed",
@@ -90,6 +94,7 @@ def reap_branches(store: base.RunStore, *, limit: int = 1000) -> list[messages.M
                 state=b.state,
                 group_id=b.group_id,
                 branch=b.idx,
+                workflow=b.workflow,
                 error_code=errors.BRANCH_FAILED,
                 error=rules.error_line(decision.error),
             )
@@ -101,6 +106,16 @@ def reap_branches(store: base.RunStore, *, limit: int = 1000) -> list[messages.M
     return out
 
 
+def _ended(row: records.WaitEnded) -> dict[str, Any]:
+    """The ids of a run the timeout sweeper moved (its state and step now)."""
+    return {
+        "run_id": row.run_id,
+        "state": row.state,
+        "step_seq": row.step_seq,
+        "workflow": row.workflow,
+    }
+
+
 def sweep_timeouts(store: base.RunStore, *, limit: int = 1000) -> list[messages.Message]:
     """Runs past their deadline end ``timed_out``; waits past theirs move to
     ``on_timeout`` (a timer to ``next``: published) or fail ``E-WAIT-TIMEOUT``.
@@ -110,13 +125,19 @@ def sweep_timeouts(store: base.RunStore, *, limit: int = 1000) -> list[messages.
     out: list[messages.Message] = []
     for row in store.sweep_deadlines(limit=limit):
         metrics.STEPS.labels("timed_out").inc()
-        logs.warning("run_timed_out", run_id=row.run_id, state=row.state, error_code=row.error_code)
+        logs.warning("run_timed_out", **_ended(row), error_code=row.error_code)
     for row in store.sweep_waits(limit=limit):
         metrics.STEPS.labels("wait_timeout").inc()
         if row.status != "pending":
-            logs.error("run_failed", run_id=row.run_id, state=row.state, error_code=row.error_code)
+            logs.error("run_failed", **_ended(row), error_code=row.error_code)
             continue
-        logs.info("wait_timed_out", run_id=row.run_id, next_state=row.state)
+        logs.info(
+            "wait_timed_out",
+            run_id=row.run_id,
+            next_state=row.state,
+            step_seq=row.step_seq,
+            workflow=row.workflow,
+        )
         out.append(
             messages.StateStep(
                 row.run_id,
@@ -229,7 +250,13 @@ def dispatch_overdue(
     lost_runs = [r.run_id for r in runs if gone(r.workflow, r.state, r.published_by)]
     for row in store.redispatch_runs(lost_runs):
         metrics.REDISPATCHED.inc()
-        logs.info("run_redispatched", run_id=row.run_id, state=row.state, step_seq=row.step_seq)
+        logs.info(
+            "run_redispatched",
+            run_id=row.run_id,
+            state=row.state,
+            step_seq=row.step_seq,
+            workflow=row.workflow,
+        )
         out.wakeups.append(row.wakeup())
     lost_branches = [
         (b.group_id, b.idx) for b in branches if gone(b.workflow, b.state, b.published_by)
@@ -242,6 +269,7 @@ def dispatch_overdue(
             group_id=due.group_id,
             branch=due.idx,
             state=due.state,
+            workflow=due.workflow,
         )
         out.wakeups.append(due.wakeup())
     for queue in sorted(unproven) if probe else ():

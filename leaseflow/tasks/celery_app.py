@@ -12,7 +12,7 @@ from typing import Any
 
 from celery import Celery, signals
 
-from leaseflow import errors, local, logs
+from leaseflow import errors, local, logfmt, logs
 from leaseflow.beat import tasks as beat_tasks
 from leaseflow.fsm import registry
 from leaseflow.fsm.definition import StateSpec, Workflow
@@ -205,9 +205,16 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     if application is not None and id(application) in _listeners:  # a leaseflow app
         follow_task_events(sender)
     if _app is not None and application is _app:
+        logfmt.configure_cli(get_settings())  # Celery sets logging up after this signal
         # The queues -Q selected (all declared ones without -Q); not yet the beat queue.
         prepare_worker(list(sender.app.amqp.queues.consume_from))
         lifecycle.remember(sender)
+
+
+@signals.after_setup_logger.connect
+def _on_setup_logger(logfile: str | None = None, **_: Any) -> None:
+    """Workers and beat: LEASEFLOW_LOG_FORMAT and LEASEFLOW_LOG_LEVEL, where Celery logs."""
+    logfmt.configure(get_settings(), logfile=logfile or None)
 
 
 @signals.beat_init.connect

@@ -90,7 +90,7 @@ def publish(app: Celery, d: messages.Message, producer: Any = None) -> None:
         time_limit=hard,
         soft_time_limit=soft,
     )
-    logs.debug("step_published", run_id=d.run_id, state=d.state, task_id=d.task_id)
+    _published(d)
 
 
 PROBE_TASK = "leaseflow.queue_probe"
@@ -152,7 +152,18 @@ def _publish_lean(app: Celery, sender: wire.Sender, d: messages.Message, default
         time_limits=limits,
         priority=broker_priority(app, d.priority),
     )
-    logs.debug("step_published", run_id=d.run_id, state=d.state, task_id=d.task_id)
+    _published(d)
+
+
+def _published(d: messages.Message) -> None:
+    logs.debug(
+        "step_published",
+        run_id=d.run_id,
+        state=d.state,
+        task_id=d.task_id,
+        step_seq=getattr(d, "step_seq", None),
+        workflow=d.workflow,
+    )
 
 
 def _batch(producer: Any) -> Any:
@@ -245,4 +256,7 @@ def publish_fork(app: Celery, fork: messages.ForkStart) -> None:
         group_id=fork.group_id,
         width=len(header),
         chord=True,
+        state=join.state,
+        step_seq=join.step_seq,
+        workflow=join.workflow,
     )

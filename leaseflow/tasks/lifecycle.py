@@ -60,7 +60,14 @@ def hand_back(controller: Any) -> records.Released:
     wakeups += [due.wakeup() for due in released.branches]
     for due in released.runs:
         metrics.RELEASED.inc()
-        logs.warning("lease_released", run_id=due.run_id, state=due.state, reason="shutdown")
+        logs.warning(
+            "lease_released",
+            run_id=due.run_id,
+            state=due.state,
+            reason="shutdown",
+            step_seq=due.step_seq,
+            workflow=due.workflow,
+        )
     if wakeups:
         dispatch.publish_all(controller.app, wakeups)
     store.forget_workers(owners)

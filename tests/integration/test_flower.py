@@ -1,5 +1,6 @@
 """Celery's event convention: task events only from a worker run with ``-E``, and then
-Flower lists every state as its own task, ``leaseflow.<workflow>.<state>``."""
+Flower (``leaseflow flower``) lists every state as its own task,
+``leaseflow.<workflow>.<state>``, in its HTTP API."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ STATES = [f"leaseflow.linear5.s{i}" for i in range(1, 6)]
 
 
 class Process(helpers._Subprocess):
-    """A ``leaseflow worker`` or ``celery flower`` process, its output in a log file."""
+    """A ``leaseflow worker`` or ``leaseflow flower`` process, its output in a log file."""
 
     def __init__(self, cmd: list[str], env: dict[str, str], log_dir: Path, name: str) -> None:
         self.name = name
@@ -97,11 +98,12 @@ def captured_events(app: Celery) -> Iterator[list[dict[str, Any]]]:
             thread.join(timeout=10)
 
 
-def test_flower_lists_each_state_of_a_worker_run_with_dash_e(settings, app, client, tmp_path):
-    # Given Flower (not enabling events itself) and a `leaseflow worker -E`
+def test_leaseflow_flower_lists_each_state_of_a_worker_run_with_dash_e(
+    settings, app, client, tmp_path
+):
+    # Given `leaseflow flower` (not enabling events itself) and a `leaseflow worker -E`
     port = free_port()
-    flower_cmd = [sys.executable, "-m", "celery", "-A", "leaseflow.tasks", "flower"]
-    flower_cmd += [f"--port={port}", "--address=127.0.0.1", "--enable_events=False"]
+    flower_cmd = [LEASEFLOW, "flower", f"--port={port}", "--enable_events=False"]
     env = helpers.settings_env(settings, FLOWER_UNAUTHENTICATED_API="true")
     flower = Process(flower_cmd, env, tmp_path, "flower")
     worker, node = leaseflow_worker(settings, tmp_path, "-E")
