@@ -31,6 +31,13 @@ enqueued first, then the worker is started; it is stopped once every run is fini
                 worker's PYTHONPATH): ``--systems leaseflow,leaseflow_ref,plain --ref X``
                 is the A/B of a change, old and new code in one run;
                 ``leaseflow_inline_ref`` likewise for ``leaseflow_inline``.
+  leaseflow_hooks  (on demand) ``leaseflow`` with ``benchmarks/hooks_bench.py``: a hook
+                that raises after every transition, one that sleeps 5 s after every
+                finished run (issue 21: hooks must not slow W1 by more than 5 %).
+  leaseflow_nometrics  (on demand) ``leaseflow`` with ``LEASEFLOW_METRICS=off``: every
+                metric call a no-op (the A/B of the metrics' overhead).
+  leaseflow_served  (on demand) ``leaseflow`` with ``LEASEFLOW_METRICS_PORT`` set: the
+                multiprocess mode (metrics in files, summed by the main process).
   naive         ``benchmarks/chains.py`` ``naive_step``: a bare Celery task per state over
                 raw psycopg: claim UPDATE (1 commit), a lease-gated UPDATE + step INSERT
                 (1 transaction), then publish the next task. Its own fresh database.
@@ -74,6 +81,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -111,6 +119,9 @@ SYSTEMS = (
     "leaseflow_inline",
     "leaseflow_locked",
     "leaseflow_contended",
+    "leaseflow_hooks",
+    "leaseflow_nometrics",
+    "leaseflow_served",
     "leaseflow_ref",
     "leaseflow_inline_ref",
     "naive",
@@ -119,11 +130,10 @@ SYSTEMS = (
     "plain_events",
     "plain_reuse",
 )
-#: Run by default: the ``_ref`` systems need ``--ref``; ``plain_reuse`` and the locked
-#: systems are on demand.
-DEFAULT_SYSTEMS = tuple(
-    s for s in SYSTEMS if not s.endswith(("_ref", "_reuse", "_locked", "_contended"))
-)
+#: Run by default: the ``_ref`` systems need ``--ref``; ``plain_reuse``, the locked
+#: systems and the observability A/Bs are on demand.
+ON_DEMAND = ("_ref", "_reuse", "_locked", "_contended", "_hooks", "_nometrics", "_served")
+DEFAULT_SYSTEMS = tuple(s for s in SYSTEMS if not s.endswith(ON_DEMAND))
 #: The reference of every ratio, then the further pairs.
 REFERENCE = "plain"
 PAIRS = (
@@ -132,11 +142,23 @@ PAIRS = (
     ("leaseflow_inline", "leaseflow_inline_ref"),
     ("leaseflow_events", "plain_events"),
     ("leaseflow", "naive"),
+    ("leaseflow_hooks", "leaseflow"),
+    ("leaseflow", "leaseflow_nometrics"),
+    ("leaseflow_served", "leaseflow_nometrics"),
 )
 #: CPU components of a state (``total`` is the sum of the others).
 CPU_PARTS = ("worker_main", "worker_pool", "postgres", "redis", "client", "total")
 #: The rows of the CPU-per-state difference table (system minus ``plain``).
-CPU_DELTAS = ("leaseflow", "leaseflow_events", "leaseflow_inline", "naive", "plain_events")
+CPU_DELTAS = (
+    "leaseflow",
+    "leaseflow_events",
+    "leaseflow_inline",
+    "leaseflow_hooks",
+    "leaseflow_nometrics",
+    "leaseflow_served",
+    "naive",
+    "plain_events",
+)
 
 
 def _systems(text: str) -> list[str]:
@@ -554,6 +576,37 @@ class LeaseflowContendedDrain(LeaseflowLockedDrain):
     keys = 2
 
 
+class LeaseflowHooksDrain(LeaseflowDrain):
+    """A raising hook after every transition, a 5 s sleeping one after every run."""
+
+    name = "leaseflow_hooks"
+
+    def start_worker(self) -> CeleryWorker:
+        modules = "benchmarks.workflows,benchmarks.hooks_bench"
+        return self.worker("leaseflow.tasks", {**self.env, "LEASEFLOW_WORKFLOWS": modules})
+
+
+class LeaseflowNoMetricsDrain(LeaseflowDrain):
+    """Every metric call a no-op (``LEASEFLOW_METRICS=off``)."""
+
+    name = "leaseflow_nometrics"
+
+    def start_worker(self) -> CeleryWorker:
+        return self.worker("leaseflow.tasks", {**self.env, "LEASEFLOW_METRICS": "off"})
+
+
+class LeaseflowServedDrain(LeaseflowDrain):
+    """Metrics in multiprocess mode, served on a port by the worker's main process."""
+
+    name = "leaseflow_served"
+
+    def start_worker(self) -> CeleryWorker:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        return self.worker("leaseflow.tasks", {**self.env, "LEASEFLOW_METRICS_PORT": str(port)})
+
+
 class TableDrain(Drain):
     """A baseline whose runs and steps live in ``<prefix>_runs`` and ``<prefix>_steps``."""
 
@@ -715,6 +768,9 @@ DRAINS = {
     "leaseflow_inline": LeaseflowInlineDrain,
     "leaseflow_locked": LeaseflowLockedDrain,
     "leaseflow_contended": LeaseflowContendedDrain,
+    "leaseflow_hooks": LeaseflowHooksDrain,
+    "leaseflow_nometrics": LeaseflowNoMetricsDrain,
+    "leaseflow_served": LeaseflowServedDrain,
     "leaseflow_ref": LeaseflowRefDrain,
     "leaseflow_inline_ref": LeaseflowInlineRefDrain,
     "naive": NaiveDrain,

@@ -73,6 +73,7 @@ def claim_step(
     """Claim the step: with its lock when the state declares one (the claim and the lock
     in one transaction); a run holding a lock across states keeps it (or takes it
     again). ``LockContended``: held elsewhere, nothing claimed, the run deferred."""
+    metrics.CLAIM_ATTEMPTS.inc()
     versions = versions_of(workflow)
     if lock_templates(workflow, state):
         found = store.claim_locked(
@@ -149,7 +150,9 @@ def explain_miss(
             peek.version,
         )
         return StepResult("deferred", (again,))
-    metrics.CLAIMS.labels("idle").inc()
+    # Lost the race: another worker holds this very step (a duplicate message).
+    raced = peek is not None and peek.status == "running" and peek.step_seq == step_seq
+    metrics.CLAIMS.labels("lost_race" if raced else "idle").inc()
     logs.debug(
         "claim_skipped",
         run_id=run_id,
@@ -171,7 +174,8 @@ def explain_branch_miss(store: base.RunStore, group_id: int, idx: int) -> StepRe
             peek.run_id, peek.workflow, peek.state, group_id, idx, peek.wait_seconds
         )  # without its priority: a branch retry's re-publish is rare
         return StepResult("deferred", (again,))
-    metrics.CLAIMS.labels("idle").inc()
+    raced = peek is not None and peek.status == "running"
+    metrics.CLAIMS.labels("lost_race" if raced else "idle").inc()
     logs.debug(
         "claim_skipped",
         group_id=group_id,

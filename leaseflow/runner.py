@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from leaseflow import claims, errors, faults, heartbeat, logs, messages, metrics, steplog
+from leaseflow import claims, errors, faults, heartbeat, logs, messages, metrics, observe, steplog
 from leaseflow.artifacts import Artifacts
 from leaseflow.context import StateContext
 from leaseflow.fsm import registry, rules
@@ -108,7 +108,7 @@ class Runner:
             )
         if claim is None:
             return claims.explain_miss(self.store, run_id, step_seq, claims.versions_of(workflow))
-        metrics.CLAIMS.labels("claimed").inc()
+        observe.claimed(claim)
         budget = rules.InlineBudget.for_task(
             _spec(claim),
             max_states=self.inline_max_states,
@@ -125,12 +125,13 @@ class Runner:
     def run_branch(self, group_id: int, idx: int, *, workflow: str | None = None) -> StepResult:
         """Claim branch ``idx`` of group ``group_id``, run it, commit its result."""
         versions = claims.versions_of(workflow)
+        metrics.CLAIM_ATTEMPTS.inc()
         claim = self.store.claim_branch(
             group_id, idx, owner=self.worker, ttl=self.ttl, versions=versions
         )
         if claim is None:
             return claims.explain_branch_miss(self.store, group_id, idx)
-        metrics.CLAIMS.labels("claimed").inc()
+        observe.claimed(claim)
         return self._run(claim, None)[0]
 
     # -- the one path ----------------------------------------------------------------
@@ -154,7 +155,7 @@ class Runner:
         except errors.CheckpointError as exc:
             regathers = exc.code == errors.CHECKPOINT_STALE and wf.regather is not None
             if regathers and isinstance(claim, records.Claim):
-                metrics.REGATHERED.inc()
+                metrics.REGATHERED.labels(wf.name).inc()
                 logs.warning(
                     "checkpoint_regathered",
                     **steplog.ids(claim),
@@ -179,13 +180,13 @@ class Runner:
         )
         try:
             returned, raised = self._call(wf, spec, ctx)
-            decision = self._decide(wf, spec, claim, ctx, returned, raised)
+            decision = self._decide(wf, spec, claim, ctx.data, returned, raised)
             accepted = ctx._in_commit if decision.accepted else ()
             try:
                 return self._settle(claim, decision, accepted, budget, wf)
             except errors.InCommitError as exc:  # rolled back with the transition
                 cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
-                return self._settle(claim, self._decide(wf, spec, claim, ctx, None, cause))
+                return self._settle(claim, self._decide(wf, spec, claim, ctx.data, None, cause))
             except (errors.UnstorableValue, errors.IllegalTransition) as exc:
                 return self._settle(claim, refused(claim, exc))  # see ``refused``
         finally:
@@ -224,36 +225,13 @@ class Runner:
         try:
             return self.invoke(spec, ctx), None
         except Exception as exc:
+            metrics.STEP_ERRORS.labels(wf.name, spec.name).inc()
             return None, exc
         finally:
             metrics.STEP_SECONDS.labels(wf.name, spec.name).observe(time.perf_counter() - t0)
 
-    def _decide(
-        self,
-        wf: Workflow,
-        spec: StateSpec,
-        claim: Leased,
-        ctx: StateContext[Any],
-        returned: Any,
-        raised: Exception | None,
-    ) -> Decision:
-        attempts = {"attempt": claim.attempt, "max_attempts": claim.max_attempts}
-        rand = self.rand() if raised is not None else 0.5
-        if isinstance(claim, records.BranchClaim):
-            return rules.on_branch(
-                spec, returned=returned, raised=raised, limits=self.limits, rand=rand, **attempts
-            )
-        if raised is not None:
-            return rules.on_error(wf, spec, exc=raised, rand=rand, **attempts)
-        return rules.on_outcome(
-            wf,
-            spec,
-            returned,
-            data=ctx.data,
-            stored=claim.checkpoint,
-            limits=self.limits,
-            **attempts,
-        )
+    def _decide(self, *args: Any) -> Decision:
+        return decide(*args, limits=self.limits, rand=self.rand)
 
     # -- commits ---------------------------------------------------------------------
 
@@ -287,15 +265,13 @@ class Runner:
         )
         if committed is None:
             return lease_lost(self.store, self.worker, claim), None
+        observe.committed(claim, decision, committed)  # metrics, then hooks (queued)
         if committed.ended is not None:  # cancelled, or past its deadline, meanwhile
-            metrics.STEPS.labels(committed.ended).inc()
             steplog.ended(claim, committed.ended)
             return StepResult("committed", outcome=committed.ended), None
-        metrics.STEPS.labels(decision.outcome).inc()
         steplog.committed(claim, decision, inline=inline, resumed=committed.resumed)
         faults.point("after_commit_before_enqueue", **_where(claim))
         if committed.handoff is not None:
-            metrics.CLAIMS.labels("inline").inc()
             return StepResult("committed", outcome=decision.outcome), committed.handoff
         done = StepResult("committed", outcome=decision.outcome)
         if decision.fork is not None and committed.group_id is not None:
@@ -325,7 +301,7 @@ class Runner:
         )
         if done is None:
             return lease_lost(self.store, self.worker, claim)
-        metrics.STEPS.labels(f"branch_{decision.status}").inc()
+        observe.branch_committed(claim, decision, done)
         steplog.branch_committed(claim, decision, done)
         faults.point("after_commit_before_enqueue", **_where(claim))
         return StepResult(
@@ -360,6 +336,31 @@ def _artifacts(
         limit=limits.max_artifact_bytes,
         compress_min=limits.compress_min_bytes,
         compress_level=limits.compress_level,
+    )
+
+
+def decide(
+    wf: Workflow,
+    spec: StateSpec,
+    claim: Leased,
+    data: Any,
+    returned: Any,
+    raised: Exception | None,
+    *,
+    limits: rules.Limits,
+    rand: Callable[[], float],
+) -> Decision:
+    """What an attempt's result means (``rules``); ``rand`` only for a retry's jitter."""
+    attempts = {"attempt": claim.attempt, "max_attempts": claim.max_attempts}
+    jitter = rand() if raised is not None else 0.5
+    if isinstance(claim, records.BranchClaim):
+        return rules.on_branch(
+            spec, returned=returned, raised=raised, limits=limits, rand=jitter, **attempts
+        )
+    if raised is not None:
+        return rules.on_error(wf, spec, exc=raised, rand=jitter, **attempts)
+    return rules.on_outcome(
+        wf, spec, returned, data=data, stored=claim.checkpoint, limits=limits, **attempts
     )
 
 
@@ -466,7 +467,7 @@ def branch_messages(
 
 def lease_lost(store: base.RunStore, worker: str, claim: Leased) -> StepResult:
     """The commit was fenced out: log and count it; nothing is published."""
-    metrics.LEASES_LOST.inc()
+    metrics.LEASES_LOST.labels(claim.workflow, claim.state).inc()
     logs.warning(
         "lease_lost",
         **steplog.ids(claim),

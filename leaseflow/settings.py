@@ -107,6 +107,11 @@ class Settings(BaseSettings):
             return {"WARN": "WARNING"}.get(name.upper(), name.upper()) or None
         return value
 
+    #: A worker serves Prometheus ``/metrics`` (its pool children summed) on this port.
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+    #: The address of that port (``0.0.0.0`` in a container scraped from outside).
+    metrics_host: str = "127.0.0.1"
+
     @field_validator("retention", mode="before")
     @classmethod
     def _duration(cls, value: object) -> object:

@@ -34,7 +34,7 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from leaseflow import errors, logs, messages
+from leaseflow import errors, hooks, logs, messages
 from leaseflow.beat import jobs
 from leaseflow.context import StateContext
 from leaseflow.fsm import registry, rules, waits
@@ -214,7 +214,8 @@ class Engine:
 
     def run_until_idle(self, *, max_steps: int = 100_000) -> int:
         """Handle every message that is due now, and those they publish, until none is
-        left; returns how many were handled. Time does not move."""
+        left; returns how many were handled. Time does not move. The lifecycle hooks of
+        what committed have run when it returns (``leaseflow.hooks.flush``)."""
         handled = 0
         while self._queue and self._queue[0][0] <= self.clock():
             if handled >= max_steps:
@@ -222,6 +223,7 @@ class Engine:
             _, _, message = heapq.heappop(self._queue)
             self._handle(message)
             handled += 1
+        hooks.flush()
         return handled
 
     def advance(self, seconds: float) -> None:

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from leaseflow import dashboard, logfmt, tokens
-from leaseflow.api import auth, errors, routes_admin, routes_health, routes_runs
+from leaseflow.api import auth, errors, routes_admin, routes_health, routes_metrics, routes_runs
 from leaseflow.client import Client
 from leaseflow.settings import Settings, get_settings
 
@@ -91,5 +91,6 @@ def create_app(settings: Settings | None = None, client: Client | None = None) -
     app.include_router(routes_health.router)
     app.include_router(routes_runs.router)
     app.include_router(routes_admin.router)
+    app.include_router(routes_metrics.router)  # /metrics, unauthenticated (see there)
     dashboard.install(app)  # the HTML pages under /ui (/ leads there)
     return app

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from leaseflow import errors, logs, messages, metrics, runner
+from leaseflow import errors, logs, messages, metrics, observe, runner
 from leaseflow.fsm import rules
 from leaseflow.store import base, purge_records, records
 
@@ -33,6 +33,7 @@ def reap(store: base.RunStore, *, limit: int = 1000) -> list[messages.Message]:
     out: list[messages.Message] = []
     for row in store.reap(limit=limit):
         metrics.REAPED.labels(row.status).inc()
+        observe.ended_by_beat(row, "lease_expired")
         failed = row.status == "failed"  # no attempt left: the run fails E-LEASE-EXPIRED
         (logs.error if failed else logs.warning)(
             "lease_reaped",
@@ -88,6 +89,7 @@ def reap_branches(store: base.RunStore, *, limit: int = 1000) -> list[messages.M
             result="requeued" if retry else "failed",
         )
         if done.parent_failed:
+            metrics.RUNS_FINISHED.labels(b.workflow, "failed").inc()
             logs.error(
                 "run_failed",
                 run_id=done.run_id,
@@ -124,10 +126,10 @@ def sweep_timeouts(store: base.RunStore, *, limit: int = 1000) -> list[messages.
     deadline and its wait's ends ``timed_out``."""
     out: list[messages.Message] = []
     for row in store.sweep_deadlines(limit=limit):
-        metrics.STEPS.labels("timed_out").inc()
+        observe.ended_by_beat(row, "timed_out")
         logs.warning("run_timed_out", **_ended(row), error_code=row.error_code)
     for row in store.sweep_waits(limit=limit):
-        metrics.STEPS.labels("wait_timeout").inc()
+        observe.ended_by_beat(row, "wait_timeout")
         if row.status != "pending":
             logs.error("run_failed", **_ended(row), error_code=row.error_code)
             continue

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
@@ -15,6 +15,9 @@ from leaseflow.fsm import validation
 
 #: A state returns an outcome (a state name, Next, Complete, ...); a branch a JSON value.
 StateFn = Callable[[Any], Any]
+
+#: A lifecycle hook: called with a ``leaseflow.hooks.Event`` after a commit.
+HookFn = TypeVar("HookFn", bound=Callable[[Any], Any])
 
 #: The pseudo source state of the edge that enters a run's initial state.
 START = ""
@@ -100,6 +103,8 @@ class Workflow:
         self._duplicates: list[str] = []
         self._validated = False
         self._lock = threading.Lock()
+        #: Lifecycle hooks by kind (``on_transition`` ...), run by ``leaseflow.hooks``.
+        self.hooks: dict[str, list[Callable[[Any], Any]]] = {}
         if register:
             from leaseflow.fsm import registry
 
@@ -196,6 +201,22 @@ class Workflow:
             return fn
 
         return decorate
+
+    def on_transition(self, fn: HookFn) -> HookFn:
+        """Call ``fn(event)`` after each committed step of a run (``leaseflow.hooks``)."""
+        return self._hook("transition", fn)
+
+    def on_run_finished(self, fn: HookFn) -> HookFn:
+        """Call ``fn(event)`` after a run of this workflow ended."""
+        return self._hook("run_finished", fn)
+
+    def on_group_finished(self, fn: HookFn) -> HookFn:
+        """Call ``fn(event)`` after a Parallel or Map group's branches are all done."""
+        return self._hook("group_finished", fn)
+
+    def _hook(self, kind: str, fn: HookFn) -> HookFn:
+        self.hooks.setdefault(kind, []).append(fn)
+        return fn
 
     def upcaster(
         self, *, from_version: int

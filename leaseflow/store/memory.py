@@ -28,6 +28,7 @@ from leaseflow.fsm.rules import Fork, Transition
 from leaseflow.store import _memory as tables
 from leaseflow.store import records as rec
 from leaseflow.store._memory import Clock, InCommitWrite, WorkerRow
+from leaseflow.store._memory_conn import RecordingConnection
 from leaseflow.store._memory_dispatch import Dispatcher
 from leaseflow.store._memory_ops import Lifecycle
 from leaseflow.store._memory_purge import Retention
@@ -37,36 +38,6 @@ from leaseflow.store.artifact_records import ArtifactRecord
 from leaseflow.store.base import Extended, LeaseRef, NewRun
 
 __all__ = ["InCommitWrite", "MemoryStore", "RecordingConnection", "WorkerRow"]
-
-
-class RecordingConnection:
-    """The connection ``ctx.in_commit`` callbacks get from the memory store: each
-    ``execute(sql, params)`` is recorded, and kept only if the commit lands."""
-
-    def __init__(self, run_id: str) -> None:
-        self.run_id = run_id
-        self.writes: list[InCommitWrite] = []
-
-    def execute(self, sql: str, params: Any = None) -> RecordingConnection:
-        self.writes.append(InCommitWrite(self.run_id, sql, params))
-        return self
-
-    def fetchone(self) -> None:
-        """Nothing is read back: the recorded writes have not run anywhere."""
-        return None
-
-    def fetchall(self) -> list[Any]:
-        return []
-
-    def cursor(self) -> RecordingConnection:
-        """For callbacks written as ``with conn.cursor() as cur: cur.execute(...)``."""
-        return self
-
-    def __enter__(self) -> RecordingConnection:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 class _Runs(Lifecycle):
@@ -191,6 +162,7 @@ class _Runs(Lifecycle):
                 lock_key=run.lock_key,
                 lock_token=run.lock_token,
                 lock_until=run.lock_until,
+                due_at=run.not_before,
             )
 
     def peek(self, run_id: str) -> rec.Peek | None:
@@ -363,13 +335,6 @@ class _Runs(Lifecycle):
                     cancelled.add(lease.token)
             return Extended(extended, cancelled)
 
-    def count_lease_lost(self, worker: str) -> None:
-        with self._lock:
-            now = self._now()
-            seen = self.workers.setdefault(worker, WorkerRow(now))
-            seen.leases_lost += 1
-            seen.last_seen_at = now
-
 
 class MemoryStore(_Runs, tables.Branches, Reaper, Dispatcher, Registry, Retention):
     """An in-memory ``RunStore`` with ``PostgresStore``'s semantics; thread-safe.
@@ -495,3 +460,10 @@ class MemoryStore(_Runs, tables.Branches, Reaper, Dispatcher, Registry, Retentio
 
     def close(self) -> None:
         """Nothing to release: the tables live as long as the store."""
+
+    def count_lease_lost(self, worker: str) -> None:
+        with self._lock:
+            now = self._now()
+            seen = self.workers.setdefault(worker, WorkerRow(now))
+            seen.leases_lost += 1
+            seen.last_seen_at = now

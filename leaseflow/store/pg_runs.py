@@ -171,6 +171,7 @@ def claim_txn(
         lock_key=row[14],
         lock_token=row[15],
         lock_until=row[16],
+        due_at=row[17],
     )
 
 

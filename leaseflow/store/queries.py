@@ -23,7 +23,7 @@ UPDATE lf_runs
    AND (%(versions)s::int[] IS NULL OR version = ANY(%(versions)s::int[]))
 RETURNING workflow, version, state, step_seq, attempt, max_attempts, lease_token::text,
           claimed_at, checkpoint, context_version, input, group_id, priority, signal,
-          lock_key, lock_token::text, lock_until
+          lock_key, lock_token::text, lock_until, not_before
 """
 
 PEEK = """

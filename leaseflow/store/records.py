@@ -53,6 +53,7 @@ class Claim:
     lock_token: str | None = None  # its acquisition token (fences the commit)
     lock_until: str | None = None  # the state whose commit releases it (None: this one)
     lock_fence: int | None = None  # the lock's fence (ctx.lock_token)
+    due_at: datetime | None = None  # when the state became due (its not_before)
 
     @property
     def holds_lock(self) -> bool:
@@ -76,6 +77,7 @@ class Claim:
             max_attempts=tr.max_attempts,
             lease_token=token,
             started_at=started_at,
+            due_at=started_at,
             checkpoint=self.checkpoint if tr.checkpoint is None else tr.checkpoint,
             context_version=self.context_version
             if tr.context_version is None

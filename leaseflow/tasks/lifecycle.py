@@ -25,6 +25,7 @@ from celery import signals
 from celery.worker import state as worker_state
 
 from leaseflow import logs, messages, metrics
+from leaseflow.settings import get_settings
 from leaseflow.store import records
 from leaseflow.tasks import dispatch, runtime
 
@@ -60,6 +61,7 @@ def hand_back(controller: Any) -> records.Released:
     wakeups += [due.wakeup() for due in released.branches]
     for due in released.runs:
         metrics.RELEASED.inc()
+        metrics.STEPS.labels(due.workflow, due.state, "released").inc()
         logs.warning(
             "lease_released",
             run_id=due.run_id,
@@ -107,6 +109,25 @@ def _on_shutting_down(sig: Any = None, how: Any = None, exitcode: Any = None, **
     ).start()
 
 
+@signals.worker_ready.connect
+def _on_ready(**_: Any) -> None:
+    """The main process serves the metrics of itself and its pool processes, once they
+    are forked (so that none inherits the listening socket)."""
+    port = get_settings().metrics_port if _controller is not None else None
+    if port is None:
+        return
+    host = get_settings().metrics_host
+    if metrics.serve_worker(port, host):
+        logs.info("metrics_served", port=port, host=host, directory=metrics.MULTIPROC_DIR)
+    else:
+        logs.warning(
+            "metrics_not_served",
+            port=port,
+            reason="LEASEFLOW_METRICS=off, or LEASEFLOW_METRICS_PORT was not in the "
+            "environment when leaseflow was imported (multiprocess mode is off)",
+        )
+
+
 @signals.worker_process_init.connect
 def _on_process_init(**_: Any) -> None:
     """A pool process checks in at once, and keeps checking in while idle."""
@@ -124,3 +145,4 @@ def _on_process_shutdown(**_: Any) -> None:
         engine = runtime.get()
         engine.keeper.stop()
         engine.store.forget_workers([engine.worker_id])
+    metrics.process_exited(os.getpid())

@@ -29,7 +29,13 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 
 #: The services that run the leaseflow image (the rest are stock images).
 LEASEFLOW_SERVICES = ("migrate", "worker", "worker-gpu", "beat", "flower", "api")
-ALL_SERVICES = ("postgres", "redis", *LEASEFLOW_SERVICES)
+#: Started by a plain ``docker compose up`` besides the leaseflow services.
+MONITORING = ("prometheus",)
+ALL_SERVICES = ("postgres", "redis", *LEASEFLOW_SERVICES, *MONITORING)
+#: Each behind a profile of its name.
+PROFILED = ("api", "grafana")
+PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "leaseflow.json"
 
 
 # -- reading the files ------------------------------------------------------------
@@ -276,8 +282,8 @@ def test_the_api_waits_behind_a_profile_until_leaseflow_serve_exists(services):
     # Then it runs `leaseflow serve` only when the `api` profile is asked for
     assert _command(api)[:2] == ["leaseflow", "serve"]
     assert "api" in api.get("profiles", [])
-    # And every other service starts with a plain `docker compose up`
-    assert [n for n in ALL_SERVICES if n != "api" and services[n].get("profiles")] == []
+    # And every other service starts with a plain `docker compose up` (Grafana aside)
+    assert [n for n in services if n not in PROFILED and services[n].get("profiles")] == []
 
 
 def test_every_published_port_binds_the_loopback_interface_only(services):
@@ -285,8 +291,9 @@ def test_every_published_port_binds_the_loopback_interface_only(services):
     # When the host address of each published port is read
     bindings = {name: _host_ips(service) for name, service in services.items()}
     published = {name: ips for name, ips in bindings.items() if ips}
-    # Then the stack's ports are published (the backing services, Flower and the api)
-    assert set(published) == {"postgres", "redis", "flower", "api"}
+    # Then the stack's ports are published (the backing services, Flower, the api,
+    # Prometheus and Grafana)
+    assert set(published) == {"postgres", "redis", "flower", "api", "prometheus", "grafana"}
     # And each one on 127.0.0.1 only: nothing listens on the host's other interfaces
     open_ports = {name: ips for name, ips in published.items() if set(ips) != {"127.0.0.1"}}
     assert open_ports == {}
@@ -310,6 +317,96 @@ def test_the_port_check_sees_a_port_open_to_every_interface(port: Any):
     # Given a port published on every interface, in one of the ways compose allows
     # Then the check above does not take it for a loopback one
     assert _host_ips({"ports": [port]}) != ["127.0.0.1"]
+
+
+# -- metrics: Prometheus and Grafana ------------------------------------------------
+
+
+def test_workers_serve_metrics_on_a_port_the_stack_network_reaches(services):
+    # Given the shared environment of the leaseflow services
+    env = _environment(services["worker"])
+
+    # Then each worker serves its metrics on 9808, on every interface of its container
+    assert env["LEASEFLOW_METRICS_PORT"] == "9808"
+    assert env["LEASEFLOW_METRICS_HOST"] == "0.0.0.0"
+    # And never on the host: Prometheus scrapes it over the stack's network
+    assert not services["worker"].get("ports")
+
+
+def test_prometheus_scrapes_the_workers_and_the_api(services):
+    # Given the prometheus service and the config it mounts
+    prometheus = services["prometheus"]
+    mounts = [str(m) for m in prometheus.get("volumes", [])]
+    config_mount = [m for m in mounts if m.endswith(":/etc/prometheus/prometheus.yml:ro")]
+    assert len(config_mount) == 1, mounts
+    assert (ROOT / config_mount[0].split(":")[0]).resolve() == PROMETHEUS_CONFIG
+    assert prometheus["image"].startswith("prom/prometheus:")
+    assert "--config.file=/etc/prometheus/prometheus.yml" in _command(prometheus)
+    assert 9090 in _published_container_ports(prometheus)
+
+    # When its scrape jobs are read
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+
+    # Then it finds every worker replica by DNS on the metrics port
+    workers = jobs["leaseflow-worker"]["dns_sd_configs"][0]
+    assert set(workers["names"]) == {"worker", "worker-gpu"}
+    assert workers["port"] == int(_environment(services["worker"])["LEASEFLOW_METRICS_PORT"])
+    # And the api's /metrics on the port `leaseflow serve` listens on
+    api = jobs["leaseflow-api"]
+    assert api.get("metrics_path", "/metrics") == "/metrics"
+    argv = _command(services["api"])
+    assert api["static_configs"][0]["targets"] == [f"api:{argv[argv.index('--port') + 1]}"]
+
+
+def test_grafana_waits_behind_a_profile_with_the_dashboard_provisioned(services):
+    # Given the grafana service
+    grafana = services["grafana"]
+
+    # Then only `--profile grafana` starts it, and it reads Prometheus
+    assert grafana.get("profiles") == ["grafana"]
+    assert grafana["image"].startswith("grafana/grafana:")
+    assert _depends_on(grafana).get("prometheus")
+    # And the dashboard and the provisioning files it mounts exist
+    for mount in grafana.get("volumes", []):
+        source = ROOT / str(mount).split(":")[0]
+        assert source.exists(), mount
+    provisioning = ROOT / "deploy" / "grafana" / "provisioning"
+    source = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())
+    assert source["datasources"][0]["url"] == "http://prometheus:9090"
+    assert source["datasources"][0]["uid"] == "prometheus"
+
+
+def test_the_dashboard_queries_only_metrics_the_engine_exports():
+    # Given the Grafana dashboard and the metric names leaseflow declares
+    from leaseflow import metrics
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    declared = {
+        name
+        for metric in metrics.REGISTRY.collect()
+        if metric.name.startswith("leaseflow_")
+        for name in (metric.name, f"{metric.name}_total", f"{metric.name}_bucket")
+    } | {"leaseflow_runs", "leaseflow_runs_waiting"}  # serve's gauges (from the database)
+
+    # When the metric names are taken out of its queries
+    used = {name for expr in exprs for name in re.findall(r"\b(leaseflow_[a-z_]+)", expr)}
+
+    # Then every one is a metric leaseflow exports, and the main ones are shown
+    assert used, "no query"
+    assert used - declared == set()
+    for needed in (
+        "leaseflow_steps_total",
+        "leaseflow_runs",
+        "leaseflow_claims_total",
+        "leaseflow_step_duration_seconds_bucket",
+        "leaseflow_hook_errors_total",
+    ):
+        assert needed in used, needed
+    # And every panel reads the provisioned Prometheus data source
+    uids = {p["datasource"]["uid"] for p in dashboard["panels"]}
+    assert uids == {"prometheus"}
 
 
 # -- one image, one environment -----------------------------------------------------
@@ -476,18 +573,19 @@ def test_docker_compose_accepts_the_file():
     if argv is None:
         pytest.skip("no Docker Compose v2 binary (`docker compose version` fails)")
 
-    # When it validates the file, without and with the api profile
+    # When it validates the file, without and with the profiles
     plain = _compose(argv, "config", "-q")
-    with_api = _compose(argv, "--profile", "api", "config", "-q")
+    with_api = _compose(argv, "--profile", "api", "--profile", "grafana", "config", "-q")
 
     # Then both are valid
     assert plain.returncode == 0, plain.stderr
     assert with_api.returncode == 0, with_api.stderr
-    # And a plain `up` starts everything but the api, which its profile brings in
+    # And a plain `up` starts everything but the api and Grafana, which profiles bring in
     default = set(_compose(argv, "config", "--services").stdout.split())
-    profiled = set(_compose(argv, "--profile", "api", "config", "--services").stdout.split())
+    profiles = ("--profile", "api", "--profile", "grafana")
+    profiled = set(_compose(argv, *profiles, "config", "--services").stdout.split())
     assert default == set(ALL_SERVICES) - {"api"}
-    assert profiled == set(ALL_SERVICES)
+    assert profiled == {*ALL_SERVICES, "grafana"}
 
 
 def test_docker_compose_binds_every_published_port_to_the_loopback_interface():
@@ -496,12 +594,14 @@ def test_docker_compose_binds_every_published_port_to_the_loopback_interface():
     if argv is None:
         pytest.skip("no Docker Compose v2 binary (`docker compose version` fails)")
 
-    # When it resolves the file, api profile included, into its canonical form
-    resolved = _compose(argv, "--profile", "api", "config", "--format", "json")
+    # When it resolves the file, profiles included, into its canonical form
+    profiles = ("--profile", "api", "--profile", "grafana")
+    resolved = _compose(argv, *profiles, "config", "--format", "json")
     assert resolved.returncode == 0, resolved.stderr
     services = json.loads(resolved.stdout)["services"]
 
     # Then every port it would publish binds 127.0.0.1
     ports = {name: s.get("ports") or [] for name, s in services.items()}
     addresses = {(name, p.get("host_ip", "")) for name, each in ports.items() for p in each}
-    assert addresses == {(n, "127.0.0.1") for n in ("postgres", "redis", "flower", "api")}
+    published = ("postgres", "redis", "flower", "api", "prometheus", "grafana")
+    assert addresses == {(n, "127.0.0.1") for n in published}
