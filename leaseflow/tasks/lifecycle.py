@@ -13,6 +13,7 @@ that stop cleanly leave the registry.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
@@ -73,7 +74,15 @@ def hand_back(controller: Any) -> records.Released:
     if wakeups:
         dispatch.publish_all(controller.app, wakeups)
     store.forget_workers(owners)
+    # A pool process's heartbeat may check it in again before the cold shutdown stops
+    # it: forget them once more when this (main) process exits, the pool gone.
+    atexit.register(_forget_quietly, owners)
     return released
+
+
+def _forget_quietly(owners: list[str]) -> None:
+    with contextlib.suppress(Exception):
+        runtime.get().store.forget_workers(owners)
 
 
 def _watch(controller: Any, grace: float) -> None:
