@@ -292,15 +292,8 @@ class RunActive(LeaseflowError):
         )
 
 
-class RunNotFinished(LeaseflowError):
+class RunNotFinished(RunActive):
     """An active run (pending, running, waiting) is purged only with ``force``."""
-
-    code = "E-RUN-ACTIVE"
-
-    def __init__(self, run_id: str, status: str) -> None:
-        super().__init__(run_id, status)
-        self.run_id = run_id
-        self.status = status
 
     def __str__(self) -> str:
         return f"run {self.run_id} is {self.status}: cancel it first or purge with --force"

@@ -84,8 +84,7 @@ STATUS: dict[type[errors.LeaseflowError], int] = {
     errors.UnknownWorkflow: 404,
     errors.LockNotFound: 404,
     errors.RunFinished: 409,
-    errors.RunActive: 409,
-    errors.RunNotFinished: 409,
+    errors.RunActive: 409,  # and RunNotFinished (a purge of an active run)
     errors.RunCompleted: 409,
     errors.RunExists: 409,
     errors.LockHeld: 409,
